@@ -1,0 +1,124 @@
+"""Calibration input handling and the per-block streaming machinery of stage 1."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def _tokenize(texts: list[str], tokenizer, max_length: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch (padding is masked out of the statistics; right keeps positions)."""
+    side, pad = tokenizer.padding_side, tokenizer.pad_token
+    try:
+        tokenizer.padding_side = "right"
+        if pad is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return dict(tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length))
+    finally:
+        tokenizer.padding_side, tokenizer.pad_token = side, pad
+
+
+def as_batches(
+    calibration: Any, tokenizer=None, max_length: int = 512, texts_per_batch: int = 8
+) -> list[dict[str, torch.Tensor]]:
+    """Normalise calibration data to a list of ``{"input_ids", "attention_mask"?}`` batches.
+
+    Accepts texts (with ``tokenizer``), token tensors ``(T,)``/``(B, T)``, or dicts of tensors.
+    """
+    if isinstance(calibration, (torch.Tensor, dict, str)):
+        calibration = [calibration]
+    if not isinstance(calibration, Iterable):
+        raise TypeError(f"calibration must be texts, token tensors or dicts of tensors, got {type(calibration).__name__}")
+    items = list(calibration)
+    if items and all(isinstance(i, str) for i in items):
+        if tokenizer is None:
+            raise ValueError("calibration texts need a tokenizer: build_emulator(..., tokenizer=tok)")
+        items = [_tokenize(items[i : i + texts_per_batch], tokenizer, max_length) for i in range(0, len(items), texts_per_batch)]
+    batches = []
+    for item in items:
+        if isinstance(item, str):
+            raise TypeError("calibration mixes texts with token batches; give one kind")
+        elif isinstance(item, torch.Tensor):
+            item = {"input_ids": item}
+        elif not isinstance(item, dict) or "input_ids" not in item:
+            raise TypeError(f"each calibration item must be a str, a tensor or a dict with 'input_ids'; got {type(item).__name__}")
+        batch = {k: v if v.ndim > 1 else v[None] for k, v in item.items() if isinstance(v, torch.Tensor)}
+        if batch["input_ids"].numel() == 0:
+            continue
+        batches.append(batch)
+    if not batches:
+        raise ValueError("calibration is empty: give at least one non-empty text or token batch")
+    return batches
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's repeated blocks: the longest ``ModuleList`` whose children share one class."""
+    best = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best[1])):
+                best = (name, module)
+    if best is None:
+        raise ValueError(f"{type(model).__name__} has no list of repeated blocks to build an emulator from")
+    return best
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Move every tensor inside nested tuples/lists/dicts."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+class _Captured(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[dict]) -> list[list[tuple]]:
+    """For each batch, the ``(hidden, args, kwargs)`` each block receives.
+
+    The model runs with every block replaced by a pass-through that records its call, so
+    only the embeddings and what the model computes outside its blocks (masks, rotary
+    tables) are evaluated; per-block arguments (e.g. sliding-window masks) are kept apart.
+    """
+    calls: list[list[tuple]] = []
+
+    def recorder(index: int):
+        def forward(*args, **kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            calls[-1].append((hidden, args[1:], kwargs))
+            if index == len(blocks) - 1:
+                raise _Captured
+            return hidden
+
+        return forward
+
+    for i, block in enumerate(blocks):
+        block.forward = recorder(i)
+    try:
+        device = next(model.parameters()).device
+        for batch in batches:
+            calls.append([])
+            try:
+                model(**to_device(batch, device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        for block in blocks:
+            del block.forward
+    return calls
+
+
+def token_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Boolean (B, T) mask of real tokens, or None when there is no padding."""
+    mask = batch.get("attention_mask")
+    if mask is None or bool(mask.all()):
+        return None
+    return mask.bool()

@@ -1,0 +1,110 @@
+"""Save and load an emulator: HF safetensors + the original config + ``emloc.json``."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..modules import LowRankLinear
+
+METADATA_FILE = "emloc.json"
+
+
+def write_dir_atomically(path: str | os.PathLike, writer, *, overwrite: bool = False) -> Path:
+    """Run ``writer(tmp_dir)`` in a temporary sibling, then rename it to ``path``.
+
+    A failure leaves nothing at ``path``; an existing ``path`` is refused unless
+    ``overwrite=True``, and then replaced only once the new directory is complete.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (or --overwrite) to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.mkdir()
+        writer(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def save_emulator(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write ``model`` (an emulator from :func:`build_emulator`) to a new directory ``path``."""
+    metadata = getattr(model, "emloc_metadata", None)
+    if metadata is None:
+        raise ValueError("model has no emloc_metadata: save an emulator made by build_emulator or load_emulator")
+
+    def writer(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=1))
+
+    return write_dir_atomically(path, writer, overwrite=overwrite)
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The ``emloc.json`` of an emulator directory."""
+    file = Path(path) / METADATA_FILE
+    if not file.exists():
+        raise FileNotFoundError(f"{path} is not an emulator directory (no {METADATA_FILE})")
+    return json.loads(file.read_text())
+
+
+def empty_module_for(info: dict, dtype: torch.dtype) -> LowRankLinear:
+    """An unallocated (meta) module with the shape ``info`` describes, ready for ``assign``."""
+    args = (info["in_features"], info["out_features"], info["rank"])
+    if info.get("quant"):
+        from ..modules.quantized import QuantLowRankLinear
+
+        return QuantLowRankLinear(*args, bias=info["bias"], quant=info["quant"], group_size=info["group_size"] or 128,
+                                  device="meta", dtype=dtype)
+    return LowRankLinear(*args, bias=info["bias"], device="meta", dtype=dtype)
+
+
+def load_emulator(path: str | os.PathLike, *, device: torch.device | str | None = None) -> nn.Module:
+    """Rebuild an emulator saved by :func:`save_emulator`; needs neither calibration nor the original."""
+    import transformers
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    path = Path(path)
+    metadata = read_metadata(path)
+    config = AutoConfig.from_pretrained(path)
+    cls = getattr(transformers, metadata["architecture"], None)
+    if cls is None:
+        raise ValueError(f"transformers has no class {metadata['architecture']!r} (saved by a newer version?)")
+    state = {}
+    for file in sorted(path.glob("*.safetensors")):
+        state.update(load_file(file))
+    if not state:
+        raise FileNotFoundError(f"no *.safetensors in {path}")
+    with init_empty_weights(include_buffers=False):
+        model = cls._from_config(config)
+    for name, info in metadata["modules"].items():
+        dtype = state[f"{name}.bias"].dtype if info["bias"] else next(t.dtype for k, t in state.items() if k.startswith(name + "."))
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, empty_module_for(info, dtype))
+    incompatible = model.load_state_dict(state, strict=False, assign=True)
+    if incompatible.unexpected_keys:
+        raise ValueError(f"{path}: tensors that fit no module: {incompatible.unexpected_keys[:5]}")
+    model.tie_weights()
+    missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if missing:
+        raise ValueError(f"{path}: tensors missing for {missing[:5]}")
+    model.emloc_metadata = metadata
+    model.eval()
+    return model.to(device) if device is not None else model
