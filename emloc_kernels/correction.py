@@ -10,9 +10,11 @@ Without clamping, ``x Wᵀ + s·x A_o B_c = x W_Eᵀ + s·x A B`` for every row 
 span(A): on the inputs the LoRA reacts to, the original behaves as the tuned emulator did.
 
 Inputs are models or directories; directories are read one module at a time with
-``safetensors.safe_open`` (peak memory ≈ one module of each model plus the adapter), the
-math runs in fp32 on the original weight's device, and the result is written to a new
-directory through a temporary sibling so that a failure leaves nothing half-written.
+``safetensors.safe_open`` (peak memory ≈ one module of each model plus the adapter).  The
+math runs in fp64 on the original weight's device: beyond the fp32 the method needs, this
+makes the result independent of TF32/reduced-precision matmul flags a trainer may have set,
+without touching those global flags.  The result is written to a new directory through a
+temporary sibling so that a failure leaves nothing half-written.
 """
 from __future__ import annotations
 
@@ -21,9 +23,8 @@ import math
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Union
+from typing import Any, Callable, Mapping, Union
 
 import torch
 from peft import PeftModel
@@ -56,17 +57,6 @@ def _is_path(x: object) -> bool:
 # --------------------------------------------------------------------------- per-module math
 
 
-@contextmanager
-def _ieee_fp32() -> Iterator[None]:
-    """fp32 matmuls at full precision (no TF32/bf16 shortcuts a trainer may have enabled)."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
-
-
 def correct_lora(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
@@ -74,7 +64,7 @@ def correct_lora(
     scaling: float,
     clamp: float | None = 3.0,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """Correct one LoRA pair for ``weight_delta = W − W_E`` (out×in); the math runs in fp32.
+    """Correct one LoRA pair for ``weight_delta = W − W_E`` (out×in); the math runs in fp64.
 
     ``lora_a`` is ρ×in and ``lora_b`` out×ρ (PEFT shapes).  Returns ``(lora_a_o, lora_b_c,
     stats)`` with ``lora_a_o = A_oᵀ``, ``lora_b_c = B_cᵀ`` in the dtypes of the inputs, on
@@ -99,12 +89,11 @@ def correct_lora(
     _check_clamp(clamp)
 
     device = weight_delta.device
-    with _ieee_fp32():
-        a = lora_a.to(device, torch.float32).T  # in×ρ
-        b = lora_b.to(device, torch.float32).T  # ρ×out
-        a_o, sigma, v_h = torch.linalg.svd(a, full_matrices=False)
-        b_o = sigma[:, None] * (v_h @ b)
-        c = (weight_delta.to(torch.float32) @ a_o).T / scaling  # A_oᵀ (W − W_E)ᵀ / s
+    a = lora_a.to(device, torch.float64).T  # in×ρ
+    b = lora_b.to(device, torch.float64).T  # ρ×out
+    a_o, sigma, v_h = torch.linalg.svd(a, full_matrices=False)
+    b_o = sigma[:, None] * (v_h @ b)
+    c = (weight_delta.to(torch.float64) @ a_o).T / scaling  # A_oᵀ (W − W_E)ᵀ / s
     b_row, c_row = b_o.abs().mean(dim=1), c.abs().mean(dim=1)
     if clamp is None:
         clamped = torch.zeros_like(c_row, dtype=torch.bool)
@@ -143,12 +132,13 @@ def lora_scaling(config: Mapping[str, Any], path: str) -> tuple[int, float]:
 
 
 def emulated_weight(state: Mapping[str, torch.Tensor], info: Mapping[str, Any], name: str) -> torch.Tensor:
-    """``W_E`` (out×in, fp32) of emulator module ``name`` from its own tensors.
+    """``W_E`` (out×in, fp64) of emulator module ``name`` from its own tensors.
 
     ``state`` holds the module's tensors by local name (``u``, ``v``, ``bias``): a live module's
     ``state_dict()`` and a saved emulator's ``name.*`` keys look the same, so this is the one
     place that knows how an emulator module stores its weight; ``info`` is its ``emloc.json``
-    entry (``quant`` says whether the factors are quantised).
+    entry (``quant`` says whether the factors are quantised).  Returns a new tensor, which the
+    caller may overwrite.
     """
     if info.get("quant") is not None:
         raise NotImplementedError(
@@ -158,7 +148,7 @@ def emulated_weight(state: Mapping[str, torch.Tensor], info: Mapping[str, Any], 
         raise TypeError(
             f"emulator module {name} is not low-rank: it holds {sorted(state)}, expected the factors u and v of a LowRankLinear"
         )
-    return LowRankLinear.from_factors(state["u"], state["v"]).dense_weight(torch.float32)
+    return LowRankLinear.from_factors(state["u"].double(), state["v"].double()).dense_weight()
 
 
 # --------------------------------------------------------------------------- model sources
@@ -416,7 +406,8 @@ def correct_adapter(
                 f"{path}: the adapter is out×in = {expected}, the emulator {tuple(w_e.shape)}, the original "
                 f"{tuple(w.shape)}; the adapter, emulator and original must belong to the same model"
             )
-        delta = w_e.to(w.device).neg_().add_(w)  # W − W_E, reusing W_E's fp32 buffer
+        device = torch.device("cpu") if w.device.type == "mps" else w.device  # MPS has no fp64
+        delta = w_e.to(device).neg_().add_(w.to(device))  # W − W_E, reusing W_E's fp64 buffer
         del w, w_e
         a_o, b_c, stats = correct_lora(lora_a, lora_b, delta, s, clamp)
         del delta

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -223,7 +224,10 @@ def test_loads_with_vanilla_peft_and_matches_direct_lora_keys(setup, tmp_path):
     assert sorted(saved) == sorted(expected)
     assert all(saved[k].shape == expected[k].shape for k in saved)
 
-    loaded = PeftModel.from_pretrained(make_original(arch), out)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = PeftModel.from_pretrained(make_original(arch), out)
+    assert not [w for w in caught if "fan_in_fan_out" in str(w.message) or "key" in str(w.message).lower()]
     for key, tensor in saved.items():
         path, which = key[len("base_model.model."):].rsplit(".", 2)[0], key.rsplit(".", 2)[1]
         layer = loaded.base_model.model.get_submodule(path)
@@ -264,6 +268,24 @@ def test_paths_models_and_peft_model_agree_inputs_untouched(setup, tmp_path):
     assert all(torch.equal(v, original_state[k]) for k, v in setup["original"].state_dict().items())
     config = json.loads((tmp_path / "paths" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(root / "original")
+
+
+def test_original_checkpoint_without_model_prefix(tmp_path, capfd):
+    """A checkpoint that stores ``h.0...`` for the LM model's ``transformer.h.0...`` (as the hub's
+    GPT-2 does) is matched by its unique suffix; the progress bar reports the modules."""
+    original = make_original("gpt2")
+    emulator = make_emulator(original)
+    make_lora(emulator, "gpt2").save_pretrained(tmp_path / "adapter")
+    stripped = tmp_path / "original"
+    original.config.save_pretrained(stripped)
+    state = {k.removeprefix("transformer."): v.contiguous() for k, v in original.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, str(stripped / "model.safetensors"))
+    correct_adapter(tmp_path / "adapter", emulator, original, tmp_path / "from_model", progress=False)
+    capfd.readouterr()
+    correct_adapter(tmp_path / "adapter", emulator, stripped, tmp_path / "from_dir", progress=True)
+    assert "LoRA correction" in capfd.readouterr().err
+    a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("from_model", "from_dir"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_adapter_dtype_is_kept(tmp_path):
@@ -362,6 +384,10 @@ def test_bad_arguments(setup, tmp_path):
         correct_adapter(args[0], setup["root"] / "original", setup["original"], tmp_path / "out", progress=False)
     with pytest.raises(TypeError, match="emulator must be a model or a directory"):
         correct_adapter(args[0], 3, setup["original"], tmp_path / "out", progress=False)
+    bare = copy.deepcopy(setup["emulator"])
+    bare.emloc_metadata = {}
+    with pytest.raises(ValueError, match="cannot tell whether the original stores .* as a Conv1D"):
+        correct_adapter(args[0], bare, setup["root"] / "original", tmp_path / "out", progress=False)
     with pytest.raises(ValueError, match="lora_b out×ρ"):
         correct_lora(torch.randn(4, 9), torch.randn(7, 3), torch.randn(7, 9), 1.0)
     with pytest.raises(ValueError, match="weight_delta must be out×in"):
