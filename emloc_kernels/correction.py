@@ -117,7 +117,8 @@ def correct_lora(
 
 
 def _check_clamp(clamp: float | None) -> None:
-    if clamp is not None and not (isinstance(clamp, (int, float)) and math.isfinite(clamp) and clamp > 0):
+    number = isinstance(clamp, (int, float)) and not isinstance(clamp, bool)
+    if clamp is not None and not (number and math.isfinite(clamp) and clamp > 0):
         raise ValueError(f"clamp must be a positive finite number or None (no clamping), got {clamp!r}")
 
 
@@ -274,6 +275,8 @@ class _Original:
             module = _submodule(self.model, path)
             if module is None:
                 raise ValueError(f"the adapter targets {path}, which the original ({self.source}) does not have")
+            if isinstance(module, LowRankLinear):
+                raise TypeError(f"original module {path} is a LowRankLinear: pass the original model, not the emulator")
             if not isinstance(module, (nn.Linear, Conv1D)):
                 raise TypeError(f"original module {path} is {type(module).__name__}; expected nn.Linear or Conv1D")
             conv1d = isinstance(module, Conv1D)

@@ -242,6 +242,10 @@ def test_loads_with_vanilla_peft_and_matches_direct_lora_keys(setup, tmp_path):
         expect = dense_weight(reference, path) + scaling * b_c.double() @ a_o.double()
         torch.testing.assert_close(dense_weight(merged, path), expect, atol=1e-5, rtol=1e-5)
     assert not any(isinstance(m, PeftModel) for m in merged.modules())
+    from_dir = merge_adapter(setup["root"] / "original", out)  # loads the class named in config.json
+    assert type(from_dir) is type(merged)
+    for path, _ in block_linears(reference):
+        torch.testing.assert_close(dense_weight(from_dir, path), dense_weight(merged, path), atol=1e-6, rtol=1e-6)
 
 
 def test_paths_models_and_peft_model_agree_inputs_untouched(setup, tmp_path):
@@ -375,13 +379,15 @@ def test_emulator_module_not_low_rank(tmp_path):
 
 def test_bad_arguments(setup, tmp_path):
     args = (setup["root"] / "adapter", setup["emulator"], setup["original"])
-    for clamp in (0, -1.0, float("nan"), float("inf"), "3"):
+    for clamp in (0, -1.0, float("nan"), float("inf"), "3", True):
         with pytest.raises(ValueError, match="clamp must be a positive finite number or None"):
             correct_adapter(*args, tmp_path / "out", clamp=clamp, progress=False)
     with pytest.raises(FileNotFoundError, match="has no adapter_config.json"):
         correct_adapter(tmp_path, setup["emulator"], setup["original"], tmp_path / "out", progress=False)
     with pytest.raises(FileNotFoundError, match="has no emloc.json"):
         correct_adapter(args[0], setup["root"] / "original", setup["original"], tmp_path / "out", progress=False)
+    with pytest.raises(TypeError, match="is a LowRankLinear: pass the original model, not the emulator"):
+        correct_adapter(*args[:2], setup["emulator"], tmp_path / "out", progress=False)
     with pytest.raises(TypeError, match="emulator must be a model or a directory"):
         correct_adapter(args[0], 3, setup["original"], tmp_path / "out", progress=False)
     bare = copy.deepcopy(setup["emulator"])
@@ -414,3 +420,18 @@ def test_lora_scaling_follows_peft():
     assert lora_scaling(config, "model.layers.1.mlp.up_proj") == (8, 3 / 8)
     assert lora_scaling(config, "model.layers.0.mlp.up_proj") == (8, 2.0)
     assert lora_scaling({"r": 9, "lora_alpha": 6, "use_rslora": True}, "x") == (9, 2.0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_models_on_cuda_match_cpu(setup, tmp_path):
+    """Models on the GPU give the same corrected update s·B_c A_o as on the CPU (SVD signs may differ)."""
+    adapter = setup["root"] / "adapter"
+    correct_adapter(adapter, setup["emulator"], setup["original"], tmp_path / "cpu", progress=False)
+    emulator, original = copy.deepcopy(setup["emulator"]).cuda(), copy.deepcopy(setup["original"]).cuda()
+    correct_adapter(adapter, emulator, original, tmp_path / "cuda", progress=False)
+    cpu, cuda = lora_tensors(tmp_path / "cpu"), lora_tensors(tmp_path / "cuda")
+    assert cpu.keys() == cuda.keys()
+    for path, (a_o, b_c) in cuda.items():
+        assert a_o.device.type == "cpu"
+        torch.testing.assert_close(b_c @ a_o, cpu[path][1] @ cpu[path][0], atol=1e-5, rtol=1e-5)
