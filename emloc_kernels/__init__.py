@@ -1,10 +1,20 @@
 """emloc_kernels: fine-tune a model inside the memory its inference needs (EMLoC).
 
 Stage 1 builds a low-rank *emulator* (:func:`build_emulator`), stage 2 trains LoRA on it
-(PEFT or :mod:`emloc_kernels.lora`), stage 3 corrects the adapter for the original model.
+(PEFT, which picks up our layers on import, or :func:`add_lora`), stage 3 corrects the
+adapter for the original model (:func:`correct_adapter`).
 """
 from ._version import __version__
 from . import ops
+from .correction import correct_adapter, merge_adapter
+from .emulator import build_emulator, load_emulator, save_emulator
+from .lora import add_lora, save_lora
 from .modules import LowRankLinear
+from .patch import register_peft
 
-__all__ = ["__version__", "ops", "LowRankLinear"]
+register_peft()
+
+__all__ = [
+    "__version__", "ops", "LowRankLinear", "build_emulator", "save_emulator", "load_emulator",
+    "add_lora", "save_lora", "correct_adapter", "merge_adapter",
+]

@@ -106,5 +106,7 @@ def load_emulator(path: str | os.PathLike, *, device: torch.device | str | None 
     if missing:
         raise ValueError(f"{path}: tensors missing for {missing[:5]}")
     model.emloc_metadata = metadata
+    if metadata.get("original_model"):  # adapters trained on the emulator name the original (PEFT reads this)
+        model.config.name_or_path = model.name_or_path = metadata["original_model"]
     model.eval()
     return model.to(device) if device is not None else model

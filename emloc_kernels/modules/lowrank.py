@@ -68,8 +68,12 @@ class LowRankLinear(nn.Linear):
         w = self.u.to(compute) @ self.v.to(compute)
         return w.to(dtype or self.u.dtype)
 
+    def factors(self):
+        """``(u, v)`` as the ops take them (packed factors in the quantised subclass)."""
+        return self.u, self.v
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.lowrank_lora(x, self.u, self.v, bias=self.bias)
+        return ops.lowrank_lora(x, *self.factors(), bias=self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
