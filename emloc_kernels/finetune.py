@@ -1,0 +1,277 @@
+"""The main job: the whole EMLoC method on one classification task, end to end.
+
+Build the emulator from calibration samples of the training data, train LoRA on it,
+correct the adapter for the original model (choosing the clamp on a validation split of the
+training data, evaluated on the original), and report accuracies and peak memory.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import demo
+from .correction import correct_adapter
+from .emulator import build_emulator, save_emulator
+from .memory import peak_in_fresh_process
+from .task import LabelTask, accuracy, loss_on, read_jsonl
+
+logger = logging.getLogger(__name__)
+CLAMP_VARIANTS = {"uncorrected": "skip", "L=1": 1.0, "L=3": 3.0, "unclamped": None}
+
+
+@dataclass
+class FinetuneSettings:
+    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
+    data: str | None = None  # None: Rotten Tomatoes (embedded)
+    eval_data: str | None = None
+    prompt: str = demo.PROMPT
+    ratio: float = 0.4
+    lora_rank: int = 8
+    lora_alpha: float | None = None  # None: = lora_rank (scaling 1)
+    steps: int = 120
+    batch_size: int = 8
+    lr: float = 1e-3
+    clamp: str = "auto"  # auto | uncorrected | unclamped | a number L
+    seed: int = 0
+    out: str = "runs/finetune"
+    calibration_samples: int = 64
+    validation_samples: int = 200
+    eval_samples: int | None = None  # None: the whole evaluation set
+    quant: str | None = None
+    device: str | None = None
+    max_length: int = 256
+    overwrite: bool = False
+    progress: bool = True
+    variants: list[str] = field(default_factory=list)  # filled from clamp
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load_model(path: str | Path, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    model.eval()
+    return model, load_tokenizer(path)
+
+
+def attach_lora(model, rank: int, alpha: float, seed: int):
+    """PEFT LoRA on every linear, lean for memory: non-reentrant gradient checkpointing."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def train(model, task: LabelTask, rows: list[dict], *, steps: int, batch_size: int, lr: float, seed: int,
+          device: torch.device, progress: bool = True) -> list[float]:
+    """Plain AdamW loop over shuffled batches; returns the loss per step."""
+    order = random.Random(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    model.train()
+    losses, pool = [], []
+    bar = tqdm(range(steps), desc="LoRA on emulator", unit="step", disable=not progress)
+    for _ in bar:
+        if len(pool) < batch_size:
+            pool += order.sample(range(len(rows)), len(rows))
+        picked, pool = pool[:batch_size], pool[batch_size:]
+        loss = loss_on(model, task.encode([rows[i] for i in picked], device))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    return losses
+
+
+def _variants(clamp: str) -> dict[str, object]:
+    if clamp == "auto":
+        return dict(CLAMP_VARIANTS)
+    if clamp in ("uncorrected", "unclamped"):
+        return {clamp: CLAMP_VARIANTS[clamp]}
+    try:
+        value = float(clamp)
+    except ValueError:
+        raise ValueError(f"clamp must be auto, uncorrected, unclamped or a positive number, got {clamp!r}") from None
+    if value <= 0:
+        raise ValueError(f"clamp must be a positive number, got {clamp!r}")
+    return {f"L={value:g}": value}
+
+
+def _data(s: FinetuneSettings) -> tuple[list[dict], list[dict]]:
+    if s.data is None and s.eval_data is None:
+        return demo.rotten_tomatoes(seed=0)
+    if s.data is None or s.eval_data is None:
+        raise ValueError("give both --data and --eval-data (or neither, for the embedded Rotten Tomatoes task)")
+    return read_jsonl(s.data, "--data"), read_jsonl(s.eval_data, "--eval-data")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def format_table(report: dict) -> str:
+    """The one table the job prints (markdown)."""
+    acc = report["accuracy"]
+    rows = [("original, zero-shot", acc["zero_shot"], ""), ("emulator, zero-shot", acc["emulator"], "")]
+    for name, v in report["variants"].items():
+        label = "original + adapter, uncorrected" if name == "uncorrected" else f"original + corrected adapter ({name})"
+        mark = " ← delivered" if name == report["chosen"] else ""
+        val = f"{v['validation']:.3f}" if v.get("validation") is not None else "–"
+        rows.append((label + mark, v["test"], val))
+    lines = ["| model | test accuracy | validation accuracy |", "|---|---|---|"]
+    lines += [f"| {name} | {a:.3f} | {val} |" for name, a, val in rows]
+    mem = report["memory"]
+    lines += ["", "| peak memory (same batch) | bytes |", "|---|---|",
+              f"| original, inference | {_mib(mem['inference'])} |",
+              f"| emulator, LoRA fine-tuning | {_mib(mem['finetune'])} |"]
+    return "\n".join(lines)
+
+
+def run(s: FinetuneSettings) -> dict:
+    """Run the whole job; writes ``s.out`` and returns the report."""
+    out = Path(s.out)
+    if out.exists() and not s.overwrite:
+        raise FileExistsError(f"--out {out} exists; choose another directory or pass --overwrite")
+    if not 0 < s.ratio < 1:
+        raise ValueError(f"--ratio must be in (0, 1), got {s.ratio}")
+    variants = _variants(s.clamp)
+    device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model_path = Path(s.model) if s.model else demo.smollm2_path()
+    alpha = float(s.lora_alpha if s.lora_alpha is not None else s.lora_rank)
+    train_rows, test_rows = _data(s)
+    rng = random.Random(s.seed)
+    train_rows = train_rows[:]
+    rng.shuffle(train_rows)
+    if len(train_rows) <= s.validation_samples + s.batch_size:
+        raise ValueError(f"--data has {len(train_rows)} examples; need more than --validation-samples + --batch-size")
+    val_rows, train_rows = train_rows[: s.validation_samples], train_rows[s.validation_samples :]
+    test_rows = test_rows[: s.eval_samples] if s.eval_samples else test_rows
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    timings: dict[str, float] = {}
+
+    def timed(key, fn, *args, **kw):
+        t = time.perf_counter()
+        result = fn(*args, **kw)
+        timings[key] = round(time.perf_counter() - t, 2)
+        return result
+
+    torch.manual_seed(s.seed)
+    original, tokenizer = load_model(model_path, device, dtype)
+    task = LabelTask.create(tokenizer, s.prompt, [r["label"] for r in train_rows], s.max_length)
+    task.check_labels(test_rows, "--eval-data")
+    acc = {"zero_shot": timed("eval_zero_shot", accuracy, original, task, test_rows)}
+
+    # memory of the same batch, each in a fresh process (fine-tuning measured after the emulator exists)
+    batch_rows = out / "memory_batch.jsonl"
+    batch_rows.write_text("".join(json.dumps(r) + "\n" for r in train_rows[: s.batch_size]))
+    spec = out / "memory_batch.json"
+    spec.write_text(json.dumps({"rows": str(batch_rows), "prompt": s.prompt, "labels": task.labels,
+                                "max_length": s.max_length, "tokenizer": str(model_path)}))
+
+    # stage 1: the emulator (built in place: the original's weights are not needed again in memory)
+    calib = [s.prompt.format(text=r["text"]) + " " + r["label"] for r in train_rows[: s.calibration_samples]]
+    emulator = timed("build_emulator", build_emulator, original, calib, s.ratio, tokenizer=tokenizer,
+                     device=device, progress=s.progress, quant=s.quant)
+    del original
+    save_emulator(emulator, out / "emulator")
+    acc["emulator"] = timed("eval_emulator", accuracy, emulator, task, test_rows)
+
+    # stage 2: LoRA on the emulator
+    peft_model = attach_lora(emulator, s.lora_rank, alpha, s.seed)
+    losses = timed("train", train, peft_model, task, train_rows, steps=s.steps, batch_size=s.batch_size, lr=s.lr,
+                   seed=s.seed, device=device, progress=s.progress)
+    peft_model.save_pretrained(out / "adapter")
+    _name_original(out / "adapter", model_path)
+    del peft_model, emulator
+
+    # stage 3: correction variants, chosen on validation data with the original model
+    from peft import PeftModel
+
+    original, _ = load_model(model_path, device, dtype)
+    dirs = {}
+    for name, clamp in variants.items():
+        if clamp == "skip":
+            dirs[name] = out / "adapter"
+        else:
+            dirs[name] = out / f"corrected-{name.replace('=', '')}"
+            timed(f"correct_{name}", correct_adapter, out / "adapter", out / "emulator", model_path, dirs[name],
+                  clamp=clamp, progress=False)
+    results: dict[str, dict] = {}
+    peft_model = None
+    for name, d in dirs.items():
+        if peft_model is None:
+            peft_model = PeftModel.from_pretrained(original, d, adapter_name=_key(name))
+        else:
+            peft_model.load_adapter(d, adapter_name=_key(name))
+        peft_model.set_adapter(_key(name))
+        results[name] = {
+            "validation": accuracy(peft_model, task, val_rows) if len(variants) > 1 else None,
+            "test": accuracy(peft_model, task, test_rows),
+            "dir": d.name,
+        }
+    chosen = max(results, key=lambda n: (results[n]["validation"] or 0.0)) if len(variants) > 1 else next(iter(results))
+    if "uncorrected" in results:
+        acc["uncorrected"] = results["uncorrected"]["test"]
+    else:
+        peft_model.load_adapter(out / "adapter", adapter_name="uncorrected")
+        peft_model.set_adapter("uncorrected")
+        acc["uncorrected"] = accuracy(peft_model, task, test_rows)
+    acc["corrected"] = results[chosen]["test"]
+    del peft_model, original
+
+    mem = {
+        "inference": peak_in_fresh_process("inference", model_path, spec, device=str(device), dtype=str(dtype).split(".")[-1]),
+        "finetune": peak_in_fresh_process("finetune", out / "emulator", spec, device=str(device),
+                                          dtype=str(dtype).split(".")[-1], rank=s.lora_rank, alpha=alpha, lr=s.lr),
+    }
+    report = {
+        **acc,
+        "peak_mem_inference": mem["inference"],
+        "peak_mem_finetune": mem["finetune"],
+        "accuracy": acc,
+        "variants": results,
+        "chosen": chosen,
+        "delivered_adapter": results[chosen]["dir"],
+        "memory": mem,
+        "losses": losses,
+        "timings_s": timings,
+        "device": str(device),
+        "settings": {k: v for k, v in asdict(s).items() if k != "variants"} | {"model": str(model_path)},
+        "sizes": {"train": len(train_rows), "validation": len(val_rows), "test": len(test_rows)},
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "table.md").write_text(format_table(report) + "\n")
+    return report
+
+
+def _key(name: str) -> str:
+    return name.replace("=", "").replace(".", "_")
+
+
+def _name_original(adapter_dir: Path, model_path: Path) -> None:
+    """The adapter was trained on the emulator but belongs to the original model."""
+    file = adapter_dir / "adapter_config.json"
+    config = json.loads(file.read_text())
+    config["base_model_name_or_path"] = str(model_path)
+    file.write_text(json.dumps(config, indent=2))

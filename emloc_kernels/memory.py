@@ -1,0 +1,104 @@
+"""Peak memory of one inference batch and of emulator fine-tuning, each in a fresh process.
+
+CPU: peak RSS above the process's RSS before the model is loaded (``/proc/self/status``,
+peak reset through ``/proc/self/clear_refs``).  CUDA: ``torch.cuda.max_memory_allocated``.
+Run as ``python -m emloc_kernels.memory {inference,finetune} ...``; prints one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+class PeakMeter:
+    """Peak bytes above the baseline taken at construction."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            self.base = torch.cuda.memory_allocated(device)
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+            self.base = _status_kib("VmRSS") * 1024
+        self.device = device
+
+    def peak(self) -> int:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - self.base
+        return _status_kib("VmHWM") * 1024 - self.base
+
+
+def measure(kind: str, model_dir: str, batch_file: str, device: str, dtype: str, rank: int, alpha: float, lr: float) -> int:
+    from . import finetune as ft
+    from .task import LabelTask, loss_on, next_token_logits, read_jsonl
+
+    dev = torch.device(device)
+    spec = json.loads(Path(batch_file).read_text())
+    meter = PeakMeter(dev)
+    if kind == "inference":
+        model, tokenizer = ft.load_model(model_dir, dev, getattr(torch, dtype))
+    else:
+        from .emulator import load_emulator
+
+        model = load_emulator(model_dir, device=dev)
+        tokenizer = ft.load_tokenizer(spec["tokenizer"])
+    task = LabelTask.create(tokenizer, spec["prompt"], spec["labels"], spec["max_length"])
+    batch = task.encode(read_jsonl(spec["rows"], "memory batch"), dev)
+    if kind == "inference":
+        with torch.no_grad():
+            next_token_logits(model, batch)
+    else:
+        peft_model = ft.attach_lora(model, rank, alpha, seed=0)
+        opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
+        for _ in range(2):  # the second step runs with the optimiser state allocated
+            loss_on(peft_model, batch).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return meter.peak()
+
+
+def peak_in_fresh_process(kind: str, model_dir: str | Path, batch_file: str | Path, *, device: str, dtype: str,
+                          rank: int = 8, alpha: float = 8.0, lr: float = 1e-3) -> int:
+    """Run :func:`measure` in a new Python process and return its peak bytes."""
+    cmd = [sys.executable, "-m", "emloc_kernels.memory", kind, str(model_dir), str(batch_file), "--device", device,
+           "--dtype", dtype, "--rank", str(rank), "--alpha", str(alpha), "--lr", str(lr)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory measurement ({kind}) failed:\n{done.stderr[-2000:]}")
+    return int(json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("kind", choices=["inference", "finetune"])
+    p.add_argument("model_dir")
+    p.add_argument("batch_file")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=8.0)
+    p.add_argument("--lr", type=float, default=1e-3)
+    a = p.parse_args()
+    peak = measure(a.kind, a.model_dir, a.batch_file, a.device, a.dtype, a.rank, a.alpha, a.lr)
+    print(json.dumps({"peak_bytes": peak}))
+
+
+if __name__ == "__main__":
+    main()

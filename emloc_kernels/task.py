@@ -1,0 +1,109 @@
+"""Label-word classification with a causal LM: the task the main job trains and scores.
+
+A prompt template with ``{text}`` is followed by the label as the next word; an example is
+scored among the dataset's labels by the next-token log-probability of each label's first
+token (only the last position's logits are computed).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def read_jsonl(path: str | os.PathLike, what: str) -> list[dict]:
+    """Lines ``{"text": ..., "label": ...}``; errors name the file and line."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{what} {path}:{i} is not JSON: {e}") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not isinstance(row.get("label"), str):
+                raise ValueError(f'{what} {path}:{i} must be an object with string fields "text" and "label"')
+            rows.append({"text": row["text"], "label": row["label"]})
+    if not rows:
+        raise ValueError(f"{what} {path} holds no examples")
+    return rows
+
+
+@dataclass
+class LabelTask:
+    tokenizer: object
+    prompt: str
+    labels: list[str]
+    label_ids: torch.Tensor  # first token of " " + label, one per label
+    max_length: int = 256
+
+    @classmethod
+    def create(cls, tokenizer, prompt: str, labels: list[str], max_length: int = 256) -> "LabelTask":
+        if "{text}" not in prompt:
+            raise ValueError(f"prompt must contain the placeholder {{text}}, got {prompt!r}")
+        labels = sorted(set(labels))
+        if len(labels) < 2:
+            raise ValueError(f"need at least two distinct labels, got {labels}")
+        ids = [tokenizer.encode(" " + label, add_special_tokens=False)[0] for label in labels]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"labels {labels} share their first token; use labels whose first words differ")
+        return cls(tokenizer, prompt, labels, torch.tensor(ids), max_length)
+
+    def encode(self, rows: list[dict], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Left-padded prompts, so every example's next token is at the last position."""
+        tok = self.tokenizer
+        side, pad = tok.padding_side, tok.pad_token
+        try:
+            tok.padding_side = "left"
+            if pad is None:
+                tok.pad_token = tok.eos_token
+            enc = tok([self.prompt.format(text=r["text"]) for r in rows], return_tensors="pt", padding=True,
+                      truncation=True, max_length=self.max_length)
+        finally:
+            tok.padding_side, tok.pad_token = side, pad
+        mask = enc["attention_mask"]
+        batch = {
+            "input_ids": enc["input_ids"],
+            "attention_mask": mask,
+            "position_ids": (mask.cumsum(-1) - 1).clamp_min(0),
+            "targets": torch.tensor([self.label_ids[self.labels.index(r["label"])] for r in rows]),
+        }
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def check_labels(self, rows: list[dict], what: str) -> None:
+        unknown = sorted({r["label"] for r in rows} - set(self.labels))
+        if unknown:
+            raise ValueError(f"{what} has labels {unknown} that the training data lacks ({self.labels})")
+
+
+def next_token_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, vocab) logits at the last position only."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"], logits_to_keep=1, use_cache=False)
+    return out.logits[:, -1, :]
+
+
+def loss_on(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of the label's first token (full vocabulary)."""
+    return F.cross_entropy(next_token_logits(model, batch).float(), batch["targets"])
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, task: LabelTask, rows: list[dict], batch_size: int = 32, device=None) -> float:
+    """Fraction of ``rows`` whose label's first token out-scores the other labels'."""
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    ids = task.label_ids.to(device)
+    correct = 0
+    for i in range(0, len(rows), batch_size):
+        batch = task.encode(rows[i : i + batch_size], device)
+        scores = next_token_logits(model, batch)[:, ids]
+        correct += int((ids[scores.argmax(-1)] == batch["targets"]).sum())
+    model.train(was_training)
+    return correct / len(rows)
