@@ -129,11 +129,13 @@ void with_cpu_type(FloatType type, F&& f) {
   }
 }
 
-// Runs `cpu()` for CPU tensors, or `cuda(stream)` on the device's current stream.
+// Runs `cpu()` for CPU tensors, or `cuda(stream)` on the device's current stream; nothing
+// for meta tensors (shape propagation, e.g. under torch.compile, only needs the outputs).
 template <typename Cpu, typename Cuda>
 void run(const at::Tensor& t, Cpu&& cpu, Cuda&& cuda) {
+  if (t.is_meta()) return;
   if (!t.is_cuda()) {
-    TORCH_CHECK(t.is_cpu(), "emloc_ext: tensors must be on CPU or CUDA, got ", t.device());
+    TORCH_CHECK(t.is_cpu(), "emloc_ext: tensors must be on CPU, CUDA or meta, got ", t.device());
     cpu();
     return;
   }
@@ -290,6 +292,13 @@ TORCH_LIBRARY_IMPL(emloc_ext, CPU, m) {
 }
 
 TORCH_LIBRARY_IMPL(emloc_ext, CUDA, m) {
+  m.impl("quantize_int8", &emloc::quantize_int8);
+  m.impl("quantize_int4", &emloc::quantize_int4);
+  m.impl("dequantize_int8", &emloc::dequantize_int8);
+  m.impl("dequantize_int4", &emloc::dequantize_int4);
+}
+
+TORCH_LIBRARY_IMPL(emloc_ext, Meta, m) {
   m.impl("quantize_int8", &emloc::quantize_int8);
   m.impl("quantize_int4", &emloc::quantize_int4);
   m.impl("dequantize_int8", &emloc::dequantize_int8);

@@ -16,7 +16,8 @@ from emloc_kernels import ext
 from emloc_kernels.ops.quant import PackedFactor, dequantize, quantize, quantize_reference
 
 ROOT = Path(__file__).resolve().parent.parent
-can_build = shutil.which("c++") is not None and cpp_extension.is_ninja_available()
+disabled = os.environ.get("EMLOC_DISABLE_EXT", "0") not in ("", "0")
+can_build = shutil.which("c++") is not None and cpp_extension.is_ninja_available() and not disabled
 needs_ext = pytest.mark.skipif(not ext.supports("cpu"), reason="C++ extension not loaded (see ext.status())")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -28,7 +29,7 @@ def test_cu_file_compiles_with_nvcc(source, tmp_path):
     assert obj.stat().st_size > 0
 
 
-@pytest.mark.skipif(not can_build, reason="needs a C++ compiler and ninja")
+@pytest.mark.skipif(not can_build, reason="needs a C++ compiler and ninja, and EMLOC_DISABLE_EXT unset")
 def test_extension_builds_and_loads():
     s = ext.status()
     assert s.loaded, s.reason
@@ -37,7 +38,7 @@ def test_extension_builds_and_loads():
     assert ext.supports("cpu") and ext.supports("cuda") == s.cuda and not ext.supports("meta")
 
 
-@pytest.mark.skipif(not can_build, reason="needs a C++ compiler and ninja")
+@pytest.mark.skipif(not can_build, reason="needs a C++ compiler and ninja, and EMLOC_DISABLE_EXT unset")
 def test_cpu_only_build_without_nvcc():
     # in a child process: one process cannot load two libraries defining the emloc_ext ops
     code = (
@@ -104,6 +105,19 @@ def test_ops_reject_bad_arguments():
     q8, s8 = lib.quantize_int8(w)
     with pytest.raises(RuntimeError, match=r"scale must be Float of sizes \[8, 1\]"):
         lib.dequantize_int8(q8, s8[:4])
+
+
+@needs_ext
+def test_ops_propagate_shapes_on_meta():
+    lib = torch.ops.emloc_ext
+    w = torch.empty(70, 150, dtype=torch.bfloat16, device="meta")
+    q, s, o = lib.quantize_int4(w, 64)
+    assert (q.shape, s.shape, o.shape) == ((70, 96), (70, 3), (70, 3))
+    assert q.dtype == torch.uint8 and s.dtype == o.dtype == torch.bfloat16 and q.is_meta
+    out = lib.dequantize_int4(q, s, o, 64, 150)
+    assert out.shape == (70, 150) and out.dtype == torch.bfloat16 and out.is_meta
+    q8, s8 = lib.quantize_int8(w)
+    assert q8.shape == (70, 150) and s8.shape == (70, 1) and lib.dequantize_int8(q8, s8).shape == (70, 150)
 
 
 # ---------------------------------------------------------------- GPU
