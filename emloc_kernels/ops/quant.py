@@ -23,6 +23,8 @@ Quantisation (all implementations agree bit for bit; arithmetic in fp32):
 * All-zero rows (int8) and constant groups (int4) get ``scale = 0`` and dequantise exactly.
 * Dequantisation is ``q · scale`` (int8) or ``nibble · scale + offset`` (int4), a separate
   fp32 multiply and add (no fused multiply-add), then a round-to-nearest cast to the dtype.
+* :func:`quantize` refuses non-finite input and factors whose top grid value would overflow
+  the dtype (values within a fraction of a percent of its largest number).
 """
 from __future__ import annotations
 
