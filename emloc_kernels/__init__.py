@@ -9,12 +9,12 @@ from . import ops
 from .correction import correct_adapter, merge_adapter
 from .emulator import build_emulator, load_emulator, save_emulator
 from .lora import add_lora, save_lora
-from .modules import LowRankLinear
+from .modules import LowRankLinear, QuantLowRankLinear
 from .patch import register_peft
 
 register_peft()
 
 __all__ = [
-    "__version__", "ops", "LowRankLinear", "build_emulator", "save_emulator", "load_emulator",
+    "__version__", "ops", "LowRankLinear", "QuantLowRankLinear", "build_emulator", "save_emulator", "load_emulator",
     "add_lora", "save_lora", "correct_adapter", "merge_adapter",
 ]

@@ -1,7 +1,9 @@
 """Peak memory of one inference batch and of emulator fine-tuning, each in a fresh process.
 
 CPU: peak RSS above the process's RSS before the model is loaded (``/proc/self/status``,
-peak reset through ``/proc/self/clear_refs``).  CUDA: ``torch.cuda.max_memory_allocated``.
+peak reset through ``/proc/self/clear_refs``).  The child runs with a fixed glibc mmap
+threshold, so freed tensors go back to the OS and RSS follows live memory rather than the
+allocator's retained heap (which otherwise depends on the order of frees).  CUDA: ``torch.cuda.max_memory_allocated``.
 Run as ``python -m emloc_kernels.memory {inference,finetune} ...``; prints one JSON line.
 """
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +69,7 @@ def measure(kind: str, model_dir: str, batch_file: str, device: str, dtype: str,
             next_token_logits(model, batch)
     else:
         peft_model = ft.attach_lora(model, rank, alpha, seed=0)
+        peft_model.train()  # gradient checkpointing acts in training mode only, as in ft.train
         opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
         for _ in range(2):  # the second step runs with the optimiser state allocated
             loss_on(peft_model, batch).backward()
@@ -79,7 +83,8 @@ def peak_in_fresh_process(kind: str, model_dir: str | Path, batch_file: str | Pa
     """Run :func:`measure` in a new Python process and return its peak bytes."""
     cmd = [sys.executable, "-m", "emloc_kernels.memory", kind, str(model_dir), str(batch_file), "--device", device,
            "--dtype", dtype, "--rank", str(rank), "--alpha", str(alpha), "--lr", str(lr)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"memory measurement ({kind}) failed:\n{done.stderr[-2000:]}")
     return int(json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"])

@@ -98,11 +98,7 @@ class QuantLowRankLinear(LowRankLinear):
         tensors = [*self.buffers(recurse=False), *([self.bias] if self.bias is not None else [])]
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u, v = self._op_factors()
-        return ops.lowrank_lora(x, u, v, bias=self.bias)
-
-    def _op_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``u``, ``v`` as ``ops.lowrank_lora`` takes them: dequantised tensors for now; once the
         op fuses dequantisation into its tile loop, return ``self.u_packed, self.v_packed``."""
         return dequantize(self.u_packed), dequantize(self.v_packed)

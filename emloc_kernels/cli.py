@@ -1,0 +1,150 @@
+"""``emloc``: the command line of the three EMLoC stages and the main job."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _ratio(text: str) -> float | dict[str, float]:
+    """``0.4`` or ``'q_proj=0.3,mlp=0.5'`` (regex=ratio pairs)."""
+    if "=" not in text:
+        return float(text)
+    pairs = (item.rsplit("=", 1) for item in text.split(","))
+    return {pattern: float(value) for pattern, value in pairs}
+
+
+def _texts(path: str, limit: int) -> list[str]:
+    """Calibration texts: a .jsonl with a "text" field per line, or a plain text file, one sample per line."""
+    lines = [l for l in Path(path).read_text(encoding="utf-8").splitlines() if l.strip()]
+    if path.endswith(".jsonl"):
+        lines = [json.loads(l)["text"] for l in lines]
+    if not lines:
+        raise ValueError(f"--data {path} holds no samples")
+    return lines[:limit]
+
+
+def cmd_build(a: argparse.Namespace) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .emulator import build_emulator, save_emulator
+
+    out = Path(a.out)
+    if out.exists() and not a.overwrite:
+        raise FileExistsError(f"--out {out} exists; choose another directory or pass --overwrite")
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=getattr(torch, a.dtype))
+    tokenizer = AutoTokenizer.from_pretrained(a.model)
+    emulator = build_emulator(model, _texts(a.data, a.samples), _ratio(a.ratio), tokenizer=tokenizer,
+                              device=a.device, quant=a.quant, group_size=a.group_size)
+    save_emulator(emulator, out, overwrite=a.overwrite)
+    modules = emulator.emloc_metadata["modules"]
+    kept = sum(m["rank"] * (m["in_features"] + m["out_features"]) for m in modules.values())
+    dense = sum(m["in_features"] * m["out_features"] for m in modules.values())
+    print(f"emulator of {len(modules)} linears written to {out} in {time.perf_counter() - start:.1f} s: "
+          f"{kept / 1e6:.1f}M of {dense / 1e6:.1f}M linear parameters ({kept / dense:.1%})")
+
+
+def cmd_finetune(a: argparse.Namespace) -> None:
+    from .finetune import FinetuneSettings, format_table, run
+
+    fields = FinetuneSettings.__dataclass_fields__
+    settings = FinetuneSettings(**{k: v for k, v in vars(a).items() if k in fields})
+    report = run(settings)
+    print(format_table(report))
+    print(f"\noutputs in {settings.out} (report.json; delivered adapter: {report['delivered_adapter']})")
+
+
+def cmd_correct(a: argparse.Namespace) -> None:
+    from .correction import correct_adapter
+
+    clamp = None if a.clamp in ("none", "off") else float(a.clamp)
+    report = correct_adapter(a.adapter, a.emulator, a.original, a.out, clamp=clamp, overwrite=a.overwrite)
+    totals = report.get("totals", {})
+    print(f"corrected adapter written to {a.out}: {json.dumps(totals)}")
+
+
+def cmd_merge(a: argparse.Namespace) -> None:
+    from .correction import merge_adapter
+    from .emulator.io import write_dir_atomically
+
+    model = merge_adapter(a.original, a.adapter)
+    write_dir_atomically(a.out, model.save_pretrained, overwrite=a.overwrite)
+    print(f"merged model written to {a.out}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="emloc", description="EMLoC: fine-tune a model inside the memory its inference needs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="stage 1: build a low-rank emulator of a model from calibration data")
+    b.add_argument("model", help="transformers model directory (or hub name available offline)")
+    b.add_argument("--data", required=True, help="calibration samples: .jsonl with a 'text' field, or one sample per line")
+    b.add_argument("--samples", type=int, default=64, help="number of calibration samples used (default 64)")
+    b.add_argument("--ratio", default="0.4", help="fraction of each linear's parameters kept, in (0, 1); "
+                   "or regex=ratio pairs such as 'mlp=0.3,self_attn=0.5' (default 0.4)")
+    b.add_argument("--out", required=True, help="new directory for the emulator (refused if it exists)")
+    b.add_argument("--device", default=None, help="where blocks are processed, e.g. cuda (default: where the model is)")
+    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
+    b.add_argument("--quant", default=None, choices=["int8", "int4"], help="quantise the emulator's factors")
+    b.add_argument("--group-size", type=int, default=128, choices=[64, 128], help="int4 group size (default 128)")
+    b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    b.set_defaults(func=cmd_build)
+
+    f = sub.add_parser("finetune", help="the whole method on a classification task (default: SmolLM2 on Rotten Tomatoes)")
+    f.add_argument("--model", default=None, help="causal LM directory (default: the embedded SmolLM2-135M-Instruct)")
+    f.add_argument("--data", default=None, help='training .jsonl, lines {"text": ..., "label": ...} (default: Rotten Tomatoes)')
+    f.add_argument("--eval-data", default=None, help="held-out .jsonl in the same format (needed with --data)")
+    f.add_argument("--prompt", default=None, help="template with {text}; the label is the next word")
+    f.add_argument("--ratio", type=float, default=0.4, help="emulator ratio in (0, 1) (default 0.4)")
+    f.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (default 8; alpha = rank)")
+    f.add_argument("--steps", type=int, default=120, help="training steps (default 120)")
+    f.add_argument("--batch-size", type=int, default=8, help="training batch size (default 8)")
+    f.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    f.add_argument("--clamp", default="auto", help="auto (choose on validation data), uncorrected, unclamped, or a bound L")
+    f.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    f.add_argument("--calibration-samples", type=int, default=64, help="emulator calibration samples (default 64)")
+    f.add_argument("--validation-samples", type=int, default=200, help="training examples held out to choose the clamp")
+    f.add_argument("--eval-samples", type=int, default=None, help="use only the first N evaluation examples")
+    f.add_argument("--quant", default=None, choices=["int8", "int4"], help="quantise the emulator's factors")
+    f.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    f.add_argument("--out", default="runs/finetune", help="new output directory (default runs/finetune)")
+    f.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    f.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    f.set_defaults(func=cmd_finetune)
+
+    c = sub.add_parser("correct", help="stage 3: correct an adapter trained on the emulator for the original model")
+    c.add_argument("adapter", help="PEFT LoRA directory trained on the emulator")
+    c.add_argument("--emulator", required=True, help="emulator directory (from emloc build)")
+    c.add_argument("--original", required=True, help="original model directory")
+    c.add_argument("--out", required=True, help="new directory for the corrected adapter")
+    c.add_argument("--clamp", default="3", help="per-row bound L on the correction (default 3); 'none' disables it")
+    c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    c.set_defaults(func=cmd_correct)
+
+    m = sub.add_parser("merge", help="merge a (corrected) adapter into the original model and save it")
+    m.add_argument("adapter", help="PEFT LoRA directory")
+    m.add_argument("--original", required=True, help="original model directory")
+    m.add_argument("--out", required=True, help="new directory for the merged model")
+    m.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    m.set_defaults(func=cmd_merge)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    if args.command == "finetune" and args.prompt is None:
+        from .demo import PROMPT
+
+        args.prompt = PROMPT
+    try:
+        args.func(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        sys.exit(f"emloc {args.command}: error: {e}")
+
+
+if __name__ == "__main__":
+    main()
