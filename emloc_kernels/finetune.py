@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import shutil
 import time
@@ -165,9 +166,25 @@ def run(s: FinetuneSettings) -> dict:
         raise ValueError(f"--data has {len(train_rows)} examples; need more than --validation-samples + --batch-size")
     val_rows, train_rows = train_rows[: s.validation_samples], train_rows[s.validation_samples :]
     test_rows = test_rows[: s.eval_samples] if s.eval_samples else test_rows
+    task = LabelTask.create(load_tokenizer(model_path), s.prompt, [r["label"] for r in train_rows], s.max_length)
+    task.check_labels(test_rows, "--eval-data")
+    # everything is written aside and renamed at the end: a failed run leaves no half-filled --out
+    work = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    try:
+        report = _run(s, task, model_path, work, device, dtype, alpha, variants, train_rows, val_rows, test_rows)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     if out.exists():
         shutil.rmtree(out)
-    out.mkdir(parents=True)
+    work.rename(out)
+    return report
+
+
+def _run(s, task, model_path, out, device, dtype, alpha, variants, train_rows, val_rows, test_rows) -> dict:
     timings: dict[str, float] = {}
 
     def timed(key, fn, *args, **kw):
@@ -177,9 +194,7 @@ def run(s: FinetuneSettings) -> dict:
         return result
 
     torch.manual_seed(s.seed)
-    original, tokenizer = load_model(model_path, device, dtype)
-    task = LabelTask.create(tokenizer, s.prompt, [r["label"] for r in train_rows], s.max_length)
-    task.check_labels(test_rows, "--eval-data")
+    original, _ = load_model(model_path, device, dtype)
     acc = {"zero_shot": timed("eval_zero_shot", accuracy, original, task, test_rows)}
 
     # memory of the same batch, each in a fresh process (fine-tuning measured after the emulator exists)

@@ -216,7 +216,7 @@ def build_emulator(
     model.emloc_metadata = {
         "format_version": 1,
         "library_version": __version__,
-        "original_model": getattr(getattr(model, "config", None), "name_or_path", "") or "",
+        "original_model": str(getattr(model, "name_or_path", "") or getattr(model.config, "name_or_path", "") or ""),
         "architecture": type(model).__name__,
         "calibration": {"samples": sum(b["input_ids"].shape[0] for b in batches), "tokens": tokens},
         "modules": report,

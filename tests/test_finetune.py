@@ -1,0 +1,83 @@
+"""Smoke runs of the main job on a tiny model (the real default run lives in bench/)."""
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from emloc_kernels import cli, demo
+
+
+@pytest.fixture(scope="module")
+def material(tmp_path_factory):
+    """A tiny random Llama with SmolLM2's tokenizer, and a small slice of Rotten Tomatoes."""
+    root = tmp_path_factory.mktemp("material")
+    tok = AutoTokenizer.from_pretrained(demo.smollm2_path())
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(tok), tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    train, test = demo.rotten_tomatoes()
+    for name, rows in (("train", train[:48]), ("test", test[:16])):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def run(material, out, *extra):
+    cli.main(["finetune", "--model", str(material / "model"), "--data", str(material / "train.jsonl"),
+              "--eval-data", str(material / "test.jsonl"), "--steps", "3", "--batch-size", "4",
+              "--calibration-samples", "8", "--validation-samples", "12", "--out", str(out), "--no-progress", *extra])
+    return json.loads((out / "report.json").read_text())
+
+
+def test_finetune_smoke_writes_report_and_adapters(material, tmp_path, capsys):
+    report = run(material, tmp_path / "run")
+    table = capsys.readouterr().out
+    assert "original, zero-shot" in table and "← delivered" in table and "peak memory" in table
+    for key in ("zero_shot", "emulator", "uncorrected", "corrected"):
+        assert 0.0 <= report[key] <= 1.0
+    assert report["peak_mem_inference"] > 0 and report["peak_mem_finetune"] > 0
+    assert set(report["variants"]) == {"uncorrected", "L=1", "L=3", "unclamped"}
+    assert report["corrected"] == report["variants"][report["chosen"]]["test"]
+    best = max(v["validation"] for v in report["variants"].values())
+    assert report["variants"][report["chosen"]]["validation"] == best
+    for d in ("emulator", "adapter", "corrected-L1", "corrected-L3", "corrected-unclamped"):
+        assert (tmp_path / "run" / d).is_dir()
+    original = AutoModelForCausalLM.from_pretrained(material / "model")
+    PeftModel.from_pretrained(original, tmp_path / "run" / report["delivered_adapter"])
+
+
+def test_same_seed_same_numbers(material, tmp_path):
+    a = run(material, tmp_path / "a", "--clamp", "3")
+    b = run(material, tmp_path / "b", "--clamp", "3")
+    assert a["losses"] == b["losses"]
+    assert [a[k] for k in ("zero_shot", "emulator", "uncorrected", "corrected")] == [
+        b[k] for k in ("zero_shot", "emulator", "uncorrected", "corrected")]
+    assert a["chosen"] == "L=3"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--clamp", "sometimes"], "clamp must be"),
+    (["--prompt", "no placeholder"], "placeholder"),
+    (["--ratio", "1.5"], "ratio"),
+])
+def test_bad_options_exit_with_a_clear_message(material, tmp_path, extra, message):
+    with pytest.raises(SystemExit, match=message):
+        run(material, tmp_path / "bad", *extra)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_existing_out_dir_is_refused(material, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("user file")
+    with pytest.raises(SystemExit, match="exists"):
+        run(material, tmp_path / "mine")
+    assert (tmp_path / "mine" / "keep.txt").read_text() == "user file"
+
+
+def test_data_without_eval_data_is_refused(material, tmp_path):
+    with pytest.raises(SystemExit, match="eval-data"):
+        cli.main(["finetune", "--model", str(material / "model"), "--data", str(material / "train.jsonl"),
+                  "--out", str(tmp_path / "x")])
