@@ -58,7 +58,7 @@ def reviews() -> list[str]:
 
 # Tiny random models of each supported architecture (hidden 64, 2 blocks, odd intermediate
 # sizes): ``(config class, model class, config kwargs)``.
-_DECODER = dict(hidden_size=64, intermediate_size=150, num_hidden_layers=2, num_attention_heads=4,
+_DECODER = dict(hidden_size=64, intermediate_size=147, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=101, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
 TINY = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", _DECODER),

@@ -117,8 +117,12 @@ def test_linears_reading_one_input_share_one_gram(arch, tiny_model, monkeypatch)
             collectors.append(self)
 
     monkeypatch.setattr(build_module, "GramCollector", Spy)
-    build_emulator(tiny_model(arch), calibration(), RATIO, progress=False)
+    model = tiny_model(arch)
     prefix, groups = LAYOUT[arch]
+    inputs: dict[str, list[torch.Tensor]] = {n: [] for n in expected_paths(arch)}
+    for name, rows in inputs.items():  # fires only while blocks run for real (not during input capture)
+        model.get_submodule(name).register_forward_pre_hook(lambda m, args, rows=rows: rows.append(args[0].reshape(-1, args[0].shape[-1])))
+    build_emulator(model, calibration(), RATIO, progress=False)
     assert len(collectors) == 2
     for i, collector in enumerate(collectors):
         block = f"{prefix}.{i}."
@@ -128,3 +132,7 @@ def test_linears_reading_one_input_share_one_gram(arch, tiny_model, monkeypatch)
         assert sorted(map(sorted, found.values())) == sorted(map(sorted, groups))
         assert all(leader.removeprefix(block) in members for leader, members in found.items())
         assert set(collector.gram) == set(found)  # one G per group, kept under its leader
+        for leader, members in found.items():
+            for member in members:
+                x = torch.cat(inputs[block + member]).double()
+                torch.testing.assert_close(collector.gram[leader].double(), x.T @ x, rtol=1e-5, atol=1e-5 * x.square().sum().item())
