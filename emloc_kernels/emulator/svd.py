@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
@@ -10,8 +11,12 @@ EIG_FLOOR = 1e-7  # relative ridge: G/f + εI, f = trace(G)/in
 
 
 def rank_for(in_features: int, out_features: int, ratio: float) -> int:
-    """Rank that keeps ``ratio`` of the layer's parameters: ``floor(in·out·ratio/(in+out))``."""
-    return max(1, math.floor(in_features * out_features * ratio / (in_features + out_features)))
+    """Rank that keeps ``ratio`` of the layer's parameters: ``floor(in·out·ratio/(in+out))``.
+
+    Exact rational arithmetic on the ratio as written: in floats, 12·30·0.7/42 gives 5.999….
+    """
+    exact = Fraction(in_features * out_features) * Fraction(repr(float(ratio))) / (in_features + out_features)
+    return max(1, math.floor(exact))
 
 
 @dataclass
@@ -27,6 +32,7 @@ class Whitening:
     """
 
     lower: torch.Tensor
+    ridge: float = 0.0  # lower·lowerᵀ = G + ridge·I
 
     @classmethod
     def from_gram(cls, gram: torch.Tensor, dtype: torch.dtype = torch.float64) -> "Whitening":
@@ -38,7 +44,7 @@ class Whitening:
         for _ in range(8):
             lower, info = torch.linalg.cholesky_ex(g / f + eps * eye)
             if int(info) == 0:
-                return cls(lower=lower * f.sqrt())
+                return cls(lower=lower * f.sqrt(), ridge=eps * f.item())
             eps *= 10  # not positive definite in floating point: grow the ridge
         raise RuntimeError("Cholesky factorisation of the calibration Gram matrix failed even with a ridge of 0.1")
 
@@ -59,13 +65,19 @@ def truncated_factors(weight: torch.Tensor, rank: int, whitening: Whitening) -> 
     """``W S = U Σ Vᵀ``; ``u = U_r Σ_r^½``, ``v = Σ_r^½ V_rᵀ S⁻¹`` (in whitening's dtype)."""
     s = whitening.lower
     # the SVD itself runs in fp32 (2× faster; its rounding is far below the truncation error)
-    uu, sigma, vh = (t.to(s.dtype) for t in torch.linalg.svd((weight.to(s.dtype) @ s).float(), full_matrices=False))
+    w = weight.to(s.dtype)
+    ws = w @ s
+    uu, sigma, vh = (t.to(s.dtype) for t in torch.linalg.svd(ws.float(), full_matrices=False))
     root = sigma[:rank].sqrt()
     u = uu[:, :rank] * root
     # v S = Σ^½ V_rᵀ  ⇔  Sᵀ vᵀ = V_r Σ^½ (Sᵀ upper triangular)
     v = torch.linalg.solve_triangular(s.T, vh[:rank].T * root, upper=True).T
-    energy = sigma.square()
-    error = (energy[rank:].sum() / energy.sum().clamp_min(torch.finfo(energy.dtype).tiny)).sqrt().item()
+    # ‖X Dᵀ‖² = tr(D G Dᵀ) = ‖D S‖² − ridge·‖D‖²: the discarded σ² would also count the ridge,
+    # which dominates when G is rank deficient (fewer calibration tokens than inputs)
+    d = w - u @ v
+    lost = (d @ s).square().sum() - whitening.ridge * d.square().sum()
+    total = ws.square().sum() - whitening.ridge * w.square().sum()
+    error = (lost.clamp_min(0) / total.clamp_min(torch.finfo(total.dtype).tiny)).sqrt().item()
     return Factors(u=u, v=v, error=error)
 
 
