@@ -206,7 +206,7 @@ def _run(s, task, model_path, out, device, dtype, alpha, variants, train_rows, v
 
     # stage 1: the emulator (built in place: the original's weights are not needed again in memory)
     calib = [s.prompt.format(text=r["text"]) + " " + r["label"] for r in train_rows[: s.calibration_samples]]
-    emulator = timed("build_emulator", build_emulator, original, calib, s.ratio, tokenizer=tokenizer,
+    emulator = timed("build_emulator", build_emulator, original, calib, s.ratio, tokenizer=task.tokenizer,
                      device=device, progress=s.progress, quant=s.quant)
     del original
     save_emulator(emulator, out / "emulator")
