@@ -141,10 +141,13 @@ def emulated_weight(state: Mapping[str, torch.Tensor], info: Mapping[str, Any], 
     entry (``quant`` says whether the factors are quantised).  Returns a new tensor, which the
     caller may overwrite.
     """
-    if info.get("quant") is not None:
-        raise NotImplementedError(
-            f"emulator module {name} is quantised (quant={info['quant']!r}); correction supports plain low-rank modules only"
-        )
+    if info.get("quant") is not None:  # W_E is the dequantised product, as the emulator computes it
+        from .emulator.io import empty_module_for
+        from .ops.quant import dequantize
+
+        module = empty_module_for(info, state[next(k for k in state if k.endswith("_scale"))].dtype)
+        module.load_state_dict(state, assign=True)
+        return dequantize(module.u_packed).double() @ dequantize(module.v_packed).double()
     if "u" not in state or "v" not in state:
         raise TypeError(
             f"emulator module {name} is not low-rank: it holds {sorted(state)}, expected the factors u and v of a LowRankLinear"

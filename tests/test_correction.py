@@ -403,14 +403,32 @@ def test_bad_arguments(setup, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_quantised_emulator_module_is_reported(tmp_path):
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantised_emulator_uses_dequantised_weight(quant, tmp_path):
+    """With packed factors, W_E is the dequantised u·v: the identity holds against it."""
+    from emloc_kernels import build_emulator, load_emulator
+    from emloc_kernels import save_emulator as save
+
     original = make_original("llama")
-    emulator = make_emulator(original)
+    calibration = torch.randint(0, LLAMA["vocab_size"], (3, 13), generator=torch.Generator().manual_seed(5))
+    emulator = build_emulator(copy.deepcopy(original), calibration, 0.5, quant=quant, group_size=64, progress=False)
+    save(emulator, tmp_path / "emulator")
     peft_model = make_lora(emulator, "llama")
     peft_model.save_pretrained(tmp_path / "adapter")
-    emulator.emloc_metadata["modules"]["model.layers.0.self_attn.q_proj"]["quant"] = "int4"
-    with pytest.raises(NotImplementedError, match="model.layers.0.self_attn.q_proj is quantised"):
-        correct_adapter(tmp_path / "adapter", emulator, original, tmp_path / "out", progress=False)
+    from_dir = correct_adapter(tmp_path / "adapter", tmp_path / "emulator", original, tmp_path / "a", clamp=None, progress=False)
+    correct_adapter(tmp_path / "adapter", load_emulator(tmp_path / "emulator"), original, tmp_path / "b", clamp=None, progress=False)
+    corrected, same = lora_tensors(tmp_path / "a"), lora_tensors(tmp_path / "b")
+    trained = lora_tensors(tmp_path / "adapter")
+    generator = torch.Generator().manual_seed(6)
+    for path, (a_o, b_c) in corrected.items():
+        torch.testing.assert_close(same[path][1], b_c)
+        lora_a, lora_b = (t.double() for t in trained[path])
+        scaling = from_dir["modules"][path]["scaling"]
+        w_e = emulator.get_submodule(path).dense_weight(torch.float64)
+        x = (lora_a.T @ torch.randn(lora_a.shape[0], 5, generator=generator, dtype=torch.float64)).T
+        lhs = x @ dense_weight(original, path).T + scaling * (x @ a_o.double().T) @ b_c.double().T
+        rhs = x @ w_e.T + scaling * (x @ lora_a.T) @ lora_b.T
+        assert (lhs - rhs).norm() <= 1e-5 * rhs.norm(), path
 
 
 def test_lora_scaling_follows_peft():
