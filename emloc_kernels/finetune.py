@@ -146,6 +146,27 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def device_and_dtype(s: FinetuneSettings) -> tuple[torch.device, torch.dtype]:
+    """CUDA in bf16 when there is a GPU, else the CPU in fp32."""
+    device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def prepare(s: FinetuneSettings) -> tuple[Path, LabelTask, list[dict], list[dict], list[dict]]:
+    """The model path, the task and the (train, validation, test) rows a run with ``s`` uses."""
+    model_path = Path(s.model) if s.model else demo.smollm2_path()
+    train_rows, test_rows = _data(s)
+    train_rows = train_rows[:]
+    random.Random(s.seed).shuffle(train_rows)
+    if len(train_rows) <= s.validation_samples + s.batch_size:
+        raise ValueError(f"--data has {len(train_rows)} examples; need more than --validation-samples + --batch-size")
+    val_rows, train_rows = train_rows[: s.validation_samples], train_rows[s.validation_samples :]
+    test_rows = test_rows[: s.eval_samples] if s.eval_samples else test_rows
+    task = LabelTask.create(load_tokenizer(model_path), s.prompt, [r["label"] for r in train_rows], s.max_length)
+    task.check_labels(test_rows, "--eval-data")
+    return model_path, task, train_rows, val_rows, test_rows
+
+
 def run(s: FinetuneSettings) -> dict:
     """Run the whole job; writes ``s.out`` and returns the report."""
     out = Path(s.out)
@@ -154,20 +175,9 @@ def run(s: FinetuneSettings) -> dict:
     if not 0 < s.ratio < 1:
         raise ValueError(f"--ratio must be in (0, 1), got {s.ratio}")
     variants = _variants(s.clamp)
-    device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model_path = Path(s.model) if s.model else demo.smollm2_path()
+    device, dtype = device_and_dtype(s)
     alpha = float(s.lora_alpha if s.lora_alpha is not None else s.lora_rank)
-    train_rows, test_rows = _data(s)
-    rng = random.Random(s.seed)
-    train_rows = train_rows[:]
-    rng.shuffle(train_rows)
-    if len(train_rows) <= s.validation_samples + s.batch_size:
-        raise ValueError(f"--data has {len(train_rows)} examples; need more than --validation-samples + --batch-size")
-    val_rows, train_rows = train_rows[: s.validation_samples], train_rows[s.validation_samples :]
-    test_rows = test_rows[: s.eval_samples] if s.eval_samples else test_rows
-    task = LabelTask.create(load_tokenizer(model_path), s.prompt, [r["label"] for r in train_rows], s.max_length)
-    task.check_labels(test_rows, "--eval-data")
+    model_path, task, train_rows, val_rows, test_rows = prepare(s)
     # everything is written aside and renamed at the end: a failed run leaves no half-filled --out
     work = out.with_name(f".{out.name}.partial-{os.getpid()}")
     if work.exists():

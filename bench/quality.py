@@ -1,0 +1,95 @@
+"""Accuracy and memory of EMLoC at several emulator ratios, with LoRA on the original as the
+upper bound; the default material (SmolLM2-135M-Instruct, Rotten Tomatoes, 300 test reviews).
+
+    python bench/quality.py [--ratios 0.3 0.4 0.6] [--out bench/results/quality]
+
+Writes one finetune run per ratio, ``quality.csv`` and ``quality.png`` under ``--out`` and
+prints a markdown table.  About 6 minutes per ratio on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from emloc_kernels import finetune as ft
+from emloc_kernels.task import accuracy
+
+COLUMNS = ["setting", "zero_shot", "emulator", "uncorrected", "L=1", "L=3", "unclamped", "delivered", "chosen",
+           "peak_mem_inference_mib", "peak_mem_finetune_mib", "seconds"]
+
+
+def lora_on_original(s: ft.FinetuneSettings) -> dict:
+    """The upper bound: the same LoRA training directly on the original model."""
+    device, dtype = ft.device_and_dtype(s)
+    model_path, task, train_rows, _, test_rows = ft.prepare(s)
+    model, _ = ft.load_model(model_path, device, dtype)
+    zero_shot = accuracy(model, task, test_rows)
+    alpha = float(s.lora_alpha if s.lora_alpha is not None else s.lora_rank)
+    peft_model = ft.attach_lora(model, s.lora_rank, alpha, s.seed)
+    ft.train(peft_model, task, train_rows, steps=s.steps, batch_size=s.batch_size, lr=s.lr, seed=s.seed,
+             device=device, progress=s.progress)
+    return {"zero_shot": zero_shot, "delivered": accuracy(peft_model, task, test_rows)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.4, 0.6])
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--out", default="bench/results/quality")
+    p.add_argument("--overwrite", action="store_true")
+    a = p.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = ft.FinetuneSettings(steps=a.steps, progress=False, overwrite=a.overwrite)
+    rows = []
+    for ratio in a.ratios:
+        start = time.perf_counter()
+        r = ft.run(replace(base, ratio=ratio, out=str(out / f"ratio-{ratio}")))
+        v = {k: x["test"] for k, x in r["variants"].items()}
+        rows.append({"setting": f"EMLoC ratio {ratio}", "zero_shot": r["zero_shot"], "emulator": r["emulator"],
+                     **v, "delivered": r["corrected"], "chosen": r["chosen"],
+                     "peak_mem_inference_mib": round(r["peak_mem_inference"] / 2**20),
+                     "peak_mem_finetune_mib": round(r["peak_mem_finetune"] / 2**20),
+                     "seconds": round(time.perf_counter() - start)})
+        print(json.dumps(rows[-1]), flush=True)
+    start = time.perf_counter()
+    upper = lora_on_original(base)
+    rows.append({"setting": "LoRA on the original (upper bound)", **upper, "seconds": round(time.perf_counter() - start)})
+    with open(out / "quality.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    plot(rows, out / "quality.png")
+    fmt = lambda x: f"{x:.3f}" if isinstance(x, float) else ("" if x is None else str(x))
+    print("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS))
+    for row in rows:
+        print("| " + " | ".join(fmt(row.get(c)) for c in COLUMNS) + " |")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    emloc = [r for r in rows if r["setting"].startswith("EMLoC")]
+    ratios = [float(r["setting"].split()[-1]) for r in emloc]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("emulator", "emulator zero-shot"), ("uncorrected", "adapter, uncorrected"),
+                       ("delivered", "adapter, delivered (clamp chosen on validation)")):
+        ax.plot(ratios, [r[key] for r in emloc], marker="o", label=label)
+    ax.axhline(rows[-1]["delivered"], color="k", ls="--", label="LoRA on the original")
+    ax.axhline(emloc[0]["zero_shot"], color="gray", ls=":", label="original zero-shot")
+    ax.set_xlabel("emulator ratio (fraction of linear parameters kept)")
+    ax.set_ylabel("test accuracy (300 reviews)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
