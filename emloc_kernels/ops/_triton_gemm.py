@@ -221,8 +221,8 @@ def config(m: int, n: int, k: int, f32: bool, sms: int, interpret: bool) -> Conf
         bm, bn, bk, group, warps, stages = 128, 128, 64, 8, 8, 3
     else:
         bm, bn, bk, group, warps, stages = 64, 128, 64, 8, 4, 3
-    if f32:
-        bk = max(16, bk // 2)
+    if f32 and not interpret:
+        bk //= 2
     bm, bn, bk = _pow2_clamp(m, bm), _pow2_clamp(n, bn), _pow2_clamp(k, bk)
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     split = 1
@@ -232,7 +232,7 @@ def config(m: int, n: int, k: int, f32: bool, sms: int, interpret: bool) -> Conf
 
 
 def _sms(device: torch.device) -> int:
-    return 4 if device.type != "cuda" else _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return 8 if device.type != "cuda" else _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _precision() -> str:

@@ -77,12 +77,12 @@ def _check_2d(op: str, name: str, t, shape: tuple[int, int], x: torch.Tensor) ->
         raise ValueError(f"{op}: {name} is on {dev} but x is on {x.device}")
 
 
-def _check_x(op: str, x) -> int:
-    """x's dtype and rank; returns in_features."""
+def _check_x(op: str, x, in_f: int) -> None:
     if not isinstance(x, torch.Tensor) or x.ndim < 1 or x.dtype not in _ACT_DTYPES:
         raise ValueError(f"{op}: x must be a float32/float16/bfloat16 tensor of shape (..., in_features), got "
                          f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
-    return x.shape[-1]
+    if x.shape[-1] != in_f:
+        raise ValueError(f"{op}: x's last dimension must be in_features={in_f}, got shape {tuple(x.shape)}")
 
 
 def _check(op, x, frozen: dict, out_f: int, in_f: int, lora_a, lora_b, bias) -> None:
@@ -240,11 +240,12 @@ def lowrank_lora(
     """``x vᵀ uᵀ + scaling·x lora_aᵀ lora_bᵀ + bias`` (u: out×r, v: r×in, lora_a: ρ×in,
     lora_b: out×ρ), fused; any leading shape of x; output in x's dtype."""
     x, u, v, lora_a, lora_b, bias = _autocast(x, u, v, lora_a, lora_b, bias)
-    in_f = _check_x("lowrank_lora", x)
-    if not isinstance(u, (torch.Tensor, PackedFactor)) or len(u.shape) != 2:
-        raise ValueError(f"lowrank_lora: u must be an out×rank tensor or PackedFactor, got {type(u).__name__} "
-                         f"{tuple(getattr(u, 'shape', ()))}")
-    out_f, rank = u.shape
+    for name, f in (("u", u), ("v", v)):
+        if not isinstance(f, (torch.Tensor, PackedFactor)) or len(f.shape) != 2:
+            raise ValueError(f"lowrank_lora: {name} must be a 2-D tensor or PackedFactor (u: out×rank, v: rank×in), "
+                             f"got {type(f).__name__} {tuple(getattr(f, 'shape', ()))}")
+    (out_f, rank), in_f = u.shape, v.shape[1]
+    _check_x("lowrank_lora", x, in_f)
     _check_2d("lowrank_lora", "u", u, (out_f, rank), x)
     _check_2d("lowrank_lora", "v", v, (rank, in_f), x)
     _check("lowrank_lora", x, {"u": u, "v": v}, out_f, in_f, lora_a, lora_b, bias)
@@ -326,8 +327,8 @@ def dense_lora(
                          f"{tuple(getattr(weight, 'shape', ()))}")
     if lora_a is None or lora_b is None:
         raise ValueError("dense_lora: lora_a and lora_b are required (use F.linear without LoRA)")
-    in_f = _check_x("dense_lora", x)
-    out_f = weight.shape[0]
+    out_f, in_f = weight.shape
+    _check_x("dense_lora", x, in_f)
     _check_2d("dense_lora", "weight", weight, (out_f, in_f), x)
     _check("dense_lora", x, {"weight": weight}, out_f, in_f, lora_a, lora_b, bias)
     y, _ = torch.ops.emloc.dense_lora_fwd(x.reshape(-1, in_f), weight, lora_a, lora_b, float(scaling), bias)
