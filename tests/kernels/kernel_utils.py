@@ -22,7 +22,7 @@ def tol(dtype: torch.dtype, device: str) -> float:
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     assert got.shape == want.shape, (got.shape, want.shape)
     assert torch.isfinite(got).all(), "non-finite values (unwritten output?)"
-    want = want.double()
+    want = want.double().to(got.device)
     return ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
 
 
