@@ -70,3 +70,18 @@ def test_packed_factor_bad_format_is_named():
     v.fmt = "int3"
     with pytest.raises(ValueError, match=r"v.fmt must be one of \('int8', 'int4'\)"):
         ops.lowrank_lora(torch.randn(2, 16), torch.randn(4, 8), v)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m", [1, 16, 300], ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("fmt, group", [("int8", 0), ("int4", 64), ("int4", 128)])
+def test_packed_gpu_launch_classes(m, fmt, group):
+    """Packed factors through the decode (split-K) and middle launch configurations."""
+    g = torch.Generator().manual_seed(8)
+    n_in, n_out, r = 1000, 1500, 333
+    u = _to(random_packed(n_out, r, fmt, group, torch.bfloat16, g), "cuda")
+    v = _to(random_packed(r, n_in, fmt, group, torch.bfloat16, g), "cuda")
+    x = torch.randn(m, n_in, generator=g).to("cuda", torch.bfloat16)
+    y = ops.lowrank_lora(x, u, v)
+    want = ops.lowrank_lora_reference(x.double(), dequantize_reference(u).double(), dequantize_reference(v).double())
+    assert rel_err(y, want) < tol(torch.bfloat16, "cuda")
