@@ -151,31 +151,32 @@ def _gemm_2n_kernel(
     m_ok = offs_m[:, None] < M
     k_start = pid_k * k_per_split
     k_end = tl.minimum(K, k_start + k_per_split)
+    # each branch names its own tiles: values live past an if/else must agree in type
     if pid_n < nb1:
-        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        offs_n1 = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(k_start, k_end, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
                         mask=m_ok & (offs_k[None, :] < k_end), other=0.0)
-            b = _load_right(b1_ptr, s1_ptr, o1_ptr, offs_k, offs_n, k_end, N1,
-                            stride_b1k, stride_b1n, stride_s1k, stride_s1n, QUANT1, GROUP1, K_IS_COL1)
-            acc = _dot(acc, a, b, F32DOT1, PRECISION)
-        c = c1_ptr + pid_k * stride_c1s + offs_m[:, None] * stride_c1m + offs_n[None, :] * stride_c1n
-        tl.store(c, acc.to(c1_ptr.dtype.element_ty), mask=m_ok & (offs_n[None, :] < N1))
+            b1 = _load_right(b1_ptr, s1_ptr, o1_ptr, offs_k, offs_n1, k_end, N1,
+                             stride_b1k, stride_b1n, stride_s1k, stride_s1n, QUANT1, GROUP1, K_IS_COL1)
+            acc1 = _dot(acc1, a, b1, F32DOT1, PRECISION)
+        c1 = c1_ptr + pid_k * stride_c1s + offs_m[:, None] * stride_c1m + offs_n1[None, :] * stride_c1n
+        tl.store(c1, acc1.to(c1_ptr.dtype.element_ty), mask=m_ok & (offs_n1[None, :] < N1))
     else:
-        offs_n = ((pid_n - nb1) * BLOCK_N2 + tl.arange(0, BLOCK_N2)).to(tl.int64)
-        acc = tl.zeros((BLOCK_M, BLOCK_N2), dtype=tl.float32)
+        offs_n2 = ((pid_n - nb1) * BLOCK_N2 + tl.arange(0, BLOCK_N2)).to(tl.int64)
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N2), dtype=tl.float32)
         for k0 in range(k_start, k_end, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
                         mask=m_ok & (offs_k[None, :] < k_end), other=0.0)
-            b = tl.load(b2_ptr + offs_k[:, None] * stride_b2k + offs_n[None, :] * stride_b2n,
-                        mask=(offs_k[:, None] < k_end) & (offs_n[None, :] < N2), other=0.0)
-            acc = _dot(acc, a, b, F32DOT2, PRECISION)
-        acc = acc * alpha2
-        c = c2_ptr + pid_k * stride_c2s + offs_m[:, None] * stride_c2m + offs_n[None, :] * stride_c2n
-        tl.store(c, acc.to(c2_ptr.dtype.element_ty), mask=m_ok & (offs_n[None, :] < N2))
+            b2 = tl.load(b2_ptr + offs_k[:, None] * stride_b2k + offs_n2[None, :] * stride_b2n,
+                         mask=(offs_k[:, None] < k_end) & (offs_n2[None, :] < N2), other=0.0)
+            acc2 = _dot(acc2, a, b2, F32DOT2, PRECISION)
+        acc2 = acc2 * alpha2
+        c2 = c2_ptr + pid_k * stride_c2s + offs_m[:, None] * stride_c2m + offs_n2[None, :] * stride_c2n
+        tl.store(c2, acc2.to(c2_ptr.dtype.element_ty), mask=m_ok & (offs_n2[None, :] < N2))
 
 
 # ----------------------------------------------------------------------------- launch side
