@@ -35,7 +35,7 @@ def _swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _load_right(ptr, s_ptr, o_ptr, offs_k, offs_n, k_end, N, stride_k, stride_n, ss_k, ss_n,
-                QUANT: tl.constexpr, GROUP: tl.constexpr, K_IS_COL: tl.constexpr):
+                QUANT: tl.constexpr, GROUP: tl.constexpr, K_IS_COL: tl.constexpr, MASK_K: tl.constexpr):
     """A BK×BN tile of the right operand, dequantised in registers when packed.
 
     Packed (ops/quant.py layout): int8 ``q·scale[row]``; int4 ``nibble·scale[row, col//g] +
@@ -44,7 +44,10 @@ def _load_right(ptr, s_ptr, o_ptr, offs_k, offs_n, k_end, N, stride_k, stride_n,
     """
     kk = offs_k[:, None]
     nn = offs_n[None, :]
-    mask = (kk < k_end) & (nn < N)
+    if MASK_K:
+        mask = (kk < k_end) & (nn < N)
+    else:
+        mask = (kk >= 0) & (nn < N)
     if QUANT == 0:
         b = tl.load(ptr + kk * stride_k + nn * stride_n, mask=mask, other=0.0)
     elif QUANT == 1:
@@ -81,6 +84,41 @@ def _dot(acc, a, b, F32: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _step(acc, a_ptr, offs_m, m_ok, stride_am, stride_ak, b_ptr, s_ptr, o_ptr, offs_n, N,
+          stride_bk, stride_bn, ss_k, ss_n, k0, k_end,
+          QUANT: tl.constexpr, GROUP: tl.constexpr, K_IS_COL: tl.constexpr, F32: tl.constexpr,
+          PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, MASK_K: tl.constexpr):
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    if MASK_K:
+        a_mask = m_ok & (offs_k[None, :] < k_end)
+    else:
+        a_mask = m_ok & (offs_k[None, :] >= 0)
+    a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak, mask=a_mask, other=0.0)
+    b = _load_right(b_ptr, s_ptr, o_ptr, offs_k, offs_n, k_end, N, stride_bk, stride_bn, ss_k, ss_n,
+                    QUANT, GROUP, K_IS_COL, MASK_K)
+    return _dot(acc, a, b, F32, PRECISION)
+
+
+@triton.jit
+def _reduce(acc, a_ptr, offs_m, m_ok, stride_am, stride_ak, b_ptr, s_ptr, o_ptr, offs_n, N,
+            stride_bk, stride_bn, ss_k, ss_n, k_lo, k_hi,
+            QUANT: tl.constexpr, GROUP: tl.constexpr, K_IS_COL: tl.constexpr, F32: tl.constexpr,
+            PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``acc += A[:, k_lo:k_hi]·B[k_lo:k_hi, :]``: whole K tiles without a K mask (so loads
+    vectorise and pipeline whatever the rank), then one masked tail tile."""
+    k_full = k_lo + (k_hi - k_lo) // BLOCK_K * BLOCK_K
+    for k0 in range(k_lo, k_full, BLOCK_K):
+        acc = _step(acc, a_ptr, offs_m, m_ok, stride_am, stride_ak, b_ptr, s_ptr, o_ptr, offs_n, N,
+                    stride_bk, stride_bn, ss_k, ss_n, k0, k_hi,
+                    QUANT, GROUP, K_IS_COL, F32, PRECISION, BLOCK_K, False)
+    if k_full < k_hi:
+        acc = _step(acc, a_ptr, offs_m, m_ok, stride_am, stride_ak, b_ptr, s_ptr, o_ptr, offs_n, N,
+                    stride_bk, stride_bn, ss_k, ss_n, k_full, k_hi,
+                    QUANT, GROUP, K_IS_COL, F32, PRECISION, BLOCK_K, True)
+    return acc
+
+
+@triton.jit
 def _gemm_2k_kernel(
     a1_ptr, b1_ptr, s1_ptr, o1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr,
     M, N, K1, K2, k1_per_split,
@@ -102,27 +140,17 @@ def _gemm_2k_kernel(
     m_ok = offs_m[:, None] < M
 
     k_start = pid_k * k1_per_split
-    k_end = tl.minimum(K1, k_start + k1_per_split)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(a1_ptr + offs_m[:, None] * stride_a1m + offs_k[None, :] * stride_a1k,
-                    mask=m_ok & (offs_k[None, :] < k_end), other=0.0)
-        b = _load_right(b1_ptr, s1_ptr, o1_ptr, offs_k, offs_n, k_end, N,
-                        stride_b1k, stride_b1n, stride_s1k, stride_s1n, QUANT1, GROUP1, K_IS_COL1)
-        acc = _dot(acc, a, b, F32DOT1, PRECISION)
+    acc = _reduce(acc, a1_ptr, offs_m, m_ok, stride_a1m, stride_a1k, b1_ptr, s1_ptr, o1_ptr, offs_n, N,
+                  stride_b1k, stride_b1n, stride_s1k, stride_s1n, k_start, tl.minimum(K1, k_start + k1_per_split),
+                  QUANT1, GROUP1, K_IS_COL1, F32DOT1, PRECISION, BLOCK_K)
     acc = acc * alpha1
-
     if HAS_SEG2:
         if pid_k == 0:
             acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for k0 in range(0, K2, BLOCK_K2):
-                offs_k = k0 + tl.arange(0, BLOCK_K2)
-                a = tl.load(a2_ptr + offs_m[:, None] * stride_a2m + offs_k[None, :] * stride_a2k,
-                            mask=m_ok & (offs_k[None, :] < K2), other=0.0)
-                b = tl.load(b2_ptr + offs_k[:, None] * stride_b2k + offs_n[None, :] * stride_b2n,
-                            mask=(offs_k[:, None] < K2) & (offs_n[None, :] < N), other=0.0)
-                acc2 = _dot(acc2, a, b, F32DOT2, PRECISION)
+            acc2 = _reduce(acc2, a2_ptr, offs_m, m_ok, stride_a2m, stride_a2k, b2_ptr, b2_ptr, b2_ptr, offs_n, N,
+                           stride_b2k, stride_b2n, 0, 0, 0, K2,
+                           0, 1, False, F32DOT2, PRECISION, BLOCK_K2)
             acc += acc2 * alpha2
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
@@ -155,25 +183,17 @@ def _gemm_2n_kernel(
     if pid_n < nb1:
         offs_n1 = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(k_start, k_end, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
-                        mask=m_ok & (offs_k[None, :] < k_end), other=0.0)
-            b1 = _load_right(b1_ptr, s1_ptr, o1_ptr, offs_k, offs_n1, k_end, N1,
-                             stride_b1k, stride_b1n, stride_s1k, stride_s1n, QUANT1, GROUP1, K_IS_COL1)
-            acc1 = _dot(acc1, a, b1, F32DOT1, PRECISION)
+        acc1 = _reduce(acc1, a_ptr, offs_m, m_ok, stride_am, stride_ak, b1_ptr, s1_ptr, o1_ptr, offs_n1, N1,
+                       stride_b1k, stride_b1n, stride_s1k, stride_s1n, k_start, k_end,
+                       QUANT1, GROUP1, K_IS_COL1, F32DOT1, PRECISION, BLOCK_K)
         c1 = c1_ptr + pid_k * stride_c1s + offs_m[:, None] * stride_c1m + offs_n1[None, :] * stride_c1n
         tl.store(c1, acc1.to(c1_ptr.dtype.element_ty), mask=m_ok & (offs_n1[None, :] < N1))
     else:
         offs_n2 = ((pid_n - nb1) * BLOCK_N2 + tl.arange(0, BLOCK_N2)).to(tl.int64)
         acc2 = tl.zeros((BLOCK_M, BLOCK_N2), dtype=tl.float32)
-        for k0 in range(k_start, k_end, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
-                        mask=m_ok & (offs_k[None, :] < k_end), other=0.0)
-            b2 = tl.load(b2_ptr + offs_k[:, None] * stride_b2k + offs_n2[None, :] * stride_b2n,
-                         mask=(offs_k[:, None] < k_end) & (offs_n2[None, :] < N2), other=0.0)
-            acc2 = _dot(acc2, a, b2, F32DOT2, PRECISION)
+        acc2 = _reduce(acc2, a_ptr, offs_m, m_ok, stride_am, stride_ak, b2_ptr, b2_ptr, b2_ptr, offs_n2, N2,
+                       stride_b2k, stride_b2n, 0, 0, k_start, k_end,
+                       0, 1, False, F32DOT2, PRECISION, BLOCK_K)
         acc2 = acc2 * alpha2
         c2 = c2_ptr + pid_k * stride_c2s + offs_m[:, None] * stride_c2m + offs_n2[None, :] * stride_c2n
         tl.store(c2, acc2.to(c2_ptr.dtype.element_ty), mask=m_ok & (offs_n2[None, :] < N2))
@@ -247,6 +267,10 @@ def _f32_dot(a: torch.dtype, b: torch.dtype) -> bool:
     if _interpreted() and torch.bfloat16 in (a, b):
         return True
     return not (a == b and a in (torch.float16, torch.bfloat16))
+
+
+def _pad16(n: int) -> int:
+    return -(-n // 16) * 16
 
 
 def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -335,8 +359,10 @@ def gemm_2n(a, b1: Right, b2, alpha2: float, out_dtypes: tuple[torch.dtype, torc
     k_per = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     split = triton.cdiv(k, k_per)
     d1, d2 = (torch.float32, torch.float32) if split > 1 else out_dtypes
-    c1 = _alloc((split, m, n1), d1, a.device)
-    c2 = _alloc((split, m, n2), d2, a.device)
+    # both outputs are intermediates read by the next GEMM: rows padded to 16 elements keep
+    # its loads aligned (vectorised, pipelined) whatever the rank
+    c1 = _alloc((split, m, _pad16(n1)), d1, a.device)[..., :n1]
+    c2 = _alloc((split, m, _pad16(n2)), d2, a.device)[..., :n2]
     grid = (triton.cdiv(m, cfg.block_m) * (triton.cdiv(n1, cfg.block_n) + triton.cdiv(n2, block_n2)), split)
     _gemm_2n_kernel[grid](
         a, r.ptr, r.scale, r.offset, b2, c1, c2,

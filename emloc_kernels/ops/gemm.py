@@ -62,6 +62,20 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1" and _triton_importable()
 
 
+def aligned_rows(t: torch.Tensor, multiple: int = 16) -> torch.Tensor:
+    """A copy of the 2-D ``t`` whose row stride is a multiple of ``multiple`` elements.
+
+    Do it once when a frozen factor is built: with ranks like 819 or 1274 a contiguous
+    ``u`` (out×r) has misaligned rows, which stops the kernels' vectorised, pipelined loads.
+    """
+    if t.ndim != 2:
+        raise ValueError(f"aligned_rows: t must be 2-D, got shape {tuple(t.shape)}")
+    cols = -(-t.shape[1] // multiple) * multiple
+    out = t.new_zeros(t.shape[0], cols)[:, : t.shape[1]]
+    out.copy_(t)
+    return out
+
+
 def dense(b: Right) -> torch.Tensor:
     """The right operand as a plain K×N tensor (dequantised when packed)."""
     if isinstance(b, PackedOperand):
