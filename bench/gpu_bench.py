@@ -122,7 +122,8 @@ def run_case(b: Bench, kind: str, m: int, n_in: int, n_out: int, peaks: dict) ->
     r = emulator_rank(n_in, n_out)
     x = b.rand(m, n_in)
     w = b.rand(n_out, n_in, scale=n_in**-0.5)
-    u, v = b.rand(n_out, r, scale=r**-0.5), b.rand(r, n_in, scale=n_in**-0.5)
+    # factors as an emulator should store them: rows padded to 16 elements (ops.aligned_rows)
+    u, v = ops.aligned_rows(b.rand(n_out, r, scale=r**-0.5)), ops.aligned_rows(b.rand(r, n_in, scale=n_in**-0.5))
     lora_a = b.rand(RHO, n_in, scale=n_in**-0.5).requires_grad_()
     lora_b = b.rand(n_out, RHO, scale=0.1).requires_grad_()
     lora = lambda x: SCALING * F.linear(F.linear(x, lora_a), lora_b)  # noqa: E731

@@ -8,10 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 
 def test_kernels_compile_for_sm90():
     pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU compiles every launch for real in the other tests")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(sys.path)
     script = Path(__file__).with_name("compile_sm90.py")
