@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemm import PackedOperand, Right
+from .gemm import PackedOperand, Right, gemm_2k_reference, gemm_2n_reference
 
 _QUANT_MODES = {"int8": 1, "int4": 2}
 
@@ -312,8 +312,8 @@ def gemm_2k(a1, b1: Right, a2, b2, alpha1: float, alpha2: float, bias, out_dtype
     m, k1 = a1.shape
     n = b1.shape[1]
     k2 = a2.shape[1] if a2 is not None else 0
-    if m == 0 or n == 0:
-        return _alloc((m, n), out_dtype, a1.device)
+    if m == 0 or n == 0 or k1 == 0:  # nothing to launch (e.g. no tokens): the reference is exact
+        return gemm_2k_reference(a1, b1, a2, b2, alpha1, alpha2, bias, out_dtype)
     r = _right_args(b1)
     f32_1 = _f32_dot(a1.dtype, r.dtype)
     f32_2 = a2 is not None and _f32_dot(a2.dtype, b2.dtype)
@@ -350,10 +350,10 @@ def gemm_2k(a1, b1: Right, a2, b2, alpha1: float, alpha2: float, bias, out_dtype
 def gemm_2n(a, b1: Right, b2, alpha2: float, out_dtypes: tuple[torch.dtype, torch.dtype]) -> tuple[torch.Tensor, torch.Tensor]:
     m, k = a.shape
     n1, n2 = b1.shape[1], b2.shape[1]
+    if m == 0 or k == 0 or n1 == 0 or n2 == 0:  # nothing to launch: the reference is exact
+        return gemm_2n_reference(a, b1, b2, alpha2, out_dtypes)
     r = _right_args(b1)
     f32_1, f32_2 = _f32_dot(a.dtype, r.dtype), _f32_dot(a.dtype, b2.dtype)
-    if m == 0 or n1 == 0 or n2 == 0:
-        raise ValueError(f"gemm_2n needs non-empty segments, got M={m}, N1={n1}, N2={n2}")
     cfg = config(m, n1 + n2, k, f32_1 or f32_2, _sms(a.device), _interpreted())
     block_n2 = _pow2_clamp(n2, cfg.block_n)
     k_per = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k

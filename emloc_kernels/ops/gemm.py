@@ -36,10 +36,6 @@ class PackedOperand(NamedTuple):
         n_f, k_f = self.factor.shape
         return (k_f, n_f) if self.trans else (n_f, k_f)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.factor.dtype
-
 
 Right = Union[torch.Tensor, PackedOperand]
 

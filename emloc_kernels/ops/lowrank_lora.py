@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from .gemm import PackedOperand, gemm_2k, gemm_2n, use_triton
-from .quant import FORMATS, PackedFactor, dequantize_reference
+from .quant import FORMATS, GROUP_SIZES, PackedFactor, dequantize_reference
 
 Factor = Union[torch.Tensor, PackedFactor]
 _ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_MODES = {None: 0, "int8": 1, "int4": 2}
+_MODES = {"int8": 1, "int4": 2}  # quant mode numbers crossing the op boundary (0: float)
 
 
 def lowrank_lora_reference(x, u, v, lora_a=None, lora_b=None, scaling=1.0, bias=None):
@@ -62,10 +62,33 @@ def _autocast(x: torch.Tensor, *ts):
     return tuple(cast(t) for t in (x, *ts))
 
 
+def _check_packed(op: str, name: str, p: PackedFactor) -> None:
+    """The ops/quant.py layout, so the kernels never read outside the packed tensors."""
+    if p.fmt not in FORMATS:
+        raise ValueError(f"{op}: {name}.fmt must be one of {FORMATS}, got {p.fmt!r}")
+    n, k = p.shape
+    if p.fmt == "int8":
+        want = {"qweight": (torch.int8, (n, k)), "scale": (None, (n, 1))}
+    else:
+        if p.group_size not in GROUP_SIZES:
+            raise ValueError(f"{op}: {name}.group_size must be one of {GROUP_SIZES} for int4, got {p.group_size}")
+        kp = -(-k // p.group_size) * p.group_size
+        groups = (None, (n, kp // p.group_size))
+        want = {"qweight": (torch.uint8, (n, kp // 2)), "scale": groups, "offset": groups}
+    for field, (dtype, shape) in want.items():
+        t = getattr(p, field)
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or (dtype is not None and t.dtype != dtype):
+            raise ValueError(f"{op}: {name}.{field} must be a {shape} {dtype or 'float'} tensor for {p.fmt} "
+                             f"(ops/quant.py layout), got {getattr(t, 'dtype', None)} {tuple(getattr(t, 'shape', ()))}")
+        if t.device != p.qweight.device:
+            raise ValueError(f"{op}: {name}.{field} is on {t.device} but {name}.qweight on {p.qweight.device}")
+    if not p.scale.is_floating_point() or (p.offset is not None and p.offset.dtype != p.scale.dtype):
+        raise ValueError(f"{op}: {name}.scale (and offset) must be floating with one dtype, got {p.scale.dtype}")
+
+
 def _check_2d(op: str, name: str, t, shape: tuple[int, int], x: torch.Tensor) -> None:
     if isinstance(t, PackedFactor):
-        if t.fmt not in FORMATS:
-            raise ValueError(f"{op}: {name}.fmt must be one of {FORMATS}, got {t.fmt!r}")
+        _check_packed(op, name, t)
         got, dev = tuple(t.shape), t.device
     elif isinstance(t, torch.Tensor):
         got, dev = tuple(t.shape), t.device
@@ -132,7 +155,7 @@ def _flat(f: Factor) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[tor
 def _factor(t, scale, offset, mode: int, group: int, shape: tuple[int, int]) -> Factor:
     if mode == 0:
         return t
-    fmt = "int8" if mode == 1 else "int4"
+    fmt = next(f for f, m in _MODES.items() if m == mode)
     return PackedFactor(t, scale, offset, fmt, shape, group)
 
 

@@ -216,3 +216,14 @@ def test_imports_and_falls_back_without_triton():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_tokens(device):
+    """x with no rows: empty output, zero LoRA gradients, no launch on an empty grid."""
+    t, grads = _inputs(device, torch.float32, torch.float32, True, False, "train")
+    x = t["x"].detach()[:, :0].requires_grad_()
+    y = ops.lowrank_lora(**{**t, "x": x})
+    assert y.shape == (2, 0, 45)
+    dx, da, db, dbias = torch.autograd.grad(y.sum(), [x, t["lora_a"], t["lora_b"], t["bias"]])
+    assert dx.shape == x.shape and not da.any() and not db.any() and not dbias.any()

@@ -85,3 +85,19 @@ def test_packed_gpu_launch_classes(m, fmt, group):
     y = ops.lowrank_lora(x, u, v)
     want = ops.lowrank_lora_reference(x.double(), dequantize_reference(u).double(), dequantize_reference(v).double())
     assert rel_err(y, want) < tol(torch.bfloat16, "cuda")
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("qweight", lambda p: p.qweight[:, :-1], r"v.qweight must be a \(8, 64\) torch.uint8 tensor"),
+        ("scale", lambda p: p.scale[:, :1], r"v.scale must be a \(8, 2\) float tensor"),
+        ("offset", lambda p: None, r"v.offset must be a \(8, 2\) float tensor"),
+        ("group_size", lambda p: 32, r"v.group_size must be one of \(64, 128\)"),
+    ],
+)
+def test_packed_layout_errors_are_named(field, value, match):
+    v = random_packed(8, 100, "int4", 64, torch.float32, torch.Generator().manual_seed(0))
+    setattr(v, field, value(v))
+    with pytest.raises(ValueError, match=match):
+        ops.lowrank_lora(torch.randn(2, 100), torch.randn(4, 8), v)
