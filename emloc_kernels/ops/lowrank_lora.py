@@ -54,10 +54,9 @@ def dense_lora_reference(x, weight, lora_a, lora_b, scaling=1.0, bias=None):
 
 def _autocast(x: torch.Tensor, *ts):
     """Cast floating tensors to the autocast dtype when autocast is on, as ``F.linear`` would."""
-    dev = x.device.type
-    if not torch.is_autocast_enabled(dev):
+    if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
         return (x, *ts)
-    dt = torch.get_autocast_dtype(dev)
+    dt = torch.get_autocast_dtype(x.device.type)
     cast = lambda t: t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
     return tuple(cast(t) for t in (x, *ts))
 
