@@ -121,7 +121,7 @@ def _reduce(acc, a_ptr, offs_m, m_ok, stride_am, stride_ak, b_ptr, s_ptr, o_ptr,
 @triton.jit
 def _gemm_2k_kernel(
     a1_ptr, b1_ptr, s1_ptr, o1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr,
-    M, N, K1, K2, k1_per_split,
+    M, N, K1, K2, k1_per_split, n1_load,
     stride_a1m, stride_a1k, stride_b1k, stride_b1n, stride_s1k, stride_s1n,
     stride_a2m, stride_a2k, stride_b2k, stride_b2n,
     stride_cs, stride_cm, stride_cn,
@@ -132,7 +132,11 @@ def _gemm_2k_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K2: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """C[split] = α₁·A₁B₁[k-range of this split] (+ α₂·A₂B₂ + bias on split 0)."""
+    """C[split] = α₁·A₁B₁[k-range of this split] (+ α₂·A₂B₂ + bias on split 0).
+
+    B₁ columns are loaded up to ``n1_load`` ≥ N (see ``_load_bound``); the extra columns only
+    reach output columns that are never stored.
+    """
     pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     pid_k = tl.program_id(1)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -141,7 +145,7 @@ def _gemm_2k_kernel(
 
     k_start = pid_k * k1_per_split
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _reduce(acc, a1_ptr, offs_m, m_ok, stride_a1m, stride_a1k, b1_ptr, s1_ptr, o1_ptr, offs_n, N,
+    acc = _reduce(acc, a1_ptr, offs_m, m_ok, stride_a1m, stride_a1k, b1_ptr, s1_ptr, o1_ptr, offs_n, n1_load,
                   stride_b1k, stride_b1n, stride_s1k, stride_s1n, k_start, tl.minimum(K1, k_start + k1_per_split),
                   QUANT1, GROUP1, K_IS_COL1, F32DOT1, PRECISION, BLOCK_K)
     acc = acc * alpha1
@@ -161,7 +165,7 @@ def _gemm_2k_kernel(
 @triton.jit
 def _gemm_2n_kernel(
     a_ptr, b1_ptr, s1_ptr, o1_ptr, b2_ptr, c1_ptr, c2_ptr,
-    M, N1, N2, K, k_per_split,
+    M, N1, N2, K, k_per_split, n1_load,
     stride_am, stride_ak, stride_b1k, stride_b1n, stride_s1k, stride_s1n, stride_b2k, stride_b2n,
     stride_c1s, stride_c1m, stride_c1n, stride_c2s, stride_c2m, stride_c2n,
     alpha2,
@@ -183,7 +187,7 @@ def _gemm_2n_kernel(
     if pid_n < nb1:
         offs_n1 = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc1 = _reduce(acc1, a_ptr, offs_m, m_ok, stride_am, stride_ak, b1_ptr, s1_ptr, o1_ptr, offs_n1, N1,
+        acc1 = _reduce(acc1, a_ptr, offs_m, m_ok, stride_am, stride_ak, b1_ptr, s1_ptr, o1_ptr, offs_n1, n1_load,
                        stride_b1k, stride_b1n, stride_s1k, stride_s1n, k_start, k_end,
                        QUANT1, GROUP1, K_IS_COL1, F32DOT1, PRECISION, BLOCK_K)
         c1 = c1_ptr + pid_k * stride_c1s + offs_m[:, None] * stride_c1m + offs_n1[None, :] * stride_c1n
@@ -278,6 +282,20 @@ def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _load_bound(b: torch.Tensor) -> int:
+    """Columns the kernel may load from the K×N operand ``b``: N rounded up to 16 when ``b`` is
+    contiguous along N and its storage holds that many columns in every row (padded rows,
+    e.g. ``aligned_rows``), else N.  A 16-aligned bound keeps the N mask constant over 16
+    columns, so loads vectorise; column j of the product only depends on column j of ``b``,
+    so the extra (padding) columns only reach outputs that are never stored."""
+    k, n = b.shape
+    n16 = _pad16(n)
+    if n16 == n or k == 0 or b.stride(1) != 1 or b.stride(0) < n16:
+        return n
+    end = b.storage_offset() + (k - 1) * b.stride(0) + n16
+    return n16 if end * b.element_size() <= b.untyped_storage().nbytes() else n
+
+
 class _RightArgs(NamedTuple):
     ptr: torch.Tensor
     scale: torch.Tensor
@@ -290,12 +308,13 @@ class _RightArgs(NamedTuple):
     group: int
     k_is_col: bool
     dtype: torch.dtype
+    n_load: int
 
 
 def _right_args(b: Right) -> _RightArgs:
     """Kernel arguments for a K×N right operand; packed strides are in (k, n) order."""
     if not isinstance(b, PackedOperand):
-        return _RightArgs(b, b, b, b.stride(0), b.stride(1), 0, 0, 0, 1, False, b.dtype)
+        return _RightArgs(b, b, b, b.stride(0), b.stride(1), 0, 0, 0, 1, False, b.dtype, _load_bound(b))
     p = b.factor
     if p.fmt not in _QUANT_MODES:
         raise ValueError(f"packed factor fmt must be one of {tuple(_QUANT_MODES)}, got {p.fmt!r}")
@@ -305,7 +324,7 @@ def _right_args(b: Right) -> _RightArgs:
     s0, s1 = scale.stride()
     sk, sn, ssk, ssn = (q1, q0, s1, s0) if b.trans else (q0, q1, s0, s1)
     group = p.group_size if p.fmt == "int4" else 1
-    return _RightArgs(p.qweight, scale, offset, sk, sn, ssk, ssn, _QUANT_MODES[p.fmt], group, b.trans, p.dtype)
+    return _RightArgs(p.qweight, scale, offset, sk, sn, ssk, ssn, _QUANT_MODES[p.fmt], group, b.trans, p.dtype, b.shape[1])
 
 
 def gemm_2k(a1, b1: Right, a2, b2, alpha1: float, alpha2: float, bias, out_dtype: torch.dtype) -> torch.Tensor:
@@ -326,7 +345,7 @@ def gemm_2k(a1, b1: Right, a2, b2, alpha1: float, alpha2: float, bias, out_dtype
     _gemm_2k_kernel[grid](
         a1, r.ptr, r.scale, r.offset, a2 if seg2 else a1, b2 if seg2 else a1,
         bias if bias is not None else a1, c,
-        m, n, k1, k2, k_per,
+        m, n, k1, k2, k_per, r.n_load,
         a1.stride(0), a1.stride(1), r.stride_k, r.stride_n, r.ss_k, r.ss_n,
         a2.stride(0) if seg2 else 0, a2.stride(1) if seg2 else 0,
         b2.stride(0) if seg2 else 0, b2.stride(1) if seg2 else 0,
@@ -366,7 +385,7 @@ def gemm_2n(a, b1: Right, b2, alpha2: float, out_dtypes: tuple[torch.dtype, torc
     grid = (triton.cdiv(m, cfg.block_m) * (triton.cdiv(n1, cfg.block_n) + triton.cdiv(n2, block_n2)), split)
     _gemm_2n_kernel[grid](
         a, r.ptr, r.scale, r.offset, b2, c1, c2,
-        m, n1, n2, k, k_per,
+        m, n1, n2, k, k_per, r.n_load,
         a.stride(0), a.stride(1), r.stride_k, r.stride_n, r.ss_k, r.ss_n, b2.stride(0), b2.stride(1),
         c1.stride(0), c1.stride(1), c1.stride(2), c2.stride(0), c2.stride(1), c2.stride(2),
         float(alpha2),

@@ -227,3 +227,24 @@ def test_no_tokens(device):
     assert y.shape == (2, 0, 45)
     dx, da, db, dbias = torch.autograd.grad(y.sum(), [x, t["lora_a"], t["lora_b"], t["bias"]])
     assert dx.shape == x.shape and not da.any() and not db.any() and not dbias.any()
+
+
+def _nan_padded(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with rows padded to 16 elements of NaN (the layout ``ops.aligned_rows`` makes)."""
+    cols = -(-t.shape[1] // 16) * 16
+    out = torch.full((t.shape[0], cols), float("nan"), dtype=t.dtype, device=t.device)[:, : t.shape[1]]
+    return out.copy_(t)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_padded_rows_never_leak(device):
+    """Kernels may load a padded row's extra columns (vectorised loads); garbage there -- NaN
+    here -- must never reach a stored element."""
+    t, grads = _inputs(device, torch.float32, torch.float32, True, False, "train")
+    t["u"], t["v"] = _nan_padded(t["u"]), _nan_padded(t["v"])
+    t["x"] = _nan_padded(t["x"].detach().reshape(-1, 70)).reshape(2, 19, 70).requires_grad_()
+    assert ops.aligned_rows(t["u"]).stride(0) % 16 == 0
+    _check_against_fp64(ops.lowrank_lora, lowrank_lora_reference, t, grads, torch.float32, device, scaling=0.5)
+    dense = {k: v for k, v in t.items() if k not in ("u", "v")}
+    dense["weight"] = _nan_padded(t["u"] @ t["v"])
+    _check_against_fp64(ops.dense_lora, dense_lora_reference, dense, grads, torch.float32, device, scaling=0.5)
