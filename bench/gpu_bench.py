@@ -14,7 +14,8 @@ peak memory of forward+backward above the inputs, TFLOP/s for the FLOPs the op n
 (``2·M·(in·out | r·(in+out)) + 2·M·ρ·(in+out)`` forward; backward twice the main term
 without the weight grads of frozen factors, plus LoRA's three), GB/s for the forward's
 essential bytes (x, weights, y, and the intermediate t once written and read), and the
-max relative error against provider (b) (or (a)).  Peaks measured here: a bf16 8192³
+max relative error against provider (b) (or (a)); decode rows also time a CUDA-graph replay
+(GPU time without Python launch overhead), which the decode targets use.  Peaks measured here: a bf16 8192³
 matmul and a device-to-device copy.  Targets (reported, not assumed): fused fwd+bwd
 ≥1.3× faster than (b) and ≤0.55× the time of (a), ≥70% of the matmul rate; decode
 forward ≤1.3× the weight-bytes floor (weight bytes / copy GB/s); int4 ≥1.8× faster than
@@ -69,6 +70,22 @@ class Bench:
             fn()
             runs.append((time.perf_counter() - t) * 1e3)
         return statistics.median(runs)
+
+    def graph_ms(self, fn) -> float:
+        """Median milliseconds of ``fn`` replayed from a CUDA graph: the GPU-side time without
+        Python launch overhead (what a decode loop under CUDA graphs sees)."""
+        if self.dry:
+            return self.time_ms(fn)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return self.time_ms(graph.replay)
 
     def peak_mib(self, fn) -> float:
         if self.dry:
@@ -153,7 +170,15 @@ def run_case(b: Bench, kind: str, m: int, n_in: int, n_out: int, peaks: dict) ->
             weight_bytes += 2 * lora_el
             row["weight_bytes"] = weight_bytes
             row["fwd_gbps"] = (2 * (m * n_in + m * n_out + inter) + weight_bytes) / row["fwd_ms"] / 1e6
-            row["fwd_vs_weight_floor"] = row["fwd_ms"] / (weight_bytes / peaks["copy_gbps"] / 1e6)
+            floor_ms = weight_bytes / peaks["copy_gbps"] / 1e6
+            row["fwd_vs_weight_floor"] = row["fwd_ms"] / floor_ms
+            if kind == "decode":
+                try:
+                    with torch.no_grad():
+                        row["fwd_graph_ms"] = b.graph_ms(lambda: fn(x))
+                    row["fwd_graph_vs_weight_floor"] = row["fwd_graph_ms"] / floor_ms
+                except Exception as e:
+                    row["graph_error"] = f"{type(e).__name__}: {e}"[:300]
             if kind == "train":
                 xg = x.detach().requires_grad_()
                 dy = torch.randn_like(outputs[name])
@@ -197,16 +222,20 @@ def summary(rows: list[dict], peaks: dict, tests: str) -> str:
         mem = _get(rows, case, "c_fused_lowrank", "peak_mib") / _get(rows, case, "b_lowrank_peft", "peak_mib")
         pct = _get(rows, case, "c_fused_lowrank", "pct_matmul_peak")
         lines.append(f"| M={case[1]} {case[2]}→{case[3]} | {f(a)} | {f(bb)} | {f(c)} | {f(bb / c)} | {f(c / a)} | {f(pct, 0)} | {f(mem)} |")
-    lines += ["", "| decode (fwd µs) | (a) dense | (b) low-rank | (c) fused | c/floor (≤1.3) | int8 | int4 g64 | int4 g128 | c/int4g128 (≥1.8) |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| decode (fwd µs; eager, and CUDA-graph replay 'g') | (a) dense | (b) low-rank | (c) fused | (c) g | "
+              "c g/floor (≤1.3) | int8 g | int4 g64 g | int4 g128 g | c g / int4g128 g (≥1.8) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for case in [c for c in cases if c[0] == "decode"]:
-        t = {p: 1e3 * _get(rows, case, p, "fwd_ms") for p in ("a_dense_peft", "b_lowrank_peft", "c_fused_lowrank",
-                                                                 "c_fused_int8", "c_fused_int4_g64", "c_fused_int4_g128")}
-        floor = _get(rows, case, "c_fused_lowrank", "fwd_vs_weight_floor")
+        t = {p: 1e3 * _get(rows, case, p, "fwd_ms") for p in ("a_dense_peft", "b_lowrank_peft", "c_fused_lowrank")}
+        g = {p: 1e3 * _get(rows, case, p, "fwd_graph_ms") for p in ("c_fused_lowrank", "c_fused_int8",
+                                                                   "c_fused_int4_g64", "c_fused_int4_g128")}
+        floor = _get(rows, case, "c_fused_lowrank", "fwd_graph_vs_weight_floor")
         lines.append(f"| M={case[1]} {case[2]}→{case[3]} | {f(t['a_dense_peft'], 1)} | {f(t['b_lowrank_peft'], 1)} | "
-                     f"{f(t['c_fused_lowrank'], 1)} | {f(floor)} | {f(t['c_fused_int8'], 1)} | {f(t['c_fused_int4_g64'], 1)} | "
-                     f"{f(t['c_fused_int4_g128'], 1)} | {f(t['c_fused_lowrank'] / t['c_fused_int4_g128'])} |")
-    errs = [f"{r['provider']} M={r['M']} out={r['out']}: {r['error']}" for r in rows if "error" in r]
+                     f"{f(t['c_fused_lowrank'], 1)} | {f(g['c_fused_lowrank'], 1)} | {f(floor)} | {f(g['c_fused_int8'], 1)} | "
+                     f"{f(g['c_fused_int4_g64'], 1)} | {f(g['c_fused_int4_g128'], 1)} | "
+                     f"{f(g['c_fused_lowrank'] / g['c_fused_int4_g128'])} |")
+    errs = [f"{r['provider']} M={r['M']} out={r['out']}: {r.get('error') or r['graph_error']}"
+            for r in rows if "error" in r or "graph_error" in r]
     if errs:
         lines += ["", "errors:"] + [f"- {e}" for e in errs]
     return "\n".join(lines)
