@@ -16,9 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemm import PackedOperand, Right, gemm_2k_reference, gemm_2n_reference
-
-_QUANT_MODES = {"int8": 1, "int4": 2}
+from .gemm import QUANT_MODES, PackedOperand, Right, gemm_2k_reference, gemm_2n_reference
 
 
 @triton.jit
@@ -316,15 +314,13 @@ def _right_args(b: Right) -> _RightArgs:
     if not isinstance(b, PackedOperand):
         return _RightArgs(b, b, b, b.stride(0), b.stride(1), 0, 0, 0, 1, False, b.dtype, _load_bound(b))
     p = b.factor
-    if p.fmt not in _QUANT_MODES:
-        raise ValueError(f"packed factor fmt must be one of {tuple(_QUANT_MODES)}, got {p.fmt!r}")
     scale = p.scale.contiguous()
     offset = p.offset.contiguous() if p.offset is not None else scale
     q0, q1 = p.qweight.stride()
     s0, s1 = scale.stride()
     sk, sn, ssk, ssn = (q1, q0, s1, s0) if b.trans else (q0, q1, s0, s1)
     group = p.group_size if p.fmt == "int4" else 1
-    return _RightArgs(p.qweight, scale, offset, sk, sn, ssk, ssn, _QUANT_MODES[p.fmt], group, b.trans, p.dtype, b.shape[1])
+    return _RightArgs(p.qweight, scale, offset, sk, sn, ssk, ssn, QUANT_MODES[p.fmt], group, b.trans, p.dtype, b.shape[1])
 
 
 def gemm_2k(a1, b1: Right, a2, b2, alpha1: float, alpha2: float, bias, out_dtype: torch.dtype) -> torch.Tensor:

@@ -25,6 +25,9 @@ import torch
 from .quant import PackedFactor, dequantize_reference
 
 
+QUANT_MODES = {"int8": 1, "int4": 2}  # kernel constexpr for a packed right operand (0: float)
+
+
 class PackedOperand(NamedTuple):
     """A packed factor ``F`` (N_f×K_f) used as the K×N right operand ``Fᵀ`` (``trans``) or ``F``."""
 

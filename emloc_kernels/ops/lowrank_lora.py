@@ -22,12 +22,11 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from .gemm import PackedOperand, gemm_2k, gemm_2n, use_triton
+from .gemm import QUANT_MODES, PackedOperand, gemm_2k, gemm_2n, use_triton
 from .quant import FORMATS, GROUP_SIZES, PackedFactor, dequantize_reference
 
 Factor = Union[torch.Tensor, PackedFactor]
 _ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_MODES = {"int8": 1, "int4": 2}  # quant mode numbers crossing the op boundary (0: float)
 
 
 def lowrank_lora_reference(x, u, v, lora_a=None, lora_b=None, scaling=1.0, bias=None):
@@ -147,14 +146,14 @@ def _lora_dtype(x: torch.Tensor, lora: Optional[torch.Tensor]) -> torch.dtype:
 
 def _flat(f: Factor) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], int, int]:
     if isinstance(f, PackedFactor):
-        return f.qweight, f.scale, f.offset, _MODES[f.fmt], f.group_size
+        return f.qweight, f.scale, f.offset, QUANT_MODES[f.fmt], f.group_size
     return f, None, None, 0, 0
 
 
 def _factor(t, scale, offset, mode: int, group: int, shape: tuple[int, int]) -> Factor:
     if mode == 0:
         return t
-    fmt = next(f for f, m in _MODES.items() if m == mode)
+    fmt = next(f for f, m in QUANT_MODES.items() if m == mode)
     return PackedFactor(t, scale, offset, fmt, shape, group)
 
 
