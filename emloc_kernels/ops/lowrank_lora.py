@@ -239,8 +239,10 @@ def _lowrank_setup(ctx, inputs, output):
 def _lowrank_backward(ctx, dy, _dt_a):
     x, t_a, u, us, uo, v, vs, vo, lora_a, lora_b = ctx.saved_tensors
     need = ctx.needs_input_grad
-    dx, da, db = torch.ops.emloc.lowrank_lora_bwd(dy, x, t_a, u, us, uo, v, vs, vo, lora_a, lora_b,
-                                                  ctx.scaling, ctx.quant, need[0])
+    dx = da = db = None
+    if need[0] or need[7] or need[8]:
+        dx, da, db = torch.ops.emloc.lowrank_lora_bwd(dy, x, t_a, u, us, uo, v, vs, vo, lora_a, lora_b,
+                                                      ctx.scaling, ctx.quant, need[0])
     dbias = dy.sum(0).to(ctx.bias_dtype) if need[10] else None
     return (dx if need[0] else None, None, None, None, None, None, None,
             da if need[7] else None, db if need[8] else None, None, dbias, None)
@@ -325,7 +327,9 @@ def _dense_setup(ctx, inputs, output):
 def _dense_backward(ctx, dy, _dt_a):
     x, t_a, weight, lora_a, lora_b = ctx.saved_tensors
     need = ctx.needs_input_grad
-    dx, da, db = torch.ops.emloc.dense_lora_bwd(dy, x, t_a, weight, lora_a, lora_b, ctx.scaling, need[0])
+    dx = da = db = None
+    if need[0] or need[2] or need[3]:
+        dx, da, db = torch.ops.emloc.dense_lora_bwd(dy, x, t_a, weight, lora_a, lora_b, ctx.scaling, need[0])
     dbias = dy.sum(0).to(ctx.bias_dtype) if need[5] else None
     return (dx if need[0] else None, None, da if need[2] else None, db if need[3] else None, None, dbias)
 

@@ -248,3 +248,11 @@ def test_padded_rows_never_leak(device):
     dense = {k: v for k, v in t.items() if k not in ("u", "v")}
     dense["weight"] = _nan_padded(t["u"] @ t["v"])
     _check_against_fp64(ops.dense_lora, dense_lora_reference, dense, grads, torch.float32, device, scaling=0.5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bias_only_gradient(device):
+    """Only the bias trains (LowRankLinear without LoRA on a frozen input): dbias = Σ dy."""
+    t, _ = _inputs(device, torch.float32, None, True, False, "decode")
+    t["x"].requires_grad_(False)
+    _check_against_fp64(ops.lowrank_lora, lowrank_lora_reference, t, ["bias"], torch.float32, device, 1.0)
