@@ -10,7 +10,7 @@ mkdir -p "$OUT"
 start=$(date +%s)
 python3 -m pytest tests/kernels -m "not slow" -x -q -p no:cacheprovider 2>&1 | tee "$OUT/kernel_tests.log"
 rc=${PIPESTATUS[0]}
-tests="$(tail -n 1 "$OUT/kernel_tests.log" | tr -d '=' | xargs) (exit $rc, $(( $(date +%s) - start )) s)"
+tests="$(tail -n 1 "$OUT/kernel_tests.log" | tr -d '=' | sed 's/^ *//; s/ *$//') (exit $rc, $(( $(date +%s) - start )) s)"
 python3 bench/gpu_bench.py --out "$OUT" --tests "$tests" 2>&1 | tee "$OUT/gpu_bench.log"
 brc=${PIPESTATUS[0]}
 exit $(( rc != 0 ? rc : brc ))
