@@ -374,10 +374,11 @@ def gemm_2n(a, b1: Right, b2, alpha2: float, out_dtypes: tuple[torch.dtype, torc
     k_per = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     split = triton.cdiv(k, k_per)
     d1, d2 = (torch.float32, torch.float32) if split > 1 else out_dtypes
-    # both outputs are intermediates read by the next GEMM: rows padded to 16 elements keep
-    # its loads aligned (vectorised, pipelined) whatever the rank
+    # C₁ (t_v, dt_v) is an intermediate of the op: rows padded to 16 elements keep the next
+    # GEMM's loads aligned (vectorised, pipelined) whatever the rank.  C₂ (t_A) is returned by
+    # the forward op, so it stays contiguous like its fake (meta) version.
     c1 = _alloc((split, m, _pad16(n1)), d1, a.device)[..., :n1]
-    c2 = _alloc((split, m, _pad16(n2)), d2, a.device)[..., :n2]
+    c2 = _alloc((split, m, n2), d2, a.device)
     grid = (triton.cdiv(m, cfg.block_m) * (triton.cdiv(n1, cfg.block_n) + triton.cdiv(n2, block_n2)), split)
     _gemm_2n_kernel[grid](
         a, r.ptr, r.scale, r.offset, b2, c1, c2,

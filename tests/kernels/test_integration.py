@@ -142,3 +142,17 @@ def test_tiny_llama_training_matches_reference(device):
     fused, ref = losses
     assert fused[-1] < fused[0]  # training moved
     assert fused == pytest.approx(ref, rel=1e-4 if device == "cpu" else 2e-3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_op_outputs_match_fake_strides(device):
+    """Compiled graphs trust the fake functions' layouts: real outputs must be laid out alike."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, u, v, a, b, bias = _small(device)
+    args = (x.detach().reshape(-1, 21), u, None, None, v, None, None, a.detach(), b.detach(), 0.5, bias.detach(), [0, 0, 0, 0])
+    real = torch.ops.emloc.lowrank_lora_fwd(*args)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = torch.ops.emloc.lowrank_lora_fwd(*[mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in args])
+    for r, f in zip(real, fake):
+        assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype)
