@@ -222,10 +222,10 @@ def _lowrank_bwd(dy: torch.Tensor, x: torch.Tensor, t_a: torch.Tensor,
 
 @_lowrank_bwd.register_fake
 def _(dy, x, t_a, u, u_scale, u_offset, v, v_scale, v_offset, lora_a, lora_b, scaling, quant, need_dx):
-    dx = torch.empty_like(x) if need_dx else dy.new_empty(0)
+    dx = x.new_empty(x.shape) if need_dx else dy.new_empty(0)
     if lora_a is None:
         return dx, dy.new_empty(0), dy.new_empty(0)
-    return dx, torch.empty_like(lora_a), torch.empty_like(lora_b)
+    return dx, lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape)
 
 
 def _lowrank_setup(ctx, inputs, output):
@@ -312,8 +312,8 @@ def _dense_bwd(dy: torch.Tensor, x: torch.Tensor, t_a: torch.Tensor, weight: tor
 
 @_dense_bwd.register_fake
 def _(dy, x, t_a, weight, lora_a, lora_b, scaling, need_dx):
-    dx = torch.empty_like(x) if need_dx else dy.new_empty(0)
-    return dx, torch.empty_like(lora_a), torch.empty_like(lora_b)
+    dx = x.new_empty(x.shape) if need_dx else dy.new_empty(0)
+    return dx, lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape)
 
 
 def _dense_setup(ctx, inputs, output):

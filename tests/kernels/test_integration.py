@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from emloc_kernels import LowRankLinear, ops
 from emloc_kernels.ops import lowrank_lora_reference
-from kernel_utils import DEVICES, INTERPRET, rel_err, tol
+from kernel_utils import DEVICES, rel_err, strided, tol
 
 
 def _small(device, dtype=torch.float32, lora_dtype=torch.float32, seed=0):
@@ -146,13 +146,24 @@ def test_tiny_llama_training_matches_reference(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_op_outputs_match_fake_strides(device):
-    """Compiled graphs trust the fake functions' layouts: real outputs must be laid out alike."""
+    """Compiled graphs trust the fake functions' layouts: real outputs must be laid out alike,
+    also for non-contiguous inputs."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    x, u, v, a, b, bias = _small(device)
-    args = (x.detach().reshape(-1, 21), u, None, None, v, None, None, a.detach(), b.detach(), 0.5, bias.detach(), [0, 0, 0, 0])
-    real = torch.ops.emloc.lowrank_lora_fwd(*args)
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        fake = torch.ops.emloc.lowrank_lora_fwd(*[mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in args])
-    for r, f in zip(real, fake):
-        assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype)
+    x, u, v, a, b, bias = (t.detach() for t in _small(device))
+    x2, a, b = strided(x.reshape(-1, 21)), strided(a), strided(b)  # column-major layouts
+    w = (u @ v).contiguous()
+    y, t_a = torch.ops.emloc.lowrank_lora_fwd(x2, u, None, None, v, None, None, a, b, 0.5, bias, [0, 0, 0, 0])
+    dy = strided(torch.randn_like(y))
+    calls = [
+        (torch.ops.emloc.lowrank_lora_fwd, (x2, u, None, None, v, None, None, a, b, 0.5, bias, [0, 0, 0, 0])),
+        (torch.ops.emloc.lowrank_lora_bwd, (dy, x2, t_a, u, None, None, v, None, None, a, b, 0.5, [0, 0, 0, 0], True)),
+        (torch.ops.emloc.dense_lora_fwd, (x2, w, a, b, 0.5, bias)),
+        (torch.ops.emloc.dense_lora_bwd, (dy, x2, t_a, w, a, b, 0.5, True)),
+    ]
+    for op, args in calls:
+        real = op(*args)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = op(*[mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in args])
+        for r, f in zip(real, fake):
+            assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype), op
