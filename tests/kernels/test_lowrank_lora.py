@@ -256,3 +256,14 @@ def test_bias_only_gradient(device):
     t, _ = _inputs(device, torch.float32, None, True, False, "decode")
     t["x"].requires_grad_(False)
     _check_against_fp64(ops.lowrank_lora, lowrank_lora_reference, t, ["bias"], torch.float32, device, 1.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_expanded_output_gradient(device):
+    """``y.sum().backward()`` hands the backward a stride-0 (expanded) dy."""
+    t, grads = _inputs(device, torch.float32, torch.float32, True, False, "train")
+    got = torch.autograd.grad(ops.lowrank_lora(**t, scaling=0.5).sum(), [t[k] for k in grads])
+    t64 = {k: v.detach().double().requires_grad_(k in grads) for k, v in t.items()}
+    want = torch.autograd.grad(lowrank_lora_reference(**t64, scaling=0.5).sum(), [t64[k] for k in grads])
+    for k, gv, wv in zip(grads, got, want):
+        assert rel_err(gv, wv) < tol(torch.float32, device), k
