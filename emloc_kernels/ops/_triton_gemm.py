@@ -231,15 +231,17 @@ def _pow2_clamp(n: int, hi: int) -> int:
 def config(m: int, n: int, k: int, f32: bool, sms: int, interpret: bool) -> Config:
     """Launch configuration for an M×N×K GEMM (cached per shape class).
 
-    decode (M ≤ 16): BLOCK_M 16, wide K tiles, split-K to fill the SMs (weight-bandwidth bound);
+    decode (M ≤ 16): BLOCK_M 16, wide K tiles, BLOCK_N 32 when 64 leaves SMs idle
+    (weight-bandwidth bound: every SM should stream weights);
     training (M ≥ 1024): 128×128×64, 8 warps, 3 stages (Hopper tensor cores);
     middle: 64×128×64.  fp32 operands halve BLOCK_K to stay inside shared memory.
+    Fewer tiles than half the SMs: split K (fp32 partials, summed by the launcher).
     Under the interpreter tiles are small: it runs every program in numpy.
     """
     if interpret:
         bm, bn, bk, group, warps, stages = 32, 32, 32, 4, 1, 1
     elif m <= 16:
-        bm, bn, bk, group, warps, stages = 16, 64, 128, 1, 4, 4
+        bm, bn, bk, group, warps, stages = 16, 64 if triton.cdiv(n, 64) >= sms else 32, 128, 1, 4, 4
     elif m >= 1024:
         bm, bn, bk, group, warps, stages = 128, 128, 64, 8, 8, 3
     else:
@@ -249,13 +251,13 @@ def config(m: int, n: int, k: int, f32: bool, sms: int, interpret: bool) -> Conf
     bm, bn, bk = _pow2_clamp(m, bm), _pow2_clamp(n, bn), _pow2_clamp(k, bk)
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     split = 1
-    if tiles < sms:
+    if 2 * tiles < sms:
         split = max(1, min(triton.cdiv(2 * sms, tiles), k // (2 * bk), 32))
     return Config(bm, bn, bk, group, warps, stages, split)
 
 
 def _sms(device: torch.device) -> int:
-    return 8 if device.type != "cuda" else _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return 16 if device.type != "cuda" else _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _precision() -> str:
