@@ -1,12 +1,41 @@
-"""Low-rank emulator matmul with its LoRA branch, and dense + LoRA."""
+"""Low-rank emulator matmul with its LoRA branch, and dense + LoRA.
+
+``lowrank_lora`` = ``x vᵀ uᵀ + s·x Aᵀ Bᵀ + b`` in two passes instead of four:
+shrink ``[t_v | t_A] = x·[v; A]ᵀ`` (``gemm_2n``: one read of x), expand
+``y = [t_v | t_A]·[u | s·B]ᵀ + b`` (``gemm_2k``).  Backward: ``[dt_v | dt_A] = dy·[u | s·B]``,
+``dx = [dt_v | dt_A]·[v; A]``, ``dB = s·dyᵀ t_A``, ``dA = dt_Aᵀ x``; only x and the small
+``t_A`` are saved.  ``dense_lora`` = ``[x | s·t_A]·[W | B]ᵀ + b`` the same way.
+
+Both are torch custom ops (``emloc::*``) with fake and autograd registrations, so
+``torch.compile(fullgraph=True)``, non-reentrant checkpointing and autocast (inputs are cast
+like ``F.linear`` casts them) work.  Gradients flow to x, lora_a, lora_b and bias; the
+frozen factors u, v (or weight) must not require grad -- a clear error is raised instead
+(train them through ``lowrank_lora_reference``).  LoRA dropout is not an argument: with
+dropout > 0 the LoRA branch sees a different x, so callers use the unfused path.
+``u``/``v`` may be a :class:`~emloc_kernels.ops.quant.PackedFactor`; the Triton kernels then
+dequantise inside the tile loop.  Backend choice: :func:`emloc_kernels.ops.gemm.use_triton`.
+"""
 from __future__ import annotations
+
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 
+from .gemm import QUANT_MODES, PackedOperand, gemm_2k, gemm_2n, use_triton
+from .quant import FORMATS, GROUP_SIZES, PackedFactor, dequantize_reference
+
+Factor = Union[torch.Tensor, PackedFactor]
+_ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
 
 def lowrank_lora_reference(x, u, v, lora_a=None, lora_b=None, scaling=1.0, bias=None):
-    """``x vᵀ uᵀ + s·x Aᵀ Bᵀ + b`` in plain torch (A: ρ×in, B: out×ρ, PEFT shapes)."""
+    """``x vᵀ uᵀ + s·x Aᵀ Bᵀ + b`` in plain torch (A: ρ×in, B: out×ρ, PEFT shapes).
+
+    The LoRA branch runs in the adapter's dtype (as PEFT does) and is cast back to x's;
+    packed factors are dequantised first.
+    """
+    u, v = (dequantize_reference(f).to(x.dtype) if isinstance(f, PackedFactor) else f for f in (u, v))
     y = F.linear(F.linear(x, v), u, bias)
     if lora_a is not None:
         y = y + scaling * F.linear(F.linear(x.to(lora_a.dtype), lora_a), lora_b).to(y.dtype)
@@ -19,9 +48,313 @@ def dense_lora_reference(x, weight, lora_a, lora_b, scaling=1.0, bias=None):
     return y + scaling * F.linear(F.linear(x.to(lora_a.dtype), lora_a), lora_b).to(y.dtype)
 
 
-def lowrank_lora(x, u, v, lora_a=None, lora_b=None, scaling=1.0, bias=None):
-    return lowrank_lora_reference(x, u, v, lora_a, lora_b, scaling, bias)
+# ----------------------------------------------------------------------------- argument checks
 
 
-def dense_lora(x, weight, lora_a, lora_b, scaling=1.0, bias=None):
-    return dense_lora_reference(x, weight, lora_a, lora_b, scaling, bias)
+def _autocast(x: torch.Tensor, *ts):
+    """Cast floating tensors to the autocast dtype when autocast is on, as ``F.linear`` would."""
+    if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
+        return (x, *ts)
+    dt = torch.get_autocast_dtype(x.device.type)
+    cast = lambda t: t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+    return tuple(cast(t) for t in (x, *ts))
+
+
+def _check_packed(op: str, name: str, p: PackedFactor) -> None:
+    """The ops/quant.py layout, so the kernels never read outside the packed tensors."""
+    if p.fmt not in FORMATS:
+        raise ValueError(f"{op}: {name}.fmt must be one of {FORMATS}, got {p.fmt!r}")
+    n, k = p.shape
+    if p.fmt == "int8":
+        want = {"qweight": (torch.int8, (n, k)), "scale": (None, (n, 1))}
+    else:
+        if p.group_size not in GROUP_SIZES:
+            raise ValueError(f"{op}: {name}.group_size must be one of {GROUP_SIZES} for int4, got {p.group_size}")
+        kp = -(-k // p.group_size) * p.group_size
+        groups = (None, (n, kp // p.group_size))
+        want = {"qweight": (torch.uint8, (n, kp // 2)), "scale": groups, "offset": groups}
+    for field, (dtype, shape) in want.items():
+        t = getattr(p, field)
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or (dtype is not None and t.dtype != dtype):
+            raise ValueError(f"{op}: {name}.{field} must be a {shape} {dtype or 'float'} tensor for {p.fmt} "
+                             f"(ops/quant.py layout), got {getattr(t, 'dtype', None)} {tuple(getattr(t, 'shape', ()))}")
+        if t.device != p.qweight.device:
+            raise ValueError(f"{op}: {name}.{field} is on {t.device} but {name}.qweight on {p.qweight.device}")
+    if not p.scale.is_floating_point() or (p.offset is not None and p.offset.dtype != p.scale.dtype):
+        raise ValueError(f"{op}: {name}.scale (and offset) must be floating with one dtype, got {p.scale.dtype}")
+
+
+def _check_2d(op: str, name: str, t, shape: tuple[int, int], x: torch.Tensor) -> None:
+    if isinstance(t, PackedFactor):
+        _check_packed(op, name, t)
+        got, dev = tuple(t.shape), t.device
+    elif isinstance(t, torch.Tensor):
+        got, dev = tuple(t.shape), t.device
+    else:
+        raise TypeError(f"{op}: {name} must be a torch.Tensor{' or PackedFactor' if name in 'uv' else ''}, got {type(t).__name__}")
+    if got != shape:
+        raise ValueError(f"{op}: {name} must have shape {shape}, got {got}")
+    if dev != x.device:
+        raise ValueError(f"{op}: {name} is on {dev} but x is on {x.device}")
+
+
+def _check_x(op: str, x, in_f: int) -> None:
+    if not isinstance(x, torch.Tensor) or x.ndim < 1 or x.dtype not in _ACT_DTYPES:
+        raise ValueError(f"{op}: x must be a float32/float16/bfloat16 tensor of shape (..., in_features), got "
+                         f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+    if x.shape[-1] != in_f:
+        raise ValueError(f"{op}: x's last dimension must be in_features={in_f}, got shape {tuple(x.shape)}")
+
+
+def _check(op, x, frozen: dict, out_f: int, in_f: int, lora_a, lora_b, bias) -> None:
+    """Shapes, dtypes and devices; messages name the argument and what is allowed."""
+    for name, f in frozen.items():
+        if isinstance(f, torch.Tensor):
+            if f.dtype != x.dtype:
+                raise ValueError(f"{op}: {name} must have x's dtype {x.dtype}, got {f.dtype}")
+            if f.requires_grad and torch.is_grad_enabled():
+                raise ValueError(f"{op}: {name} is a frozen factor and must not require grad "
+                                 f"(use {op}_reference to train it)")
+    if (lora_a is None) != (lora_b is None):
+        raise ValueError(f"{op}: lora_a and lora_b must be given together")
+    if lora_a is not None:
+        rho = lora_a.shape[0] if isinstance(lora_a, torch.Tensor) and lora_a.ndim == 2 else -1
+        _check_2d(op, "lora_a", lora_a, (rho, in_f), x)
+        _check_2d(op, "lora_b", lora_b, (out_f, rho), x)
+        if rho < 1:
+            raise ValueError(f"{op}: lora_a must be rank×in_features with rank >= 1, got {tuple(lora_a.shape)}")
+        if lora_a.dtype != lora_b.dtype or lora_a.dtype not in (x.dtype, torch.float32):
+            raise ValueError(f"{op}: lora_a and lora_b must share a dtype, float32 or x's ({x.dtype}); "
+                             f"got {lora_a.dtype} and {lora_b.dtype}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out_f,) or bias.dtype != x.dtype:
+            raise ValueError(f"{op}: bias must be a ({out_f},) tensor of x's dtype {x.dtype}, got "
+                             f"{getattr(bias, 'dtype', type(bias).__name__)} {tuple(getattr(bias, 'shape', ()))}")
+        if bias.device != x.device:
+            raise ValueError(f"{op}: bias is on {bias.device} but x is on {x.device}")
+
+
+def _lora_dtype(x: torch.Tensor, lora: Optional[torch.Tensor]) -> torch.dtype:
+    """dtype of ``t_A = x Aᵀ``: the LoRA branch runs in the adapter's dtype (as the reference)."""
+    return x.dtype if lora is None else torch.promote_types(x.dtype, lora.dtype)
+
+
+# ----------------------------------------------------------------------------- low-rank + LoRA op
+
+# A factor crosses the op boundary as (tensor, scale, offset) plus (mode, group) in `quant`.
+
+
+def _flat(f: Factor) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], int, int]:
+    if isinstance(f, PackedFactor):
+        return f.qweight, f.scale, f.offset, QUANT_MODES[f.fmt], f.group_size
+    return f, None, None, 0, 0
+
+
+def _factor(t, scale, offset, mode: int, group: int, shape: tuple[int, int]) -> Factor:
+    if mode == 0:
+        return t
+    fmt = next(f for f, m in QUANT_MODES.items() if m == mode)
+    return PackedFactor(t, scale, offset, fmt, shape, group)
+
+
+def _t(f: Factor):
+    """``fᵀ`` as a right operand (a view or a transposed packed operand)."""
+    return PackedOperand(f, True) if isinstance(f, PackedFactor) else f.t()
+
+
+def _n(f: Factor):
+    return PackedOperand(f, False) if isinstance(f, PackedFactor) else f
+
+
+def _unpack(x2, u, us, uo, v, vs, vo, quant) -> tuple[Factor, Factor]:
+    r = v.shape[0]
+    return (_factor(u, us, uo, quant[0], quant[1], (u.shape[0], r)),
+            _factor(v, vs, vo, quant[2], quant[3], (r, x2.shape[1])))
+
+
+@torch.library.custom_op("emloc::lowrank_lora_fwd", mutates_args=())
+def _lowrank_fwd(x: torch.Tensor, u: torch.Tensor, u_scale: Optional[torch.Tensor], u_offset: Optional[torch.Tensor],
+                 v: torch.Tensor, v_scale: Optional[torch.Tensor], v_offset: Optional[torch.Tensor],
+                 lora_a: Optional[torch.Tensor], lora_b: Optional[torch.Tensor], scaling: float,
+                 bias: Optional[torch.Tensor], quant: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: M×in.  Returns y (M×out) and ``t_A = x Aᵀ`` (M×ρ; M×0 without LoRA) for backward."""
+    tri = use_triton(x)
+    fu, fv = _unpack(x, u, u_scale, u_offset, v, v_scale, v_offset, quant)
+    with torch.autocast(x.device.type, enabled=False):
+        if lora_a is None:
+            t_v = gemm_2k(x, _t(fv), triton=tri)
+            return gemm_2k(t_v, _t(fu), bias=bias, triton=tri), x.new_empty(x.shape[0], 0)
+        t_v, t_a = gemm_2n(x, _t(fv), lora_a.t(), out_dtypes=(x.dtype, _lora_dtype(x, lora_a)), triton=tri)
+        y = gemm_2k(t_v, _t(fu), t_a, lora_b.t(), alpha2=scaling, bias=bias, out_dtype=x.dtype, triton=tri)
+    return y, t_a
+
+
+@_lowrank_fwd.register_fake
+def _(x, u, u_scale, u_offset, v, v_scale, v_offset, lora_a, lora_b, scaling, bias, quant):
+    rho = 0 if lora_a is None else lora_a.shape[0]
+    return x.new_empty(x.shape[0], u.shape[0]), x.new_empty(x.shape[0], rho, dtype=_lora_dtype(x, lora_a))
+
+
+@torch.library.custom_op("emloc::lowrank_lora_bwd", mutates_args=())
+def _lowrank_bwd(dy: torch.Tensor, x: torch.Tensor, t_a: torch.Tensor,
+                 u: torch.Tensor, u_scale: Optional[torch.Tensor], u_offset: Optional[torch.Tensor],
+                 v: torch.Tensor, v_scale: Optional[torch.Tensor], v_offset: Optional[torch.Tensor],
+                 lora_a: Optional[torch.Tensor], lora_b: Optional[torch.Tensor], scaling: float,
+                 quant: list[int], need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dx, dA, dB); an empty tensor stands for a gradient not asked for / no LoRA."""
+    tri = use_triton(dy)
+    fu, fv = _unpack(x, u, u_scale, u_offset, v, v_scale, v_offset, quant)
+    with torch.autocast(dy.device.type, enabled=False):
+        if lora_a is None:
+            dx = gemm_2k(gemm_2k(dy, _n(fu), triton=tri), _n(fv), triton=tri) if need_dx else dy.new_empty(0)
+            return dx, dy.new_empty(0), dy.new_empty(0)
+        ta_dtype = _lora_dtype(dy, lora_b)
+        if need_dx:
+            dt_v, dt_a = gemm_2n(dy, _n(fu), lora_b, alpha2=scaling, out_dtypes=(dy.dtype, ta_dtype), triton=tri)
+            dx = gemm_2k(dt_v, _n(fv), dt_a, lora_a, out_dtype=x.dtype, triton=tri)
+        else:
+            dt_a = gemm_2k(dy, lora_b, alpha1=scaling, out_dtype=ta_dtype, triton=tri)
+            dx = dy.new_empty(0)
+        da = gemm_2k(dt_a.t(), x, out_dtype=lora_a.dtype, triton=tri)
+        db = gemm_2k(dy.t(), t_a, alpha1=scaling, out_dtype=lora_b.dtype, triton=tri)
+    return dx, da, db
+
+
+@_lowrank_bwd.register_fake
+def _(dy, x, t_a, u, u_scale, u_offset, v, v_scale, v_offset, lora_a, lora_b, scaling, quant, need_dx):
+    dx = x.new_empty(x.shape) if need_dx else dy.new_empty(0)
+    if lora_a is None:
+        return dx, dy.new_empty(0), dy.new_empty(0)
+    return dx, lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape)
+
+
+def _lowrank_setup(ctx, inputs, output):
+    x, u, us, uo, v, vs, vo, lora_a, lora_b, scaling, bias, quant = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, output[1], u, us, uo, v, vs, vo, lora_a, lora_b)
+    ctx.scaling, ctx.quant = scaling, quant
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _lowrank_backward(ctx, dy, _dt_a):
+    x, t_a, u, us, uo, v, vs, vo, lora_a, lora_b = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx = da = db = None
+    if need[0] or need[7] or need[8]:
+        dx, da, db = torch.ops.emloc.lowrank_lora_bwd(dy, x, t_a, u, us, uo, v, vs, vo, lora_a, lora_b,
+                                                      ctx.scaling, ctx.quant, need[0])
+    dbias = dy.sum(0).to(ctx.bias_dtype) if need[10] else None
+    return (dx if need[0] else None, None, None, None, None, None, None,
+            da if need[7] else None, db if need[8] else None, None, dbias, None)
+
+
+_lowrank_fwd.register_autograd(_lowrank_backward, setup_context=_lowrank_setup)
+
+
+def lowrank_lora(
+    x: torch.Tensor,
+    u: Factor,
+    v: Factor,
+    lora_a: torch.Tensor | None = None,
+    lora_b: torch.Tensor | None = None,
+    scaling: float = 1.0,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x vᵀ uᵀ + scaling·x lora_aᵀ lora_bᵀ + bias`` (u: out×r, v: r×in, lora_a: ρ×in,
+    lora_b: out×ρ), fused; any leading shape of x; output in x's dtype."""
+    x, u, v, lora_a, lora_b, bias = _autocast(x, u, v, lora_a, lora_b, bias)
+    for name, f in (("u", u), ("v", v)):
+        if not isinstance(f, (torch.Tensor, PackedFactor)) or len(f.shape) != 2:
+            raise ValueError(f"lowrank_lora: {name} must be a 2-D tensor or PackedFactor (u: out×rank, v: rank×in), "
+                             f"got {type(f).__name__} {tuple(getattr(f, 'shape', ()))}")
+    (out_f, rank), in_f = u.shape, v.shape[1]
+    _check_x("lowrank_lora", x, in_f)
+    _check_2d("lowrank_lora", "u", u, (out_f, rank), x)
+    _check_2d("lowrank_lora", "v", v, (rank, in_f), x)
+    _check("lowrank_lora", x, {"u": u, "v": v}, out_f, in_f, lora_a, lora_b, bias)
+    (ut, us, uo, um, ug), (vt, vs, vo, vm, vg) = _flat(u), _flat(v)
+    y, _ = torch.ops.emloc.lowrank_lora_fwd(x.reshape(-1, in_f), ut, us, uo, vt, vs, vo, lora_a, lora_b,
+                                             float(scaling), bias, [um, ug, vm, vg])
+    return y.reshape(*x.shape[:-1], out_f)
+
+
+# ----------------------------------------------------------------------------- dense + LoRA op
+
+
+@torch.library.custom_op("emloc::dense_lora_fwd", mutates_args=())
+def _dense_fwd(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+               scaling: float, bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: M×in.  ``t_A = x Aᵀ``; ``y = [x | t_A]·[W | s·B]ᵀ + b``; returns (y, t_A)."""
+    tri = use_triton(x)
+    with torch.autocast(x.device.type, enabled=False):
+        t_a = gemm_2k(x, lora_a.t(), out_dtype=_lora_dtype(x, lora_a), triton=tri)
+        y = gemm_2k(x, weight.t(), t_a, lora_b.t(), alpha2=scaling, bias=bias, out_dtype=x.dtype, triton=tri)
+    return y, t_a
+
+
+@_dense_fwd.register_fake
+def _(x, weight, lora_a, lora_b, scaling, bias):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_a.shape[0], dtype=_lora_dtype(x, lora_a))
+
+
+@torch.library.custom_op("emloc::dense_lora_bwd", mutates_args=())
+def _dense_bwd(dy: torch.Tensor, x: torch.Tensor, t_a: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
+               lora_b: torch.Tensor, scaling: float, need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``dt_A = s·dy B``; ``dx = [dy | dt_A]·[W; A]``; ``dA = dt_Aᵀ x``; ``dB = s·dyᵀ t_A``."""
+    tri = use_triton(dy)
+    with torch.autocast(dy.device.type, enabled=False):
+        dt_a = gemm_2k(dy, lora_b, alpha1=scaling, out_dtype=_lora_dtype(dy, lora_b), triton=tri)
+        dx = gemm_2k(dy, weight, dt_a, lora_a, out_dtype=x.dtype, triton=tri) if need_dx else dy.new_empty(0)
+        da = gemm_2k(dt_a.t(), x, out_dtype=lora_a.dtype, triton=tri)
+        db = gemm_2k(dy.t(), t_a, alpha1=scaling, out_dtype=lora_b.dtype, triton=tri)
+    return dx, da, db
+
+
+@_dense_bwd.register_fake
+def _(dy, x, t_a, weight, lora_a, lora_b, scaling, need_dx):
+    dx = x.new_empty(x.shape) if need_dx else dy.new_empty(0)
+    return dx, lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape)
+
+
+def _dense_setup(ctx, inputs, output):
+    x, weight, lora_a, lora_b, scaling, bias = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, output[1], weight, lora_a, lora_b)
+    ctx.scaling = scaling
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _dense_backward(ctx, dy, _dt_a):
+    x, t_a, weight, lora_a, lora_b = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx = da = db = None
+    if need[0] or need[2] or need[3]:
+        dx, da, db = torch.ops.emloc.dense_lora_bwd(dy, x, t_a, weight, lora_a, lora_b, ctx.scaling, need[0])
+    dbias = dy.sum(0).to(ctx.bias_dtype) if need[5] else None
+    return (dx if need[0] else None, None, da if need[2] else None, db if need[3] else None, None, dbias)
+
+
+_dense_fwd.register_autograd(_dense_backward, setup_context=_dense_setup)
+
+
+def dense_lora(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float = 1.0,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x weightᵀ + scaling·x lora_aᵀ lora_bᵀ + bias`` (weight: out×in), fused; any leading shape of x."""
+    x, weight, lora_a, lora_b, bias = _autocast(x, weight, lora_a, lora_b, bias)
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+        raise ValueError(f"dense_lora: weight must be an out×in tensor, got {type(weight).__name__} "
+                         f"{tuple(getattr(weight, 'shape', ()))}")
+    if lora_a is None or lora_b is None:
+        raise ValueError("dense_lora: lora_a and lora_b are required (use F.linear without LoRA)")
+    out_f, in_f = weight.shape
+    _check_x("dense_lora", x, in_f)
+    _check_2d("dense_lora", "weight", weight, (out_f, in_f), x)
+    _check("dense_lora", x, {"weight": weight}, out_f, in_f, lora_a, lora_b, bias)
+    y, _ = torch.ops.emloc.dense_lora_fwd(x.reshape(-1, in_f), weight, lora_a, lora_b, float(scaling), bias)
+    return y.reshape(*x.shape[:-1], out_f)

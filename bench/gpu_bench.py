@@ -1,0 +1,285 @@
+#!/usr/bin/env python3
+"""Kernel benchmark for one GPU run (bench/gpu_check.sh runs the kernel tests first).
+
+Providers, bf16 activations and bf16 LoRA (rank 16, scaling 2):
+  (a) dense ``F.linear(x, W) + s·F.linear(F.linear(x, A), B)`` (PEFT over nn.Linear),
+  (b) the same LoRA over the unfused emulator ``F.linear(F.linear(x, v), u)``,
+  (c) the fused ``ops.lowrank_lora``; (d) fused ``ops.dense_lora`` for reference;
+  decode also times (c) with int8 / int4 (g=64, 128) packed factors.
+Shapes: training tokens 4096 and 16384 on 4096×4096 (r=819) and 4096→14336 (r=1274)
+(r = floor(in·out·0.4/(in+out))); decode M = 1 and 16 on the same layers.
+
+Reported per row: median forward and forward+backward time (triton.testing.do_bench),
+peak memory of forward+backward above the inputs, TFLOP/s for the FLOPs the op needs
+(``2·M·(in·out | r·(in+out)) + 2·M·ρ·(in+out)`` forward; backward twice the main term
+without the weight grads of frozen factors, plus LoRA's three), GB/s for the forward's
+essential bytes (x, weights, y, and the intermediate t once written and read), and the
+max relative error against provider (b) (or (a)); decode rows also time a CUDA-graph replay
+(GPU time without Python launch overhead), which the decode targets use.  Peaks measured here: a bf16 8192³
+matmul and a device-to-device copy.  Targets (reported, not assumed): fused fwd+bwd
+≥1.3× faster than (b) and ≤0.55× the time of (a), ≥70% of the matmul rate; decode
+forward ≤1.3× the weight-bytes floor (weight bytes / copy GB/s); int4 ≥1.8× faster than
+the unquantised emulator at decode.
+
+``GPU_CHECK_DRY=1`` (or ``--dry``) runs tiny shapes on CPU through the reference path with
+a wall-clock timer, to check the script end to end.  Results: ``$OUT`` (default ./out)
+gpu_bench.csv / gpu_bench.json; the markdown summary is printed last.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from emloc_kernels import ops  # noqa: E402
+from emloc_kernels.ops.quant import PackedFactor  # noqa: E402
+
+RHO, SCALING = 16, 2.0
+
+
+def emulator_rank(n_in: int, n_out: int, ratio: float = 0.4) -> int:
+    return math.floor(n_in * n_out * ratio / (n_in + n_out))
+
+
+class Bench:
+    def __init__(self, dry: bool):
+        self.dry = dry
+        self.device = torch.device("cpu" if dry else "cuda")
+
+    def time_ms(self, fn, grad_to_none=None) -> float:
+        """Median milliseconds of ``fn``."""
+        if not self.dry:
+            import triton.testing
+
+            return triton.testing.do_bench(fn, warmup=25, rep=150, grad_to_none=grad_to_none, return_mode="median")
+        fn()
+        runs = []
+        for _ in range(3):
+            t = time.perf_counter()
+            fn()
+            runs.append((time.perf_counter() - t) * 1e3)
+        return statistics.median(runs)
+
+    def graph_ms(self, fn) -> float:
+        """Median milliseconds of ``fn`` replayed from a CUDA graph: the GPU-side time without
+        Python launch overhead (what a decode loop under CUDA graphs sees)."""
+        if self.dry:
+            return self.time_ms(fn)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return self.time_ms(graph.replay)
+
+    def peak_mib(self, fn) -> float:
+        if self.dry:
+            return float("nan")
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+    def rand(self, *shape, scale=1.0, dtype=torch.bfloat16):
+        return (torch.randn(*shape, device=self.device) * scale).to(dtype)
+
+    # ------------------------------------------------------------------ peaks
+    def peaks(self) -> dict:
+        n = 512 if self.dry else 8192
+        a, b = self.rand(n, n), self.rand(n, n)
+        ms = self.time_ms(lambda: a @ b)
+        tflops = 2 * n**3 / ms / 1e9
+        nbytes = (2**22 if self.dry else 2**30)
+        src = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        dst = torch.empty_like(src)
+        ms = self.time_ms(lambda: dst.copy_(src))
+        gbps = 2 * nbytes / ms / 1e6
+        return {"matmul_tflops": tflops, "copy_gbps": gbps}
+
+
+def random_packed(n: int, k: int, fmt: str, group: int, device) -> PackedFactor:
+    """A factor in the ops/quant.py layout with random contents (timing only)."""
+    if fmt == "int8":
+        q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device)
+        return PackedFactor(q, torch.full((n, 1), 1e-3, dtype=torch.bfloat16, device=device), None, "int8", (n, k))
+    kp = -(-k // group) * group
+    q = torch.randint(0, 256, (n, kp // 2), dtype=torch.uint8, device=device)
+    s = torch.full((n, kp // group), 1e-3, dtype=torch.bfloat16, device=device)
+    return PackedFactor(q, s, -7.5 * s, "int4", (n, k), group)
+
+
+def packed_bytes(p: PackedFactor) -> int:
+    return sum(t.numel() * t.element_size() for t in (p.qweight, p.scale, p.offset) if t is not None)
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    want = want.float()
+    return ((got.float() - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def run_case(b: Bench, kind: str, m: int, n_in: int, n_out: int, peaks: dict) -> list[dict]:
+    """All providers on one shape; a failing provider records its error and the rest go on."""
+    r = emulator_rank(n_in, n_out)
+    x = b.rand(m, n_in)
+    w = b.rand(n_out, n_in, scale=n_in**-0.5)
+    # factors as an emulator should store them: rows padded to 16 elements (ops.aligned_rows)
+    u, v = ops.aligned_rows(b.rand(n_out, r, scale=r**-0.5)), ops.aligned_rows(b.rand(r, n_in, scale=n_in**-0.5))
+    lora_a = b.rand(RHO, n_in, scale=n_in**-0.5).requires_grad_()
+    lora_b = b.rand(n_out, RHO, scale=0.1).requires_grad_()
+    lora = lambda x: SCALING * F.linear(F.linear(x, lora_a), lora_b)  # noqa: E731
+    dense_el, lowrank_el, lora_el = n_in * n_out, r * (n_in + n_out), RHO * (n_in + n_out)
+    # name: (forward, weight bytes, forward FLOPs of the main product)
+    providers = {
+        "a_dense_peft": (lambda x: F.linear(x, w) + lora(x), 2 * dense_el, 2 * m * dense_el),
+        "b_lowrank_peft": (lambda x: F.linear(F.linear(x, v), u) + lora(x), 2 * lowrank_el, 2 * m * lowrank_el),
+        "c_fused_lowrank": (lambda x: ops.lowrank_lora(x, u, v, lora_a, lora_b, SCALING), 2 * lowrank_el, 2 * m * lowrank_el),
+        "d_fused_dense": (lambda x: ops.dense_lora(x, w, lora_a, lora_b, SCALING), 2 * dense_el, 2 * m * dense_el),
+    }
+    if kind == "decode":
+        for fmt, g in (("int8", 0), ("int4", 64), ("int4", 128)):
+            pu, pv = random_packed(n_out, r, fmt, g, b.device), random_packed(r, n_in, fmt, g, b.device)
+            fn = (lambda pu, pv: lambda x: ops.lowrank_lora(x, pu, pv, lora_a, lora_b, SCALING))(pu, pv)
+            providers[f"c_fused_{fmt}" + (f"_g{g}" if g else "")] = (fn, packed_bytes(pu) + packed_bytes(pv), 2 * m * lowrank_el)
+    rows, outputs = [], {}
+    lora_flops = 2 * m * lora_el
+    for name, (fn, weight_bytes, main_flops) in providers.items():
+        row = {"kind": kind, "M": m, "in": n_in, "out": n_out, "r": r, "rho": RHO, "provider": name}
+        try:
+            with torch.no_grad():
+                row["fwd_ms"] = b.time_ms(lambda: fn(x))
+                outputs[name] = fn(x)
+            row["fwd_tflops"] = (main_flops + lora_flops) / row["fwd_ms"] / 1e9
+            inter = 0 if name.startswith(("a_", "d_")) else 2 * m * (r + RHO)
+            weight_bytes += 2 * lora_el
+            row["weight_bytes"] = weight_bytes
+            row["fwd_gbps"] = (2 * (m * n_in + m * n_out + inter) + weight_bytes) / row["fwd_ms"] / 1e6
+            floor_ms = weight_bytes / peaks["copy_gbps"] / 1e6
+            row["fwd_vs_weight_floor"] = row["fwd_ms"] / floor_ms
+            if kind == "decode":
+                try:
+                    with torch.no_grad():
+                        row["fwd_graph_ms"] = b.graph_ms(lambda: fn(x))
+                    row["fwd_graph_vs_weight_floor"] = row["fwd_graph_ms"] / floor_ms
+                except Exception as e:
+                    row["graph_error"] = f"{type(e).__name__}: {e}"[:300]
+            if kind == "train":
+                xg = x.detach().requires_grad_()
+                dy = torch.randn_like(outputs[name])
+
+                def step(fn=fn, xg=xg, dy=dy):
+                    fn(xg).backward(dy)
+
+                row["fwd_bwd_ms"] = b.time_ms(step, grad_to_none=[xg, lora_a, lora_b])
+                row["peak_mib"] = b.peak_mib(step)
+                row["fwd_bwd_tflops"] = (2 * main_flops + 3 * lora_flops) / row["fwd_bwd_ms"] / 1e9
+                row["pct_matmul_peak"] = 100 * row["fwd_bwd_tflops"] / peaks["matmul_tflops"]
+            base = "a_dense_peft" if name.startswith("d_") else "b_lowrank_peft"
+            if base in outputs and "int" not in name:
+                row["rel_err_vs_" + base[:1]] = rel_err(outputs[name], outputs[base])
+        except Exception as e:  # one failing case must not kill the table
+            row["error"] = f"{type(e).__name__}: {e}"[:300]
+            traceback.print_exc()
+            if not b.dry:
+                torch.cuda.empty_cache()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def _get(rows, case, provider, key):
+    for r in rows:
+        if (r["kind"], r["M"], r["in"], r["out"]) == case and r["provider"] == provider:
+            return r.get(key, float("nan"))
+    return float("nan")
+
+
+def summary(rows: list[dict], peaks: dict, tests: str) -> str:
+    f = lambda v, d=2: "err" if v != v else f"{v:.{d}f}"  # noqa: E731
+    lines = [f"kernel tests: {tests}; measured peaks: bf16 matmul {peaks['matmul_tflops']:.0f} TFLOP/s, "
+             f"copy {peaks['copy_gbps']:.0f} GB/s", "",
+             "| training (fwd+bwd ms) | (a) dense | (b) low-rank | (c) fused | b/c (≥1.3) | c/a (≤0.55) | c % matmul peak (≥70) | c/b peak mem |",
+             "|---|---|---|---|---|---|---|---|"]
+    cases = sorted({(r["kind"], r["M"], r["in"], r["out"]) for r in rows})
+    for case in [c for c in cases if c[0] == "train"]:
+        a, bb, c = (_get(rows, case, p, "fwd_bwd_ms") for p in ("a_dense_peft", "b_lowrank_peft", "c_fused_lowrank"))
+        mem = _get(rows, case, "c_fused_lowrank", "peak_mib") / _get(rows, case, "b_lowrank_peft", "peak_mib")
+        pct = _get(rows, case, "c_fused_lowrank", "pct_matmul_peak")
+        lines.append(f"| M={case[1]} {case[2]}→{case[3]} | {f(a)} | {f(bb)} | {f(c)} | {f(bb / c)} | {f(c / a)} | {f(pct, 0)} | {f(mem)} |")
+    lines += ["", "| decode (fwd µs; eager, and CUDA-graph replay 'g') | (a) dense | (b) low-rank | (c) fused | (c) g | "
+              "c g/floor (≤1.3) | int8 g | int4 g64 g | int4 g128 g | c g / int4g128 g (≥1.8) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for case in [c for c in cases if c[0] == "decode"]:
+        t = {p: 1e3 * _get(rows, case, p, "fwd_ms") for p in ("a_dense_peft", "b_lowrank_peft", "c_fused_lowrank")}
+        g = {p: 1e3 * _get(rows, case, p, "fwd_graph_ms") for p in ("c_fused_lowrank", "c_fused_int8",
+                                                                   "c_fused_int4_g64", "c_fused_int4_g128")}
+        floor = _get(rows, case, "c_fused_lowrank", "fwd_graph_vs_weight_floor")
+        lines.append(f"| M={case[1]} {case[2]}→{case[3]} | {f(t['a_dense_peft'], 1)} | {f(t['b_lowrank_peft'], 1)} | "
+                     f"{f(t['c_fused_lowrank'], 1)} | {f(g['c_fused_lowrank'], 1)} | {f(floor)} | {f(g['c_fused_int8'], 1)} | "
+                     f"{f(g['c_fused_int4_g64'], 1)} | {f(g['c_fused_int4_g128'], 1)} | "
+                     f"{f(g['c_fused_lowrank'] / g['c_fused_int4_g128'])} |")
+    errs = [f"{r['provider']} M={r['M']} out={r['out']}: {r.get('error') or r['graph_error']}"
+            for r in rows if "error" in r or "graph_error" in r]
+    if errs:
+        lines += ["", "errors:"] + [f"- {e}" for e in errs]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dry", action="store_true", default=os.environ.get("GPU_CHECK_DRY", "0") == "1")
+    p.add_argument("--out", default=os.environ.get("OUT") or "./out")
+    p.add_argument("--tests", default="not run", help="kernel test status to print above the table")
+    args = p.parse_args()
+    if not args.dry and not torch.cuda.is_available():
+        sys.exit("gpu_bench: no CUDA device (use GPU_CHECK_DRY=1 for a CPU dry run)")
+    b = Bench(args.dry)
+    torch.manual_seed(0)
+    try:
+        peaks = b.peaks()
+    except Exception as e:  # the table still comes out, with the ratios to peak as nan
+        print(f"peak measurement failed: {type(e).__name__}: {e}", flush=True)
+        peaks = {"matmul_tflops": float("nan"), "copy_gbps": float("nan")}
+    dev = "cpu (dry run)" if args.dry else torch.cuda.get_device_name()
+    print(f"device: {dev}; peaks {peaks}", flush=True)
+    if args.dry:
+        layers, train_m, decode_m = [(96, 96), (96, 336)], [64, 128], [1, 16]
+    else:
+        layers, train_m, decode_m = [(4096, 4096), (4096, 14336)], [4096, 16384], [1, 16]
+    rows = []
+    for n_in, n_out in layers:
+        for m in train_m:
+            rows += run_case(b, "train", m, n_in, n_out, peaks)
+        for m in decode_m:
+            rows += run_case(b, "decode", m, n_in, n_out, peaks)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in rows[0], k))
+    with open(out / "gpu_bench.csv", "w", newline="") as fh:
+        wr = csv.DictWriter(fh, fieldnames=keys)
+        wr.writeheader()
+        wr.writerows(rows)
+    meta = {"device": dev, "torch": torch.__version__, "peaks": peaks, "tests": args.tests, "rows": rows}
+    (out / "gpu_bench.json").write_text(json.dumps(meta, indent=1))
+    print(f"\nwrote {out / 'gpu_bench.csv'} and {out / 'gpu_bench.json'}\n")
+    print(summary(rows, peaks, args.tests))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,399 @@
+"""Triton kernels for ``gemm_2k`` / ``gemm_2n`` (readable torch references:
+``gemm_2k_reference`` / ``gemm_2n_reference`` in ``gemm.py``).
+
+Imported only when a kernel runs, so the package imports without triton.  Launch
+configurations come from a small shape-keyed table (decode / middle / training), cached;
+when the output has too few tiles to fill the GPU the reduction is split over K into an
+fp32 workspace that a torch sum folds back (decode shapes, ``dyᵀ·t_A``-style weight grads).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .gemm import QUANT_MODES, PackedOperand, Right, gemm_2k_reference, gemm_2n_reference
+
+
+@triton.jit
+def _swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """Grouped tile order: GROUP_M row-blocks share the right operand in L2."""
+    width = GROUP_M * num_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _load_right(ptr, s_ptr, o_ptr, offs_k, offs_n, k_end, N, stride_k, stride_n, ss_k, ss_n,
+                QUANT: tl.constexpr, GROUP: tl.constexpr, K_IS_COL: tl.constexpr, MASK_K: tl.constexpr):
+    """A BK×BN tile of the right operand, dequantised in registers when packed.
+
+    Packed (ops/quant.py layout): int8 ``q·scale[row]``; int4 ``nibble·scale[row, col//g] +
+    offset[row, col//g]`` with two nibbles per byte along the factor's columns.
+    ``K_IS_COL``: the GEMM's K runs along the factor's columns (operand ``Fᵀ``).
+    """
+    kk = offs_k[:, None]
+    nn = offs_n[None, :]
+    if MASK_K:
+        mask = (kk < k_end) & (nn < N)
+    else:
+        mask = (kk >= 0) & (nn < N)
+    if QUANT == 0:
+        b = tl.load(ptr + kk * stride_k + nn * stride_n, mask=mask, other=0.0)
+    elif QUANT == 1:
+        q = tl.load(ptr + kk * stride_k + nn * stride_n, mask=mask, other=0)
+        if K_IS_COL:
+            s = tl.load(s_ptr + nn * ss_n, mask=nn < N, other=0.0)
+        else:
+            s = tl.load(s_ptr + kk * ss_k, mask=kk < k_end, other=0.0)
+        b = (q.to(tl.float32) * s.to(tl.float32)).to(s_ptr.dtype.element_ty)
+    else:
+        if K_IS_COL:
+            byte = tl.load(ptr + (kk // 2) * stride_k + nn * stride_n, mask=mask, other=0)
+            shift = (kk % 2) * 4
+            sidx = (kk // GROUP) * ss_k + nn * ss_n
+        else:
+            byte = tl.load(ptr + kk * stride_k + (nn // 2) * stride_n, mask=mask, other=0)
+            shift = (nn % 2) * 4
+            sidx = kk * ss_k + (nn // GROUP) * ss_n
+        nib = (byte.to(tl.int32) >> shift) & 0xF
+        s = tl.load(s_ptr + sidx, mask=mask, other=0.0)
+        o = tl.load(o_ptr + sidx, mask=mask, other=0.0)
+        b = (nib.to(tl.float32) * s.to(tl.float32) + o.to(tl.float32)).to(s_ptr.dtype.element_ty)
+    return b
+
+
+@triton.jit
+def _dot(acc, a, b, F32: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc += a·b``: tensor cores for matching 16-bit operands, fp32/tf32 otherwise."""
+    if F32:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+    else:
+        acc = tl.dot(a, b.to(a.dtype), acc)
+    return acc
+
+
+@triton.jit
+def _step(acc, a_ptr, offs_m, m_ok, stride_am, stride_ak, b_ptr, s_ptr, o_ptr, offs_n, N,
+          stride_bk, stride_bn, ss_k, ss_n, k0, k_end,
+          QUANT: tl.constexpr, GROUP: tl.constexpr, K_IS_COL: tl.constexpr, F32: tl.constexpr,
+          PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, MASK_K: tl.constexpr):
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    if MASK_K:
+        a_mask = m_ok & (offs_k[None, :] < k_end)
+    else:
+        a_mask = m_ok & (offs_k[None, :] >= 0)
+    a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak, mask=a_mask, other=0.0)
+    b = _load_right(b_ptr, s_ptr, o_ptr, offs_k, offs_n, k_end, N, stride_bk, stride_bn, ss_k, ss_n,
+                    QUANT, GROUP, K_IS_COL, MASK_K)
+    return _dot(acc, a, b, F32, PRECISION)
+
+
+@triton.jit
+def _reduce(acc, a_ptr, offs_m, m_ok, stride_am, stride_ak, b_ptr, s_ptr, o_ptr, offs_n, N,
+            stride_bk, stride_bn, ss_k, ss_n, k_lo, k_hi,
+            QUANT: tl.constexpr, GROUP: tl.constexpr, K_IS_COL: tl.constexpr, F32: tl.constexpr,
+            PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``acc += A[:, k_lo:k_hi]·B[k_lo:k_hi, :]``: whole K tiles without a K mask (so loads
+    vectorise and pipeline whatever the rank), then one masked tail tile."""
+    k_full = k_lo + (k_hi - k_lo) // BLOCK_K * BLOCK_K
+    for k0 in range(k_lo, k_full, BLOCK_K):
+        acc = _step(acc, a_ptr, offs_m, m_ok, stride_am, stride_ak, b_ptr, s_ptr, o_ptr, offs_n, N,
+                    stride_bk, stride_bn, ss_k, ss_n, k0, k_hi,
+                    QUANT, GROUP, K_IS_COL, F32, PRECISION, BLOCK_K, False)
+    if k_full < k_hi:
+        acc = _step(acc, a_ptr, offs_m, m_ok, stride_am, stride_ak, b_ptr, s_ptr, o_ptr, offs_n, N,
+                    stride_bk, stride_bn, ss_k, ss_n, k_full, k_hi,
+                    QUANT, GROUP, K_IS_COL, F32, PRECISION, BLOCK_K, True)
+    return acc
+
+
+@triton.jit
+def _gemm_2k_kernel(
+    a1_ptr, b1_ptr, s1_ptr, o1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr,
+    M, N, K1, K2, k1_per_split, n1_load,
+    stride_a1m, stride_a1k, stride_b1k, stride_b1n, stride_s1k, stride_s1n,
+    stride_a2m, stride_a2k, stride_b2k, stride_b2n,
+    stride_cs, stride_cm, stride_cn,
+    alpha1, alpha2,
+    QUANT1: tl.constexpr, GROUP1: tl.constexpr, K_IS_COL1: tl.constexpr,
+    HAS_SEG2: tl.constexpr, HAS_BIAS: tl.constexpr,
+    F32DOT1: tl.constexpr, F32DOT2: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K2: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """C[split] = α₁·A₁B₁[k-range of this split] (+ α₂·A₂B₂ + bias on split 0).
+
+    B₁ columns are loaded up to ``n1_load`` ≥ N (see ``_load_bound``); the extra columns only
+    reach output columns that are never stored.
+    """
+    pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    pid_k = tl.program_id(1)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    m_ok = offs_m[:, None] < M
+
+    k_start = pid_k * k1_per_split
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _reduce(acc, a1_ptr, offs_m, m_ok, stride_a1m, stride_a1k, b1_ptr, s1_ptr, o1_ptr, offs_n, n1_load,
+                  stride_b1k, stride_b1n, stride_s1k, stride_s1n, k_start, tl.minimum(K1, k_start + k1_per_split),
+                  QUANT1, GROUP1, K_IS_COL1, F32DOT1, PRECISION, BLOCK_K)
+    acc = acc * alpha1
+    if HAS_SEG2:
+        if pid_k == 0:
+            acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc2 = _reduce(acc2, a2_ptr, offs_m, m_ok, stride_a2m, stride_a2k, b2_ptr, b2_ptr, b2_ptr, offs_n, N,
+                           stride_b2k, stride_b2n, 0, 0, 0, K2,
+                           0, 1, False, F32DOT2, PRECISION, BLOCK_K2)
+            acc += acc2 * alpha2
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    c = c_ptr + pid_k * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=m_ok & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _gemm_2n_kernel(
+    a_ptr, b1_ptr, s1_ptr, o1_ptr, b2_ptr, c1_ptr, c2_ptr,
+    M, N1, N2, K, k_per_split, n1_load,
+    stride_am, stride_ak, stride_b1k, stride_b1n, stride_s1k, stride_s1n, stride_b2k, stride_b2n,
+    stride_c1s, stride_c1m, stride_c1n, stride_c2s, stride_c2m, stride_c2n,
+    alpha2,
+    QUANT1: tl.constexpr, GROUP1: tl.constexpr, K_IS_COL1: tl.constexpr,
+    F32DOT1: tl.constexpr, F32DOT2: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """Column blocks [0, nb1) compute C₁ = A·B₁, the rest C₂ = α₂·A·B₂; the grouped order
+    makes the programs of one row-block run together, so A comes from HBM once."""
+    nb1 = tl.cdiv(N1, BLOCK_N)
+    pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), nb1 + tl.cdiv(N2, BLOCK_N2), GROUP_M)
+    pid_k = tl.program_id(1)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    m_ok = offs_m[:, None] < M
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(K, k_start + k_per_split)
+    # each branch names its own tiles: values live past an if/else must agree in type
+    if pid_n < nb1:
+        offs_n1 = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc1 = _reduce(acc1, a_ptr, offs_m, m_ok, stride_am, stride_ak, b1_ptr, s1_ptr, o1_ptr, offs_n1, n1_load,
+                       stride_b1k, stride_b1n, stride_s1k, stride_s1n, k_start, k_end,
+                       QUANT1, GROUP1, K_IS_COL1, F32DOT1, PRECISION, BLOCK_K)
+        c1 = c1_ptr + pid_k * stride_c1s + offs_m[:, None] * stride_c1m + offs_n1[None, :] * stride_c1n
+        tl.store(c1, acc1.to(c1_ptr.dtype.element_ty), mask=m_ok & (offs_n1[None, :] < N1))
+    else:
+        offs_n2 = ((pid_n - nb1) * BLOCK_N2 + tl.arange(0, BLOCK_N2)).to(tl.int64)
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N2), dtype=tl.float32)
+        acc2 = _reduce(acc2, a_ptr, offs_m, m_ok, stride_am, stride_ak, b2_ptr, b2_ptr, b2_ptr, offs_n2, N2,
+                       stride_b2k, stride_b2n, 0, 0, k_start, k_end,
+                       0, 1, False, F32DOT2, PRECISION, BLOCK_K)
+        acc2 = acc2 * alpha2
+        c2 = c2_ptr + pid_k * stride_c2s + offs_m[:, None] * stride_c2m + offs_n2[None, :] * stride_c2n
+        tl.store(c2, acc2.to(c2_ptr.dtype.element_ty), mask=m_ok & (offs_n2[None, :] < N2))
+
+
+# ----------------------------------------------------------------------------- launch side
+
+
+class Config(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+    split_k: int
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _pow2_clamp(n: int, hi: int) -> int:
+    return max(16, min(hi, triton.next_power_of_2(n)))
+
+
+@functools.lru_cache(maxsize=4096)
+def config(m: int, n: int, k: int, f32: bool, sms: int, interpret: bool) -> Config:
+    """Launch configuration for an M×N×K GEMM (cached per shape class).
+
+    decode (M ≤ 16): BLOCK_M 16, wide K tiles, BLOCK_N 32 when 64 leaves SMs idle
+    (weight-bandwidth bound: every SM should stream weights);
+    training (M ≥ 1024): 128×128×64, 8 warps, 3 stages (Hopper tensor cores);
+    middle: 64×128×64.  fp32 operands halve BLOCK_K to stay inside shared memory.
+    Fewer tiles than half the SMs: split K (fp32 partials, summed by the launcher).
+    Under the interpreter tiles are small: it runs every program in numpy.
+    """
+    if interpret:
+        bm, bn, bk, group, warps, stages = 32, 32, 32, 4, 1, 1
+    elif m <= 16:
+        bm, bn, bk, group, warps, stages = 16, 64 if triton.cdiv(n, 64) >= sms else 32, 128, 1, 4, 4
+    elif m >= 1024:
+        bm, bn, bk, group, warps, stages = 128, 128, 64, 8, 8, 3
+    else:
+        bm, bn, bk, group, warps, stages = 64, 128, 64, 8, 4, 3
+    if f32 and not interpret:
+        bk //= 2
+    bm, bn, bk = _pow2_clamp(m, bm), _pow2_clamp(n, bn), _pow2_clamp(k, bk)
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    split = 1
+    if 2 * tiles < sms:
+        split = max(1, min(triton.cdiv(2 * sms, tiles), k // (2 * bk), 32))
+    return Config(bm, bn, bk, group, warps, stages, split)
+
+
+def _sms(device: torch.device) -> int:
+    return 16 if device.type != "cuda" else _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _precision() -> str:
+    """fp32 dots follow torch's matmul precision setting (tf32 unless it is 'highest')."""
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def _f32_dot(a: torch.dtype, b: torch.dtype) -> bool:
+    """Whether a·b runs in fp32: mixed or fp32 operands, and bf16 under the interpreter, whose
+    bf16 ``tl.dot`` returns garbage (triton 3.9); bf16 products are exact in fp32 anyway."""
+    if _interpreted() and torch.bfloat16 in (a, b):
+        return True
+    return not (a == b and a in (torch.float16, torch.bfloat16))
+
+
+def _pad16(n: int) -> int:
+    return -(-n // 16) * 16
+
+
+def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every kernel output comes from here (tests poison it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _load_bound(b: torch.Tensor) -> int:
+    """Columns the kernel may load from the K×N operand ``b``: N rounded up to 16 when ``b`` is
+    contiguous along N and its storage holds that many columns in every row (padded rows,
+    e.g. ``aligned_rows``), else N.  A 16-aligned bound keeps the N mask constant over 16
+    columns, so loads vectorise; column j of the product only depends on column j of ``b``,
+    so the extra (padding) columns only reach outputs that are never stored."""
+    k, n = b.shape
+    n16 = _pad16(n)
+    if n16 == n or k == 0 or b.stride(1) != 1 or b.stride(0) < n16:
+        return n
+    end = b.storage_offset() + (k - 1) * b.stride(0) + n16
+    return n16 if end * b.element_size() <= b.untyped_storage().nbytes() else n
+
+
+class _RightArgs(NamedTuple):
+    ptr: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor
+    stride_k: int
+    stride_n: int
+    ss_k: int
+    ss_n: int
+    quant: int
+    group: int
+    k_is_col: bool
+    dtype: torch.dtype
+    n_load: int
+
+
+def _right_args(b: Right) -> _RightArgs:
+    """Kernel arguments for a K×N right operand; packed strides are in (k, n) order."""
+    if not isinstance(b, PackedOperand):
+        return _RightArgs(b, b, b, b.stride(0), b.stride(1), 0, 0, 0, 1, False, b.dtype, _load_bound(b))
+    p = b.factor
+    scale = p.scale.contiguous()
+    offset = p.offset.contiguous() if p.offset is not None else scale
+    q0, q1 = p.qweight.stride()
+    s0, s1 = scale.stride()
+    sk, sn, ssk, ssn = (q1, q0, s1, s0) if b.trans else (q0, q1, s0, s1)
+    group = p.group_size if p.fmt == "int4" else 1
+    return _RightArgs(p.qweight, scale, offset, sk, sn, ssk, ssn, QUANT_MODES[p.fmt], group, b.trans, p.dtype, b.shape[1])
+
+
+def gemm_2k(a1, b1: Right, a2, b2, alpha1: float, alpha2: float, bias, out_dtype: torch.dtype) -> torch.Tensor:
+    m, k1 = a1.shape
+    n = b1.shape[1]
+    k2 = a2.shape[1] if a2 is not None else 0
+    if m == 0 or n == 0 or k1 == 0:  # nothing to launch (e.g. no tokens): the reference is exact
+        return gemm_2k_reference(a1, b1, a2, b2, alpha1, alpha2, bias, out_dtype)
+    r = _right_args(b1)
+    f32_1 = _f32_dot(a1.dtype, r.dtype)
+    f32_2 = a2 is not None and _f32_dot(a2.dtype, b2.dtype)
+    cfg = config(m, n, k1, f32_1, _sms(a1.device), _interpreted())
+    k_per = triton.cdiv(triton.cdiv(k1, cfg.split_k), cfg.block_k) * cfg.block_k
+    split = triton.cdiv(k1, k_per)
+    c = _alloc((split, m, n), torch.float32 if split > 1 else out_dtype, a1.device)
+    seg2 = a2 is not None and k2 > 0
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
+    _gemm_2k_kernel[grid](
+        a1, r.ptr, r.scale, r.offset, a2 if seg2 else a1, b2 if seg2 else a1,
+        bias if bias is not None else a1, c,
+        m, n, k1, k2, k_per, r.n_load,
+        a1.stride(0), a1.stride(1), r.stride_k, r.stride_n, r.ss_k, r.ss_n,
+        a2.stride(0) if seg2 else 0, a2.stride(1) if seg2 else 0,
+        b2.stride(0) if seg2 else 0, b2.stride(1) if seg2 else 0,
+        c.stride(0), c.stride(1), c.stride(2),
+        float(alpha1), float(alpha2),
+        QUANT1=r.quant, GROUP1=r.group, K_IS_COL1=r.k_is_col,
+        HAS_SEG2=seg2, HAS_BIAS=bias is not None and split == 1,
+        F32DOT1=f32_1, F32DOT2=f32_2, PRECISION=_precision(),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        BLOCK_K2=_pow2_clamp(k2, 32 if f32_2 else 64), GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split == 1:
+        return c[0]
+    acc = c.sum(0)
+    if bias is not None:
+        acc += bias.float()
+    return acc.to(out_dtype)
+
+
+def gemm_2n(a, b1: Right, b2, alpha2: float, out_dtypes: tuple[torch.dtype, torch.dtype]) -> tuple[torch.Tensor, torch.Tensor]:
+    m, k = a.shape
+    n1, n2 = b1.shape[1], b2.shape[1]
+    if m == 0 or k == 0 or n1 == 0 or n2 == 0:  # nothing to launch: the reference is exact
+        return gemm_2n_reference(a, b1, b2, alpha2, out_dtypes)
+    r = _right_args(b1)
+    f32_1, f32_2 = _f32_dot(a.dtype, r.dtype), _f32_dot(a.dtype, b2.dtype)
+    cfg = config(m, n1 + n2, k, f32_1 or f32_2, _sms(a.device), _interpreted())
+    block_n2 = _pow2_clamp(n2, cfg.block_n)
+    k_per = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+    split = triton.cdiv(k, k_per)
+    d1, d2 = (torch.float32, torch.float32) if split > 1 else out_dtypes
+    # C₁ (t_v, dt_v) is an intermediate of the op: rows padded to 16 elements keep the next
+    # GEMM's loads aligned (vectorised, pipelined) whatever the rank.  C₂ (t_A) is returned by
+    # the forward op, so it stays contiguous like its fake (meta) version.
+    c1 = _alloc((split, m, _pad16(n1)), d1, a.device)[..., :n1]
+    c2 = _alloc((split, m, n2), d2, a.device)
+    grid = (triton.cdiv(m, cfg.block_m) * (triton.cdiv(n1, cfg.block_n) + triton.cdiv(n2, block_n2)), split)
+    _gemm_2n_kernel[grid](
+        a, r.ptr, r.scale, r.offset, b2, c1, c2,
+        m, n1, n2, k, k_per, r.n_load,
+        a.stride(0), a.stride(1), r.stride_k, r.stride_n, r.ss_k, r.ss_n, b2.stride(0), b2.stride(1),
+        c1.stride(0), c1.stride(1), c1.stride(2), c2.stride(0), c2.stride(1), c2.stride(2),
+        float(alpha2),
+        QUANT1=r.quant, GROUP1=r.group, K_IS_COL1=r.k_is_col,
+        F32DOT1=f32_1, F32DOT2=f32_2, PRECISION=_precision(),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_N2=block_n2, BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split == 1:
+        return c1[0], c2[0]
+    return c1.sum(0).to(out_dtypes[0]), c2.sum(0).to(out_dtypes[1])

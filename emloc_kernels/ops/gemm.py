@@ -1,0 +1,154 @@
+"""The two generic GEMMs every fused op is built from, with their torch references.
+
+* ``gemm_2k``: ``C = α₁·A₁B₁ + α₂·A₂B₂ + bias`` -- two K segments accumulated into one
+  fp32 tile (e.g. ``[t_v | s·t_A]·[u | B]ᵀ``) without concatenating anything in memory.
+* ``gemm_2n``: ``C₁ = A·B₁``, ``C₂ = α₂·A·B₂`` -- two N segments fed by one read of ``A``
+  (e.g. ``x·[v; A]ᵀ``).
+
+Right operands are K×N: any strided tensor view (a transposed weight is just ``w.t()``)
+or a :class:`PackedOperand` that the Triton kernels dequantise inside the tile loop.
+Operands may have different dtypes: two 16-bit operands of the same dtype are multiplied
+on tensor cores, anything else in fp32 (tf32 when torch allows it); accumulation is fp32.
+
+``use_triton`` is the single dispatch point: Triton for CUDA tensors, Triton's
+interpreter for CPU tensors under ``TRITON_INTERPRET=1``, the torch reference otherwise
+or when ``EMLOC_FORCE_REFERENCE=1``.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import NamedTuple, Union
+
+import torch
+
+from .quant import PackedFactor, dequantize_reference
+
+
+QUANT_MODES = {"int8": 1, "int4": 2}  # kernel constexpr for a packed right operand (0: float)
+
+
+class PackedOperand(NamedTuple):
+    """A packed factor ``F`` (N_f×K_f) used as the K×N right operand ``Fᵀ`` (``trans``) or ``F``."""
+
+    factor: PackedFactor
+    trans: bool
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n_f, k_f = self.factor.shape
+        return (k_f, n_f) if self.trans else (n_f, k_f)
+
+
+Right = Union[torch.Tensor, PackedOperand]
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether the op on ``t``'s device runs the Triton kernels (else the torch reference)."""
+    if os.environ.get("EMLOC_FORCE_REFERENCE", "0") == "1":
+        return False
+    if t.is_cuda:
+        return _triton_importable()
+    return t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1" and _triton_importable()
+
+
+def aligned_rows(t: torch.Tensor, multiple: int = 16) -> torch.Tensor:
+    """A copy of the 2-D ``t`` whose row stride is a multiple of ``multiple`` elements.
+
+    Do it once when a frozen factor is built: with ranks like 819 or 1274 a contiguous
+    ``u`` (out×r) has misaligned rows, which stops the kernels' vectorised, pipelined loads.
+    """
+    if t.ndim != 2:
+        raise ValueError(f"aligned_rows: t must be 2-D, got shape {tuple(t.shape)}")
+    cols = -(-t.shape[1] // multiple) * multiple
+    out = t.new_zeros(t.shape[0], cols)[:, : t.shape[1]]
+    out.copy_(t)
+    return out
+
+
+def dense(b: Right) -> torch.Tensor:
+    """The right operand as a plain K×N tensor (dequantised when packed)."""
+    if isinstance(b, PackedOperand):
+        w = dequantize_reference(b.factor)
+        return w.t() if b.trans else w
+    return b
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` in their common dtype; mixed dtypes are promoted (a bf16 · b fp32 → fp32)."""
+    dt = torch.promote_types(a.dtype, b.dtype)
+    return a.to(dt) @ b.to(dt)
+
+
+def gemm_2k_reference(a1, b1, a2=None, b2=None, alpha1=1.0, alpha2=1.0, bias=None, out_dtype=None):
+    """``α₁·A₁B₁ + α₂·A₂B₂ + bias`` in plain torch, summed in fp32 and cast once."""
+    acc = alpha1 * _mm(a1, dense(b1)).float()
+    if a2 is not None:
+        acc = acc + alpha2 * _mm(a2, dense(b2)).float()
+    if bias is not None:
+        acc = acc + bias.float()
+    return acc.to(out_dtype or a1.dtype)
+
+
+def gemm_2n_reference(a, b1, b2, alpha2=1.0, out_dtypes=None):
+    """``(A·B₁, α₂·A·B₂)`` in plain torch."""
+    d1, d2 = out_dtypes or (a.dtype, a.dtype)
+    return _mm(a, dense(b1)).to(d1), (alpha2 * _mm(a, dense(b2)).float()).to(d2)
+
+
+def _check_k(name: str, a: torch.Tensor, b: Right) -> None:
+    if a.ndim != 2 or len(b.shape) != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"{name}: left operand must be M×K and right K×N; got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+def gemm_2k(
+    a1: torch.Tensor,
+    b1: Right,
+    a2: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    *,
+    alpha1: float = 1.0,
+    alpha2: float = 1.0,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    triton: bool,
+) -> torch.Tensor:
+    """``C = α₁·A₁B₁ + α₂·A₂B₂ + bias`` (M×N, ``out_dtype`` or A₁'s dtype); segment 2 optional."""
+    _check_k("gemm_2k segment 1", a1, b1)
+    if a2 is not None:
+        _check_k("gemm_2k segment 2", a2, b2)
+        if a2.shape[0] != a1.shape[0] or b2.shape[1] != b1.shape[1]:
+            raise ValueError(f"gemm_2k: segments disagree on M×N: {tuple(a1.shape)}·{tuple(b1.shape)} vs {tuple(a2.shape)}·{tuple(b2.shape)}")
+    if not triton:
+        return gemm_2k_reference(a1, b1, a2, b2, alpha1, alpha2, bias, out_dtype)
+    from . import _triton_gemm
+
+    return _triton_gemm.gemm_2k(a1, b1, a2, b2, alpha1, alpha2, bias, out_dtype or a1.dtype)
+
+
+def gemm_2n(
+    a: torch.Tensor,
+    b1: Right,
+    b2: torch.Tensor,
+    *,
+    alpha2: float = 1.0,
+    out_dtypes: tuple[torch.dtype, torch.dtype] | None = None,
+    triton: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A·B₁, α₂·A·B₂)`` with one pass over ``A``; dtypes default to A's."""
+    _check_k("gemm_2n segment 1", a, b1)
+    _check_k("gemm_2n segment 2", a, b2)
+    if not triton:
+        return gemm_2n_reference(a, b1, b2, alpha2, out_dtypes)
+    from . import _triton_gemm
+
+    return _triton_gemm.gemm_2n(a, b1, b2, alpha2, out_dtypes or (a.dtype, a.dtype))

@@ -1,0 +1,269 @@
+"""lowrank_lora / dense_lora: forward and every gradient against an fp64 reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from emloc_kernels import LowRankLinear, ops
+from emloc_kernels.ops import dense_lora_reference, lowrank_lora_reference
+from kernel_utils import DEVICES, INTERPRET, kernels_ran, rel_err, strided, tol
+
+# (lead shape of x, in, out, emulator rank r, LoRA rank ρ); no size is a block multiple.
+# "decode" has M = 3 and long reductions, so the split-K path runs (see test_split_k_is_exercised).
+SHAPES = {"train": ((2, 19), 70, 45, 23, 5), "decode": ((3,), 150, 37, 130, 1)}
+
+# (x dtype, LoRA dtype or None, bias, strided inputs, shape)
+CASES = [
+    (torch.float32, torch.float32, True, False, "train"),
+    (torch.bfloat16, torch.float32, True, True, "train"),
+    (torch.bfloat16, torch.bfloat16, False, False, "decode"),
+    (torch.float16, torch.float16, True, True, "decode"),
+    (torch.float16, torch.float32, False, False, "train"),
+    (torch.float32, None, True, True, "decode"),
+    (torch.bfloat16, None, False, False, "train"),
+]
+
+
+def _ids(case):
+    dt, ldt, bias, strd, shape = case
+    return f"{str(dt)[6:]}-lora_{str(ldt)[6:] if ldt else 'none'}-{'bias' if bias else 'nobias'}-{'strided' if strd else 'contig'}-{shape}"
+
+
+def _inputs(device, dt, ldt, with_bias, strd, shape, dense=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lead, n_in, n_out, r, rho = SHAPES[shape]
+    rnd = lambda *s, dtype=dt, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dtype)  # noqa: E731
+    t = {"x": rnd(*lead, n_in)}
+    if dense:
+        t["weight"] = rnd(n_out, n_in, scale=n_in**-0.5)
+    else:
+        t["u"], t["v"] = rnd(n_out, r, scale=r**-0.5), rnd(r, n_in, scale=n_in**-0.5)
+    if ldt is not None:
+        t["lora_a"], t["lora_b"] = rnd(rho, n_in, dtype=ldt, scale=n_in**-0.5), rnd(n_out, rho, dtype=ldt)
+    if with_bias:
+        t["bias"] = rnd(n_out)
+    if strd:
+        t = {k: strided(v) for k, v in t.items()}
+    grads = [k for k in ("x", "lora_a", "lora_b", "bias") if k in t]
+    for k in grads:
+        t[k].requires_grad_(True)
+    return t, grads
+
+
+def _check_against_fp64(fn, ref, t, grads, dt, device, scaling):
+    y = fn(**t, scaling=scaling)
+    assert y.dtype == dt and y.shape == (*t["x"].shape[:-1], (t.get("u") if "u" in t else t["weight"]).shape[0])
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dt)
+    got = torch.autograd.grad(y, [t[k] for k in grads], dy)
+    t64 = {k: v.detach().double().requires_grad_(k in grads) for k, v in t.items()}
+    y64 = ref(**t64, scaling=scaling)
+    want = torch.autograd.grad(y64, [t64[k] for k in grads], dy.double())
+    bound = tol(dt, device)
+    assert rel_err(y, y64) < bound, ("y", rel_err(y, y64))
+    for k, gv, wv in zip(grads, got, want):
+        assert gv.dtype == t[k].dtype and gv.shape == t[k].shape
+        assert rel_err(gv, wv) < bound, (k, rel_err(gv, wv))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_lowrank_lora_matches_fp64(device, case):
+    dt, ldt, with_bias, strd, shape = case
+    t, grads = _inputs(device, dt, ldt, with_bias, strd, shape)
+    _check_against_fp64(ops.lowrank_lora, lowrank_lora_reference, t, grads, dt, device, scaling=0.75)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [c for c in CASES if c[1] is not None][:4], ids=_ids)
+def test_dense_lora_matches_fp64(device, case):
+    dt, ldt, with_bias, strd, shape = case
+    t, grads = _inputs(device, dt, ldt, with_bias, strd, shape, dense=True)
+    _check_against_fp64(ops.dense_lora, dense_lora_reference, t, grads, dt, device, scaling=1.5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradients_without_dx(device):
+    """x that needs no grad (first layer): the LoRA grads are still exact and dx is skipped."""
+    t, _ = _inputs(device, torch.float32, torch.float32, True, False, "train")
+    t["x"].requires_grad_(False)
+    t["bias"].requires_grad_(False)
+    _check_against_fp64(ops.lowrank_lora, lowrank_lora_reference, t, ["lora_a", "lora_b"], torch.float32, device, 2.0)
+
+
+def test_split_k_is_exercised():
+    """The decode shapes above must reach the split-K path of both kernels."""
+    if not INTERPRET:
+        pytest.skip("only meaningful for the interpreter's launch table")
+    from emloc_kernels.ops._triton_gemm import _sms, config
+
+    _, n_in, n_out, r, rho = SHAPES["decode"]
+    cpu = torch.device("cpu")
+    assert config(3, r + rho, n_in, True, _sms(cpu), True).split_k > 1  # shrink (gemm_2n)
+    assert config(3, n_out, r, True, _sms(cpu), True).split_k > 1  # expand (gemm_2k)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lowrank_linear_module(device):
+    """LowRankLinear.forward (no LoRA) equals (x vᵀ) uᵀ + b, and trains its bias."""
+    g = torch.Generator().manual_seed(3)
+    u, v, b = torch.randn(29, 7, generator=g), torch.randn(7, 33, generator=g), torch.randn(29, generator=g)
+    layer = LowRankLinear.from_factors(u, v, b.requires_grad_()).to(device)
+    x = torch.randn(2, 5, 33, generator=g).to(device)
+    y = layer(x)
+    y.square().sum().backward()
+    x64, b64 = x.double(), b.detach().double().requires_grad_()
+    y64 = (x64 @ v.double().t().to(device)) @ u.double().t().to(device) + b64.to(device)
+    y64.square().sum().backward()
+    assert rel_err(y, y64) < tol(torch.float32, device)
+    assert rel_err(layer.bias.grad, b64.grad) < tol(torch.float32, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_casts_like_f_linear(device):
+    """Under autocast fp32 inputs are cast to the autocast dtype, output in that dtype."""
+    t, grads = _inputs(device, torch.float32, torch.float32, True, False, "train")
+    dt = torch.bfloat16
+    with torch.autocast(device, dtype=dt):
+        y = ops.lowrank_lora(**t, scaling=0.5)
+    assert y.dtype == dt
+    cast = {k: v.detach().to(dt).double() for k, v in t.items()}
+    assert rel_err(y, lowrank_lora_reference(**cast, scaling=0.5)) < tol(dt, device)
+    y.float().sum().backward()
+    assert all(t[k].grad is not None and t[k].grad.dtype == torch.float32 for k in grads)
+
+
+def test_dispatch(monkeypatch):
+    """CPU tensors run the kernels only under the interpreter; EMLOC_FORCE_REFERENCE wins."""
+    monkeypatch.delenv("EMLOC_FORCE_REFERENCE", raising=False)
+    assert kernels_ran("cpu") == INTERPRET
+    monkeypatch.setenv("EMLOC_FORCE_REFERENCE", "1")
+    assert not kernels_ran("cpu")
+    monkeypatch.delenv("EMLOC_FORCE_REFERENCE")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not kernels_ran("cpu")
+
+
+def _good():
+    t, _ = _inputs("cpu", torch.float32, torch.float32, True, False, "train")
+    return {k: v.detach() for k, v in t.items()}
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda t: t.update(x=t["x"].to(torch.float64)), "x must be a float32/float16/bfloat16"),
+        (lambda t: t.update(x=t["x"][..., :-1]), "x's last dimension must be in_features=70"),
+        (lambda t: t.update(v=t["v"][:-1]), r"v must have shape \(23, 70\)"),
+        (lambda t: t.update(v=t["v"][0]), "v must be a 2-D tensor or PackedFactor"),
+        (lambda t: t.update(u=t["u"].half()), "u must have x's dtype"),
+        (lambda t: t.update(u=t["u"].clone().requires_grad_()), "u is a frozen factor"),
+        (lambda t: t.pop("lora_b"), "lora_a and lora_b must be given together"),
+        (lambda t: t.update(lora_b=t["lora_b"][:-1]), r"lora_b must have shape \(45, 5\)"),
+        (lambda t: t.update(lora_a=t["lora_a"].double(), lora_b=t["lora_b"].double()), "float32 or x's"),
+        (lambda t: t.update(bias=t["bias"][:3]), r"bias must be a \(45,\) tensor"),
+        (lambda t: t.update(u="nope"), "u must be a 2-D tensor or PackedFactor"),
+    ],
+)
+def test_bad_input_is_named(change, match):
+    t = _good()
+    change(t)
+    with pytest.raises((ValueError, TypeError), match=match):
+        ops.lowrank_lora(**t)
+
+
+def test_dense_bad_input_is_named():
+    t, _ = _inputs("cpu", torch.float32, torch.float32, False, False, "train", dense=True)
+    t = {k: v.detach() for k, v in t.items()}
+    with pytest.raises(ValueError, match="weight is a frozen factor"):
+        ops.dense_lora(**{**t, "weight": t["weight"].clone().requires_grad_()})
+    with pytest.raises(ValueError, match="lora_a and lora_b are required"):
+        ops.dense_lora(t["x"], t["weight"], None, None)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m", [1, 16, 300, 1100], ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("lora_dtype", [torch.bfloat16, torch.float32], ids=lambda d: f"lora_{str(d)[6:]}")
+def test_gpu_launch_classes(m, lora_dtype):
+    """Decode, middle and training launch configurations (split-K included) on odd sizes."""
+    g = torch.Generator().manual_seed(7)
+    n_in, n_out, r, rho = 1000, 1500, 333, 16
+    rnd = lambda *s, dt=torch.bfloat16, scale=1.0: (torch.randn(*s, generator=g) * scale).to("cuda", dt)  # noqa: E731
+    t = {"x": rnd(m, n_in), "u": rnd(n_out, r, scale=r**-0.5), "v": rnd(r, n_in, scale=n_in**-0.5),
+         "lora_a": rnd(rho, n_in, dt=lora_dtype, scale=n_in**-0.5), "lora_b": rnd(n_out, rho, dt=lora_dtype),
+         "bias": rnd(n_out)}
+    grads = ["x", "lora_a", "lora_b", "bias"]
+    for k in grads:
+        t[k].requires_grad_(True)
+    _check_against_fp64(ops.lowrank_lora, lowrank_lora_reference, t, grads, torch.bfloat16, "cuda", scaling=2.0)
+    dense = {k: v for k, v in t.items() if k not in ("u", "v")}
+    dense["weight"] = (t["u"].float() @ t["v"].float()).bfloat16()
+    _check_against_fp64(ops.dense_lora, dense_lora_reference, dense, grads, torch.bfloat16, "cuda", scaling=2.0)
+
+
+def test_imports_and_falls_back_without_triton():
+    """With triton missing the package imports and every device takes the torch reference."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch; from emloc_kernels import ops; from emloc_kernels.ops.gemm import use_triton\n"
+        "assert not use_triton(torch.empty(1))\n"
+        "x, u, v = torch.randn(3, 8), torch.randn(5, 2), torch.randn(2, 8)\n"
+        "torch.testing.assert_close(ops.lowrank_lora(x, u, v), ops.lowrank_lora_reference(x, u, v))\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_tokens(device):
+    """x with no rows: empty output, zero LoRA gradients, no launch on an empty grid."""
+    t, grads = _inputs(device, torch.float32, torch.float32, True, False, "train")
+    x = t["x"].detach()[:, :0].requires_grad_()
+    y = ops.lowrank_lora(**{**t, "x": x})
+    assert y.shape == (2, 0, 45)
+    dx, da, db, dbias = torch.autograd.grad(y.sum(), [x, t["lora_a"], t["lora_b"], t["bias"]])
+    assert dx.shape == x.shape and not da.any() and not db.any() and not dbias.any()
+
+
+def _nan_padded(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with rows padded to 16 elements of NaN (the layout ``ops.aligned_rows`` makes)."""
+    cols = -(-t.shape[1] // 16) * 16
+    out = torch.full((t.shape[0], cols), float("nan"), dtype=t.dtype, device=t.device)[:, : t.shape[1]]
+    return out.copy_(t)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_padded_rows_never_leak(device):
+    """Kernels may load a padded row's extra columns (vectorised loads); garbage there -- NaN
+    here -- must never reach a stored element."""
+    t, grads = _inputs(device, torch.float32, torch.float32, True, False, "train")
+    t["u"], t["v"] = _nan_padded(t["u"]), _nan_padded(t["v"])
+    t["x"] = _nan_padded(t["x"].detach().reshape(-1, 70)).reshape(2, 19, 70).requires_grad_()
+    assert ops.aligned_rows(t["u"]).stride(0) % 16 == 0
+    _check_against_fp64(ops.lowrank_lora, lowrank_lora_reference, t, grads, torch.float32, device, scaling=0.5)
+    dense = {k: v for k, v in t.items() if k not in ("u", "v")}
+    dense["weight"] = _nan_padded(t["u"] @ t["v"])
+    _check_against_fp64(ops.dense_lora, dense_lora_reference, dense, grads, torch.float32, device, scaling=0.5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bias_only_gradient(device):
+    """Only the bias trains (LowRankLinear without LoRA on a frozen input): dbias = Σ dy."""
+    t, _ = _inputs(device, torch.float32, None, True, False, "decode")
+    t["x"].requires_grad_(False)
+    _check_against_fp64(ops.lowrank_lora, lowrank_lora_reference, t, ["bias"], torch.float32, device, 1.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_expanded_output_gradient(device):
+    """``y.sum().backward()`` hands the backward a stride-0 (expanded) dy."""
+    t, grads = _inputs(device, torch.float32, torch.float32, True, False, "train")
+    got = torch.autograd.grad(ops.lowrank_lora(**t, scaling=0.5).sum(), [t[k] for k in grads])
+    t64 = {k: v.detach().double().requires_grad_(k in grads) for k, v in t.items()}
+    want = torch.autograd.grad(lowrank_lora_reference(**t64, scaling=0.5).sum(), [t64[k] for k in grads])
+    for k, gv, wv in zip(grads, got, want):
+        assert rel_err(gv, wv) < tol(torch.float32, device), k

@@ -1,0 +1,103 @@
+"""lowrank_lora with packed (int8 / int4) emulator factors: the kernels dequantise in the
+tile loop; the expected result is dequantize_reference followed by the fp64 float reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from emloc_kernels import ops
+from emloc_kernels.ops.quant import PackedFactor, dequantize_reference
+from kernel_utils import DEVICES, rel_err, tol
+
+
+def random_packed(n: int, k: int, fmt: str, group: int, dtype: torch.dtype, g: torch.Generator) -> PackedFactor:
+    """A random factor in the ops/quant.py layout (values need not come from a real matrix)."""
+    if fmt == "int8":
+        q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        scale = (torch.rand(n, 1, generator=g) + 0.5) / (127 * k**0.5)
+        return PackedFactor(q, scale.to(dtype), None, "int8", (n, k))
+    kp = -(-k // group) * group
+    q = torch.randint(0, 256, (n, kp // 2), generator=g, dtype=torch.uint8)
+    scale = (torch.rand(n, kp // group, generator=g) + 0.5) / (8 * k**0.5)
+    offset = -7.5 * scale + torch.randn(n, kp // group, generator=g) * 0.1 / k**0.5
+    return PackedFactor(q, scale.to(dtype), offset.to(dtype), "int4", (n, k), group)
+
+
+def _to(p: PackedFactor, device: str) -> PackedFactor:
+    off = None if p.offset is None else p.offset.to(device)
+    return PackedFactor(p.qweight.to(device), p.scale.to(device), off, p.fmt, p.shape, p.group_size)
+
+
+# (x dtype, u format, v format, group size, lead shape of x, in, out, r)
+CASES = [
+    (torch.bfloat16, "int8", "int8", 0, (2, 9), 150, 37, 70),
+    (torch.float16, "int4", "int4", 64, (3,), 150, 37, 130),
+    (torch.bfloat16, None, "int4", 128, (2, 9), 150, 45, 23),
+    (torch.float16, "int4", "int8", 128, (3,), 70, 140, 37),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{str(c[0])[6:]}-u_{c[1]}-v_{c[2]}-g{c[3]}-M{c[4]}")
+def test_packed_factors_match_dequantised_reference(device, case):
+    dt, ufmt, vfmt, group, lead, n_in, n_out, r = case
+    g = torch.Generator().manual_seed(5)
+    u = random_packed(n_out, r, ufmt, group, dt, g) if ufmt else (torch.randn(n_out, r, generator=g) / r**0.5).to(dt)
+    v = random_packed(r, n_in, vfmt, group, dt, g)
+    x = torch.randn(*lead, n_in, generator=g).to(device=device, dtype=dt).requires_grad_()
+    a = (torch.randn(5, n_in, generator=g) / n_in**0.5).to(device).requires_grad_()
+    b = torch.randn(n_out, 5, generator=g).to(device).requires_grad_()
+    u = _to(u, device) if ufmt else u.to(device)
+    v = _to(v, device)
+
+    y = ops.lowrank_lora(x, u, v, a, b, 0.5)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(6)).to(device=device, dtype=dt)
+    got = torch.autograd.grad(y, (x, a, b), dy)
+
+    u64 = (dequantize_reference(u) if ufmt else u).double()
+    v64 = dequantize_reference(v).double()
+    ins = [t.detach().double().requires_grad_() for t in (x, a, b)]
+    y64 = ops.lowrank_lora_reference(ins[0], u64, v64, ins[1], ins[2], 0.5)
+    want = torch.autograd.grad(y64, ins, dy.double())
+    assert rel_err(y, y64) < tol(dt, device)
+    for name, gv, wv in zip("x a b".split(), got, want):
+        assert rel_err(gv, wv) < tol(dt, device), name
+
+
+def test_packed_factor_bad_format_is_named():
+    g = torch.Generator().manual_seed(0)
+    v = random_packed(8, 16, "int8", 0, torch.float32, g)
+    v.fmt = "int3"
+    with pytest.raises(ValueError, match=r"v.fmt must be one of \('int8', 'int4'\)"):
+        ops.lowrank_lora(torch.randn(2, 16), torch.randn(4, 8), v)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m", [1, 16, 300], ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("fmt, group", [("int8", 0), ("int4", 64), ("int4", 128)])
+def test_packed_gpu_launch_classes(m, fmt, group):
+    """Packed factors through the decode (split-K) and middle launch configurations."""
+    g = torch.Generator().manual_seed(8)
+    n_in, n_out, r = 1000, 1500, 333
+    u = _to(random_packed(n_out, r, fmt, group, torch.bfloat16, g), "cuda")
+    v = _to(random_packed(r, n_in, fmt, group, torch.bfloat16, g), "cuda")
+    x = torch.randn(m, n_in, generator=g).to("cuda", torch.bfloat16)
+    y = ops.lowrank_lora(x, u, v)
+    want = ops.lowrank_lora_reference(x.double(), dequantize_reference(u).double(), dequantize_reference(v).double())
+    assert rel_err(y, want) < tol(torch.bfloat16, "cuda")
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("qweight", lambda p: p.qweight[:, :-1], r"v.qweight must be a \(8, 64\) torch.uint8 tensor"),
+        ("scale", lambda p: p.scale[:, :1], r"v.scale must be a \(8, 2\) float tensor"),
+        ("offset", lambda p: None, r"v.offset must be a \(8, 2\) float tensor"),
+        ("group_size", lambda p: 32, r"v.group_size must be one of \(64, 128\)"),
+    ],
+)
+def test_packed_layout_errors_are_named(field, value, match):
+    v = random_packed(8, 100, "int4", 64, torch.float32, torch.Generator().manual_seed(0))
+    setattr(v, field, value(v))
+    with pytest.raises(ValueError, match=match):
+        ops.lowrank_lora(torch.randn(2, 100), torch.randn(4, 8), v)
