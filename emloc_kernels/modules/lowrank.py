@@ -68,6 +68,16 @@ class LowRankLinear(nn.Linear):
         w = self.u.to(compute) @ self.v.to(compute)
         return w.to(dtype or self.u.dtype)
 
+    def _apply(self, fn, recurse=True):
+        """After ``.to()``/``.cuda()``, pad the rows of CUDA factors to 16 elements
+        (:func:`ops.aligned_rows`): ranks such as 819 otherwise defeat the kernels' wide loads."""
+        super()._apply(fn, recurse)
+        for name in ("u", "v"):
+            p = self._parameters.get(name)
+            if p is not None and p.is_cuda and p.stride(0) % 16:
+                p.data = ops.aligned_rows(p.data)
+        return self
+
     def factors(self):
         """``(u, v)`` as the ops take them (packed factors in the quantised subclass)."""
         return self.u, self.v
