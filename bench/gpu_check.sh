@@ -10,7 +10,7 @@ mkdir -p "$OUT"
 start=$(date +%s)
 python3 -c "import torch, triton, transformers, peft, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" 2>&1 | tee "$OUT/versions.txt"
 # each phase is bounded so that one slow phase cannot eat the whole device lease
-timeout 240 python3 -m pytest tests/kernels -m "not slow" -x -q -p no:cacheprovider 2>&1 | tee "$OUT/kernel_tests.log"
+timeout 240 python3 -m pytest tests/kernels -m "not slow" -q -p no:cacheprovider 2>&1 | tee "$OUT/kernel_tests.log"
 rc=${PIPESTATUS[0]}
 # the CUDA tests of the rest of the library (extension, correction, emulator streaming)
 timeout 150 python3 -m pytest tests --ignore=tests/kernels -m cuda -q -p no:cacheprovider 2>&1 | tee "$OUT/cuda_tests.log"
