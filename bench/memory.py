@@ -16,6 +16,7 @@ import sys
 import torch
 from torch import nn
 
+from emloc_kernels.emulator.svd import rank_for
 from emloc_kernels.modules.lowrank import LowRankLinear
 from emloc_kernels.modules.quantized import QuantLowRankLinear
 
@@ -27,11 +28,6 @@ MODELS = {
                   ("gate", 4096, 14336), ("up", 4096, 14336), ("down", 14336, 4096)],
 }
 VARIANTS = ("dense", "lowrank", "int8", "int4-g128", "int4-g64")
-
-
-def emulator_rank(in_f: int, out_f: int, ratio: float) -> int:
-    """Rank that keeps ``ratio`` of the layer's parameters (DESIGN §1)."""
-    return max(1, int(in_f * out_f * ratio // (in_f + out_f)))
 
 
 def build(variant: str, in_f: int, out_f: int, rank: int, dtype: torch.dtype, device: str) -> nn.Module:
@@ -82,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     dtype = getattr(torch, args.dtype)
     rows, totals = [], dict.fromkeys(VARIANTS, 0)
     for name, in_f, out_f in MODELS[args.model]:
-        rank = emulator_rank(in_f, out_f, args.ratio)
+        rank = rank_for(in_f, out_f, args.ratio)
         for variant in VARIANTS:
             b = nbytes(build(variant, in_f, out_f, rank, dtype, "meta"))
             totals[variant] += b

@@ -1,10 +1,11 @@
-"""Accuracy and memory of EMLoC at several emulator ratios, with LoRA on the original as the
-upper bound; the default material (SmolLM2-135M-Instruct, Rotten Tomatoes, 300 test reviews).
+"""Accuracy and memory of EMLoC at several emulator ratios and with quantised emulators, with
+LoRA on the original as the upper bound; the default material (SmolLM2-135M-Instruct, Rotten
+Tomatoes, 300 test reviews).
 
-    python bench/quality.py [--ratios 0.3 0.4 0.6] [--out bench/results/quality]
+    python bench/quality.py [--ratios 0.3 0.4 0.6] [--quants int8 int4] [--runs runs/quality]
 
-Writes one finetune run per ratio, ``quality.csv`` and ``quality.png`` under ``--out`` and
-prints a markdown table.  About 6 minutes per ratio on 2 CPU cores.
+Writes one finetune run per setting under ``--runs``, ``bench/results/quality.csv`` and
+``quality.png``, and prints a markdown table.  About 6 minutes per setting on 2 CPU cores.
 """
 from __future__ import annotations
 
@@ -16,14 +17,16 @@ from dataclasses import replace
 from pathlib import Path
 
 from emloc_kernels import finetune as ft
+from emloc_kernels.memory import peak_in_fresh_process
 from emloc_kernels.task import accuracy
 
 COLUMNS = ["setting", "zero_shot", "emulator", "uncorrected", "L=1", "L=3", "unclamped", "delivered", "chosen",
-           "peak_mem_inference_mib", "peak_mem_finetune_mib", "seconds"]
+           "peak_mem_inference_mib", "peak_mem_finetune_mib", "linear_bytes_vs_fp16", "emulator_mib", "seconds"]
 
 
-def lora_on_original(s: ft.FinetuneSettings) -> dict:
-    """The upper bound: the same LoRA training directly on the original model."""
+def lora_on_original(s: ft.FinetuneSettings, memory_spec: Path) -> dict:
+    """The upper bound: the same LoRA training directly on the original model (and its peak
+    memory on the batch the EMLoC runs measured, in a fresh process)."""
     device, dtype = ft.device_and_dtype(s)
     model_path, task, train_rows, _, test_rows = ft.prepare(s)
     model, _ = ft.load_model(model_path, device, dtype)
@@ -32,38 +35,49 @@ def lora_on_original(s: ft.FinetuneSettings) -> dict:
     peft_model = ft.attach_lora(model, s.lora_rank, alpha, s.seed)
     ft.train(peft_model, task, train_rows, steps=s.steps, batch_size=s.batch_size, lr=s.lr, seed=s.seed,
              device=device, progress=s.progress)
-    return {"zero_shot": zero_shot, "delivered": accuracy(peft_model, task, test_rows)}
+    peak = peak_in_fresh_process("finetune", model_path, memory_spec, device=str(device),
+                                 dtype=str(dtype).split(".")[-1], rank=s.lora_rank, alpha=alpha, lr=s.lr)
+    return {"zero_shot": zero_shot, "delivered": accuracy(peft_model, task, test_rows),
+            "peak_mem_finetune_mib": round(peak / 2**20)}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.4, 0.6])
+    p.add_argument("--quants", nargs="*", default=["int8", "int4"], choices=["int8", "int4"])
+    p.add_argument("--group-size", type=int, default=64, choices=[64, 128], help="int4 group size")
     p.add_argument("--steps", type=int, default=120)
-    p.add_argument("--out", default="bench/results/quality")
+    p.add_argument("--runs", default="runs/quality", help="where the finetune runs are written")
+    p.add_argument("--results", default="bench/results", help="where quality.csv and quality.png go")
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args()
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out, results = Path(a.runs), Path(a.results)
+    results.mkdir(parents=True, exist_ok=True)
     base = ft.FinetuneSettings(steps=a.steps, progress=False, overwrite=a.overwrite)
+    settings = [(f"EMLoC ratio {r}", replace(base, ratio=r, out=str(out / f"ratio-{r}"))) for r in a.ratios]
+    settings += [(f"EMLoC ratio 0.4 {q}-g{a.group_size}" if q == "int4" else f"EMLoC ratio 0.4 {q}",
+                  replace(base, ratio=0.4, quant=q, group_size=a.group_size, out=str(out / f"ratio-0.4-{q}")))
+                 for q in a.quants]
     rows = []
-    for ratio in a.ratios:
+    for name, s in settings:
         start = time.perf_counter()
-        r = ft.run(replace(base, ratio=ratio, out=str(out / f"ratio-{ratio}")))
-        v = {k: x["test"] for k, x in r["variants"].items()}
-        rows.append({"setting": f"EMLoC ratio {ratio}", "zero_shot": r["zero_shot"], "emulator": r["emulator"],
-                     **v, "delivered": r["corrected"], "chosen": r["chosen"],
-                     "peak_mem_inference_mib": round(r["peak_mem_inference"] / 2**20),
+        r = ft.run(s)
+        b = r["bytes"]
+        rows.append({"setting": name, "zero_shot": r["zero_shot"], "emulator": r["emulator"],
+                     **{k: x["test"] for k, x in r["variants"].items()}, "delivered": r["corrected"],
+                     "chosen": r["chosen"], "peak_mem_inference_mib": round(r["peak_mem_inference"] / 2**20),
                      "peak_mem_finetune_mib": round(r["peak_mem_finetune"] / 2**20),
-                     "seconds": round(time.perf_counter() - start)})
+                     "linear_bytes_vs_fp16": round(b["emulator_linears"] / b["original_linears_fp16"], 4),
+                     "emulator_mib": round(b["emulator_total"] / 2**20), "seconds": round(time.perf_counter() - start)})
         print(json.dumps(rows[-1]), flush=True)
     start = time.perf_counter()
-    upper = lora_on_original(base)
+    upper = lora_on_original(base, Path(settings[0][1].out) / "memory_batch.json")
     rows.append({"setting": "LoRA on the original (upper bound)", **upper, "seconds": round(time.perf_counter() - start)})
-    with open(out / "quality.csv", "w", newline="") as f:
+    with open(results / "quality.csv", "w", newline="") as f:
         w = csv.DictWriter(f, COLUMNS)
         w.writeheader()
         w.writerows(rows)
-    plot(rows, out / "quality.png")
+    plot(rows, results / "quality.png")
     fmt = lambda x: f"{x:.3f}" if isinstance(x, float) else ("" if x is None else str(x))
     print("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS))
     for row in rows:
@@ -76,7 +90,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    emloc = [r for r in rows if r["setting"].startswith("EMLoC")]
+    emloc = [r for r in rows if r["setting"].startswith("EMLoC") and r["setting"].split()[-1][0].isdigit()]
     ratios = [float(r["setting"].split()[-1]) for r in emloc]
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label in (("emulator", "emulator zero-shot"), ("uncorrected", "adapter, uncorrected"),

@@ -110,6 +110,7 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--validation-samples", type=int, default=200, help="training examples held out to choose the clamp")
     f.add_argument("--eval-samples", type=int, default=None, help="use only the first N evaluation examples")
     f.add_argument("--quant", default=None, choices=["int8", "int4"], help="quantise the emulator's factors")
+    f.add_argument("--group-size", type=int, default=128, choices=[64, 128], help="int4 group size (default 128)")
     f.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     f.add_argument("--out", default="runs/finetune", help="new output directory (default runs/finetune)")
     f.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

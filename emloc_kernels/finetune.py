@@ -47,6 +47,7 @@ class FinetuneSettings:
     validation_samples: int = 200
     eval_samples: int | None = None  # None: the whole evaluation set
     quant: str | None = None
+    group_size: int = 128
     device: str | None = None
     max_length: int = 256
     overwrite: bool = False
@@ -143,6 +144,10 @@ def format_table(report: dict) -> str:
     lines += ["", "| peak memory (same batch) | bytes |", "|---|---|",
               f"| original, inference | {_mib(mem['inference'])} |",
               f"| emulator, LoRA fine-tuning | {_mib(mem['finetune'])} |"]
+    b = report["bytes"]
+    lines += ["", f"emulated linears: {_mib(b['emulator_linears'])} "
+              f"({b['emulator_linears'] / b['original_linears_fp16']:.1%} of the same linears in fp16); "
+              f"whole emulator {_mib(b['emulator_total'])} vs original {_mib(b['original_total'])}"]
     return "\n".join(lines)
 
 
@@ -208,16 +213,16 @@ def _run(s, task, model_path, out, device, dtype, alpha, variants, train_rows, v
     acc = {"zero_shot": timed("eval_zero_shot", accuracy, original, task, test_rows)}
 
     # memory of the same batch, each in a fresh process (fine-tuning measured after the emulator exists)
-    batch_rows = out / "memory_batch.jsonl"
-    batch_rows.write_text("".join(json.dumps(r) + "\n" for r in train_rows[: s.batch_size]))
     spec = out / "memory_batch.json"
-    spec.write_text(json.dumps({"rows": str(batch_rows), "prompt": s.prompt, "labels": task.labels,
+    spec.write_text(json.dumps({"rows": train_rows[: s.batch_size], "prompt": s.prompt, "labels": task.labels,
                                 "max_length": s.max_length, "tokenizer": str(model_path)}))
 
     # stage 1: the emulator (built in place: the original's weights are not needed again in memory)
     calib = [s.prompt.format(text=r["text"]) + " " + r["label"] for r in train_rows[: s.calibration_samples]]
+    original_bytes = tensor_bytes(original)
     emulator = timed("build_emulator", build_emulator, original, calib, s.ratio, tokenizer=task.tokenizer,
-                     device=device, progress=s.progress, quant=s.quant)
+                     device=device, progress=s.progress, quant=s.quant, group_size=s.group_size)
+    sizes = weight_sizes(emulator, original_bytes)
     del original
     save_emulator(emulator, out / "emulator")
     acc["emulator"] = timed("eval_emulator", accuracy, emulator, task, test_rows)
@@ -279,6 +284,7 @@ def _run(s, task, model_path, out, device, dtype, alpha, variants, train_rows, v
         "chosen": chosen,
         "delivered_adapter": results[chosen]["dir"],
         "memory": mem,
+        "bytes": sizes,
         "losses": losses,
         "timings_s": timings,
         "device": str(device),
@@ -288,6 +294,25 @@ def _run(s, task, model_path, out, device, dtype, alpha, variants, train_rows, v
     (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "table.md").write_text(format_table(report) + "\n")
     return report
+
+
+def tensor_bytes(model) -> int:
+    """Bytes of all parameters and buffers (shared tensors once)."""
+    seen = {t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}
+    return sum(seen.values())
+
+
+def weight_sizes(emulator, original_bytes: int) -> dict[str, int]:
+    """Bytes of the emulated linears against the original's (as stored, and in fp16), and of
+    the whole emulator against the whole original."""
+
+    infos = emulator.emloc_metadata["modules"]
+    return {
+        "emulator_linears": sum(emulator.get_submodule(n).weight_bytes() for n in infos),
+        "original_linears_fp16": sum(2 * (i["in_features"] + i["bias"]) * i["out_features"] for i in infos.values()),
+        "emulator_total": tensor_bytes(emulator),
+        "original_total": original_bytes,
+    }
 
 
 def _key(name: str) -> str:

@@ -1,4 +1,5 @@
-"""Peak memory of one inference batch and of emulator fine-tuning, each in a fresh process.
+"""Peak memory of one inference batch and of LoRA fine-tuning (of an emulator or of the
+original), each in a fresh process.
 
 CPU: peak RSS above the process's RSS before the model is loaded (``/proc/self/status``,
 peak reset through ``/proc/self/clear_refs``).  The child runs with a fixed glibc mmap
@@ -50,20 +51,18 @@ class PeakMeter:
 
 def measure(kind: str, model_dir: str, batch_file: str, device: str, dtype: str, rank: int, alpha: float, lr: float) -> int:
     from . import finetune as ft
-    from .task import LabelTask, loss_on, next_token_logits, read_jsonl
+    from .emulator.io import METADATA_FILE, load_emulator
+    from .task import LabelTask, loss_on, next_token_logits
 
     dev = torch.device(device)
     spec = json.loads(Path(batch_file).read_text())
     meter = PeakMeter(dev)
-    if kind == "inference":
-        model, tokenizer = ft.load_model(model_dir, dev, getattr(torch, dtype))
+    if (Path(model_dir) / METADATA_FILE).exists():  # an emulator
+        model, tokenizer = load_emulator(model_dir, device=dev), ft.load_tokenizer(spec["tokenizer"])
     else:
-        from .emulator import load_emulator
-
-        model = load_emulator(model_dir, device=dev)
-        tokenizer = ft.load_tokenizer(spec["tokenizer"])
+        model, tokenizer = ft.load_model(model_dir, dev, getattr(torch, dtype))
     task = LabelTask.create(tokenizer, spec["prompt"], spec["labels"], spec["max_length"])
-    batch = task.encode(read_jsonl(spec["rows"], "memory batch"), dev)
+    batch = task.encode(spec["rows"], dev)
     if kind == "inference":
         with torch.no_grad():
             next_token_logits(model, batch)

@@ -68,6 +68,10 @@ class LowRankLinear(nn.Linear):
         w = self.u.to(compute) @ self.v.to(compute)
         return w.to(dtype or self.u.dtype)
 
+    def weight_bytes(self) -> int:
+        """Bytes of the stored weights (factors and bias)."""
+        return sum(t.numel() * t.element_size() for t in (self.u, self.v, self.bias) if t is not None)
+
     def _apply(self, fn, recurse=True):
         """After ``.to()``/``.cuda()``, pad the rows of CUDA factors to 16 elements
         (:func:`ops.aligned_rows`): ranks such as 819 otherwise defeat the kernels' wide loads."""

@@ -98,10 +98,9 @@ class QuantLowRankLinear(LowRankLinear):
         tensors = [*self.buffers(recurse=False), *([self.bias] if self.bias is not None else [])]
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``u``, ``v`` as ``ops.lowrank_lora`` takes them: dequantised tensors for now; once the
-        op fuses dequantisation into its tile loop, return ``self.u_packed, self.v_packed``."""
-        return dequantize(self.u_packed), dequantize(self.v_packed)
+    def factors(self) -> tuple[PackedFactor, PackedFactor]:
+        """The packed factors: ``ops.lowrank_lora`` dequantises them inside its tile loop."""
+        return self.u_packed, self.v_packed
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # load_state_dict would cast silently (an int8 checkpoint into uint8 buffers, codes into
