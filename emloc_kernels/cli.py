@@ -36,9 +36,16 @@ def cmd_build(a: argparse.Namespace) -> None:
     if out.exists() and not a.overwrite:
         raise FileExistsError(f"--out {out} exists; choose another directory or pass --overwrite")
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=getattr(torch, a.dtype))
-    tokenizer = AutoTokenizer.from_pretrained(a.model)
-    emulator = build_emulator(model, _texts(a.data, a.samples), _ratio(a.ratio), tokenizer=tokenizer,
+    if a.model == "demo" or a.data == "demo":
+        from .finetune import FinetuneSettings, calibration_texts, prepare
+
+        settings = FinetuneSettings(calibration_samples=a.samples)
+        model_path, _, train_rows, _, _ = prepare(settings)
+    model_dir = model_path if a.model == "demo" else a.model
+    texts = calibration_texts(settings, train_rows) if a.data == "demo" else _texts(a.data, a.samples)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, a.dtype))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    emulator = build_emulator(model, texts, _ratio(a.ratio), tokenizer=tokenizer,
                               device=a.device, quant=a.quant, group_size=a.group_size)
     save_emulator(emulator, out, overwrite=a.overwrite)
     modules = emulator.emloc_metadata["modules"]
@@ -81,8 +88,9 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("build", help="stage 1: build a low-rank emulator of a model from calibration data")
-    b.add_argument("model", help="transformers model directory (or hub name available offline)")
-    b.add_argument("--data", required=True, help="calibration samples: .jsonl with a 'text' field, or one sample per line")
+    b.add_argument("model", help="transformers model directory, or 'demo' for the embedded SmolLM2-135M-Instruct")
+    b.add_argument("--data", required=True, help="calibration samples: .jsonl with a 'text' field, one sample per line "
+                   "of a text file, or 'demo' for Rotten Tomatoes training reviews in the finetune prompt")
     b.add_argument("--samples", type=int, default=64, help="number of calibration samples used (default 64)")
     b.add_argument("--ratio", default="0.4", help="fraction of each linear's parameters kept, in (0, 1); "
                    "or regex=ratio pairs such as 'mlp=0.3,self_attn=0.5' (default 0.4)")

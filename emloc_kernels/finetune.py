@@ -172,6 +172,11 @@ def prepare(s: FinetuneSettings) -> tuple[Path, LabelTask, list[dict], list[dict
     return model_path, task, train_rows, val_rows, test_rows
 
 
+def calibration_texts(s: FinetuneSettings, train_rows: list[dict]) -> list[str]:
+    """The first training examples as the model will see them: prompt and answer."""
+    return [s.prompt.format(text=r["text"]) + " " + r["label"] for r in train_rows[: s.calibration_samples]]
+
+
 def run(s: FinetuneSettings) -> dict:
     """Run the whole job; writes ``s.out`` and returns the report."""
     out = Path(s.out)
@@ -218,7 +223,7 @@ def _run(s, task, model_path, out, device, dtype, alpha, variants, train_rows, v
                                 "max_length": s.max_length, "tokenizer": str(model_path)}))
 
     # stage 1: the emulator (built in place: the original's weights are not needed again in memory)
-    calib = [s.prompt.format(text=r["text"]) + " " + r["label"] for r in train_rows[: s.calibration_samples]]
+    calib = calibration_texts(s, train_rows)
     original_bytes = tensor_bytes(original)
     emulator = timed("build_emulator", build_emulator, original, calib, s.ratio, tokenizer=task.tokenizer,
                      device=device, progress=s.progress, quant=s.quant, group_size=s.group_size)
