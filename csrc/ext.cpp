@@ -284,21 +284,8 @@ TORCH_LIBRARY(emloc_ext, m) {
   m.def("cuda_built() -> bool", &emloc::cuda_built);
 }
 
-TORCH_LIBRARY_IMPL(emloc_ext, CPU, m) {
-  m.impl("quantize_int8", &emloc::quantize_int8);
-  m.impl("quantize_int4", &emloc::quantize_int4);
-  m.impl("dequantize_int8", &emloc::dequantize_int8);
-  m.impl("dequantize_int4", &emloc::dequantize_int4);
-}
-
-TORCH_LIBRARY_IMPL(emloc_ext, CUDA, m) {
-  m.impl("quantize_int8", &emloc::quantize_int8);
-  m.impl("quantize_int4", &emloc::quantize_int4);
-  m.impl("dequantize_int8", &emloc::dequantize_int8);
-  m.impl("dequantize_int4", &emloc::dequantize_int4);
-}
-
-TORCH_LIBRARY_IMPL(emloc_ext, Meta, m) {
+// One registration for CPU, CUDA and Meta: each function dispatches on its tensors' device.
+TORCH_LIBRARY_IMPL(emloc_ext, CompositeExplicitAutograd, m) {
   m.impl("quantize_int8", &emloc::quantize_int8);
   m.impl("quantize_int4", &emloc::quantize_int4);
   m.impl("dequantize_int8", &emloc::dequantize_int8);
