@@ -76,7 +76,7 @@ def cmd_correct(a: argparse.Namespace) -> None:
 
 def cmd_merge(a: argparse.Namespace) -> None:
     from .correction import merge_adapter
-    from .emulator.io import write_dir_atomically
+    from .files import write_dir_atomically
 
     model = merge_adapter(a.original, a.adapter)
     write_dir_atomically(a.out, model.save_pretrained, overwrite=a.overwrite)

@@ -21,10 +21,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping, Union
+from typing import Any, Mapping, Union
 
 import torch
 from peft import PeftModel
@@ -36,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
+from .files import write_dir_atomically
 from .modules import LowRankLinear
 
 __all__ = ["correct_adapter", "merge_adapter", "correct_lora", "lora_scaling", "emulated_weight"]
@@ -339,27 +338,6 @@ def _check_out_dir(out_dir: Path, overwrite: bool, inputs: list[object]) -> None
                 raise ValueError(f"out_dir {out_dir} would replace the input {x}; choose another directory")
 
 
-def _write_dir(out_dir: Path, overwrite: bool, write: Callable[[Path], None]) -> None:
-    """Fill a temporary sibling of ``out_dir`` with ``write`` and move it into place."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
-        os.chmod(tmp, 0o755)
-        write(tmp)
-        if out_dir.exists():
-            if not overwrite:
-                raise FileExistsError(f"out_dir {out_dir} appeared while writing; pass overwrite=True to replace it")
-            old = tmp.with_suffix(".old")
-            os.rename(out_dir, old)
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 # --------------------------------------------------------------------------- public entry points
 
 
@@ -437,7 +415,7 @@ def correct_adapter(
         (directory / ADAPTER_CONFIG).write_text(json.dumps(out_config, indent=2, sort_keys=True))
         (directory / REPORT).write_text(json.dumps(report, indent=2))
 
-    _write_dir(out_dir, overwrite, write)
+    write_dir_atomically(out_dir, write, overwrite=overwrite)
     return report
 
 

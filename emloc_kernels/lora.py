@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import ops
-from .emulator.io import write_dir_atomically
+from .files import write_dir_atomically
 from .modules import LowRankLinear
 
 PEFT_PREFIX = "base_model.model."

@@ -2,7 +2,6 @@
 build, forward, module paths, save/load, padding and shared Gram matrices."""
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D

@@ -118,7 +118,7 @@ def tree_hash(directory: Path) -> dict[str, str]:
 
 def test_unclamped_correction_is_exact_on_span_of_a(setup, tmp_path):
     """x Wᵀ + s·x A_o B_c == x W_Eᵀ + s·x A B for x in span(A), per module, in fp64."""
-    arch, peft_model, emulator, original = setup["arch"], setup["peft_model"], setup["emulator"], setup["original"]
+    peft_model, emulator, original = setup["peft_model"], setup["emulator"], setup["original"]
     report = correct_adapter(setup["root"] / "adapter", emulator, original, tmp_path / "out", clamp=None, progress=False)
     corrected = lora_tensors(tmp_path / "out")
     lora_trained = lora_tensors(setup["root"] / "adapter")

@@ -13,7 +13,7 @@ import torch
 from torch.utils import cpp_extension
 
 from emloc_kernels import ext
-from emloc_kernels.ops.quant import PackedFactor, dequantize, quantize, quantize_reference
+from emloc_kernels.ops.quant import dequantize, quantize, quantize_reference
 from test_quant import dequant64, elem_scale
 
 ROOT = Path(__file__).resolve().parent.parent

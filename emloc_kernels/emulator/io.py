@@ -3,43 +3,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..files import write_dir_atomically
 from ..modules import LowRankLinear
 
 METADATA_FILE = "emloc.json"
-
-
-def write_dir_atomically(path: str | os.PathLike, writer, *, overwrite: bool = False) -> Path:
-    """Run ``writer(tmp_dir)`` in a temporary sibling, then rename it to ``path``.
-
-    A failure leaves nothing at ``path``; an existing ``path`` is refused unless
-    ``overwrite=True``, and then replaced only once the new directory is complete.
-    """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True (or --overwrite) to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.mkdir()
-        writer(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
 
 
 def save_emulator(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) -> Path:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import ops
 from ..ops.quant import FLOAT_DTYPES, PackedFactor, check_format, dequantize, packed_shapes, quantize, qweight_dtype
 from .lowrank import LowRankLinear
 
