@@ -70,18 +70,23 @@ def main() -> None:
                      "linear_bytes_vs_fp16": round(b["emulator_linears"] / b["original_linears_fp16"], 4),
                      "emulator_mib": round(b["emulator_total"] / 2**20), "seconds": round(time.perf_counter() - start)})
         print(json.dumps(rows[-1]), flush=True)
+        write_csv(rows, results / "quality.csv")  # after every setting: a long run keeps what it has
     start = time.perf_counter()
     upper = lora_on_original(base, Path(settings[0][1].out) / "memory_batch.json")
     rows.append({"setting": "LoRA on the original (upper bound)", **upper, "seconds": round(time.perf_counter() - start)})
-    with open(results / "quality.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(rows, results / "quality.csv")
     plot(rows, results / "quality.png")
     fmt = lambda x: f"{x:.3f}" if isinstance(x, float) else ("" if x is None else str(x))
     print("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS))
     for row in rows:
         print("| " + " | ".join(fmt(row.get(c)) for c in COLUMNS) + " |")
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
 
 
 def plot(rows: list[dict], path: Path) -> None:
