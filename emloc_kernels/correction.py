@@ -230,6 +230,13 @@ class _Emulator:
     def info(self, path: str) -> Mapping[str, Any]:
         return (self.metadata.get("modules") or {}).get(path, {})
 
+    def kept_dense(self, path: str) -> bool:
+        """The emulator left this linear as it was (outside the blocks, or no ratio pattern)."""
+        if hasattr(self, "checkpoint"):
+            return self.checkpoint.find(path + ".weight") is not None and self.checkpoint.find(path + ".u") is None
+        return isinstance(_submodule(self.model, path), (nn.Linear, Conv1D)) and not isinstance(
+            _submodule(self.model, path), LowRankLinear)
+
     def weight(self, path: str) -> torch.Tensor:
         if hasattr(self, "checkpoint"):
             prefix = path + "."
@@ -374,6 +381,7 @@ def correct_adapter(
     paths = _lora_paths(state)
     out_state = dict(state)
     modules: dict[str, dict[str, Any]] = {}
+    unchanged: list[str] = []
     conv1d_seen = False
     for path in tqdm(paths, desc="LoRA correction", unit="module", disable=not progress):
         key_a, key_b = _KEY_PREFIX + path + _LORA_A, _KEY_PREFIX + path + _LORA_B
@@ -381,6 +389,9 @@ def correct_adapter(
         r, s = lora_scaling(config, path)
         if lora_a.shape[0] != r:
             raise ValueError(f"{path}: the adapter config gives rank {r}, but its lora_A has rank {lora_a.shape[0]}")
+        if emu.kept_dense(path):  # W_E = W: the LoRA already fits the original as it is
+            unchanged.append(path)
+            continue
         info = emu.info(path)
         w_e = emu.weight(path)
         w, conv1d = orig.weight(path, info)
@@ -408,7 +419,8 @@ def correct_adapter(
     for key in ("lora_norm", "correction_norm", "applied_norm"):
         totals[key] = math.sqrt(sum(m[key] ** 2 for m in modules.values()))
     totals.update(_ratios(totals))
-    report = {"original": out_config["base_model_name_or_path"], "clamp": clamp, "modules": modules, "totals": totals}
+    report = {"original": out_config["base_model_name_or_path"], "clamp": clamp, "modules": modules, "totals": totals,
+              "unchanged": unchanged}
 
     def write(directory: Path) -> None:
         save_file({k: v.contiguous() for k, v in out_state.items()}, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})

@@ -363,18 +363,23 @@ def test_unknown_target_names(setup, tmp_path):
     assert no_leftovers(tmp_path)
 
 
-def test_emulator_module_not_low_rank(tmp_path):
+def test_linear_the_emulator_kept_dense_passes_through(tmp_path):
+    """W_E = W for a linear the emulator did not compress: its LoRA is kept as it is."""
     original = make_original("llama")
     dense = "model.layers.1.mlp.down_proj"
     emulator = make_emulator(original, keep={dense})
     peft_model = make_lora(emulator, "llama")
     peft_model.save_pretrained(tmp_path / "adapter")
-    with pytest.raises(TypeError, match=f"{dense} is not low-rank"):
-        correct_adapter(tmp_path / "adapter", emulator, original, tmp_path / "out", progress=False)
     save_emulator(emulator, tmp_path / "emulator")
-    with pytest.raises(TypeError, match=f"{dense} is not low-rank"):
-        correct_adapter(tmp_path / "adapter", tmp_path / "emulator", original, tmp_path / "out", progress=False)
-    assert not (tmp_path / "out").exists()
+    trained = lora_tensors(tmp_path / "adapter")
+    for i, source in enumerate((emulator, tmp_path / "emulator")):
+        report = correct_adapter(tmp_path / "adapter", source, original, tmp_path / f"out{i}", progress=False)
+        corrected = lora_tensors(tmp_path / f"out{i}")
+        assert report["unchanged"] == [dense] and dense not in report["modules"]
+        assert all(torch.equal(a, b) for a, b in zip(corrected[dense], trained[dense]))
+        other = "model.layers.1.mlp.up_proj"
+        assert not torch.equal(corrected[other][1], trained[other][1])
+        PeftModel.from_pretrained(make_original("llama"), tmp_path / f"out{i}")
 
 
 def test_bad_arguments(setup, tmp_path):
