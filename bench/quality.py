@@ -50,6 +50,7 @@ def main() -> None:
     p.add_argument("--runs", default="runs/quality", help="where the finetune runs are written")
     p.add_argument("--results", default="bench/results", help="where quality.csv and quality.png go")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--reuse", action="store_true", help="read the report of a setting whose run directory exists")
     a = p.parse_args()
     out, results = Path(a.runs), Path(a.results)
     results.mkdir(parents=True, exist_ok=True)
@@ -61,7 +62,8 @@ def main() -> None:
     rows = []
     for name, s in settings:
         start = time.perf_counter()
-        r = ft.run(s)
+        done = Path(s.out) / "report.json"
+        r = json.loads(done.read_text()) if a.reuse and done.exists() else ft.run(s)
         b = r["bytes"]
         rows.append({"setting": name, "zero_shot": r["zero_shot"], "emulator": r["emulator"],
                      **{k: x["test"] for k, x in r["variants"].items()}, "delivered": r["corrected"],
