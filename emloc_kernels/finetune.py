@@ -12,7 +12,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -52,7 +52,6 @@ class FinetuneSettings:
     max_length: int = 256
     overwrite: bool = False
     progress: bool = True
-    variants: list[str] = field(default_factory=list)  # filled from clamp
 
 
 def load_tokenizer(path: str | Path):
@@ -236,8 +235,7 @@ def _run(s, task, model_path, out, device, dtype, alpha, variants, train_rows, v
     peft_model = attach_lora(emulator, s.lora_rank, alpha, s.seed)
     losses = timed("train", train, peft_model, task, train_rows, steps=s.steps, batch_size=s.batch_size, lr=s.lr,
                    seed=s.seed, device=device, progress=s.progress)
-    peft_model.save_pretrained(out / "adapter")
-    _name_original(out / "adapter", model_path)
+    peft_model.save_pretrained(out / "adapter")  # names the original: the emulator was built in place
     del peft_model, emulator
 
     # stage 3: correction variants, chosen on validation data with the original model
@@ -293,7 +291,7 @@ def _run(s, task, model_path, out, device, dtype, alpha, variants, train_rows, v
         "losses": losses,
         "timings_s": timings,
         "device": str(device),
-        "settings": {k: v for k, v in asdict(s).items() if k != "variants"} | {"model": str(model_path)},
+        "settings": asdict(s) | {"model": str(model_path)},
         "sizes": {"train": len(train_rows), "validation": len(val_rows), "test": len(test_rows)},
     }
     (out / "report.json").write_text(json.dumps(report, indent=1))
@@ -322,11 +320,3 @@ def weight_sizes(emulator, original_bytes: int) -> dict[str, int]:
 
 def _key(name: str) -> str:
     return name.replace("=", "").replace(".", "_")
-
-
-def _name_original(adapter_dir: Path, model_path: Path) -> None:
-    """The adapter was trained on the emulator but belongs to the original model."""
-    file = adapter_dir / "adapter_config.json"
-    config = json.loads(file.read_text())
-    config["base_model_name_or_path"] = str(model_path)
-    file.write_text(json.dumps(config, indent=2))

@@ -45,6 +45,8 @@ def test_finetune_smoke_writes_report_and_adapters(material, tmp_path, capsys):
     assert report["variants"][report["chosen"]]["validation"] == best
     for d in ("emulator", "adapter", "corrected-L1", "corrected-L3", "corrected-unclamped"):
         assert (tmp_path / "run" / d).is_dir()
+    adapter_config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(material / "model")  # the original, not the emulator
     original = AutoModelForCausalLM.from_pretrained(material / "model")
     PeftModel.from_pretrained(original, tmp_path / "run" / report["delivered_adapter"])
 
