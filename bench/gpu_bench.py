@@ -204,6 +204,7 @@ def run_case(b: Bench, kind: str, m: int, n_in: int, n_out: int, peaks: dict) ->
 
                 row["fwd_bwd_ms"] = b.time_ms(step, grad_to_none=[xg, lora_a, lora_b])
                 row["peak_mib"] = b.peak_mib(step)
+                row["fwd_bwd_host_us"] = b.host_us(step)
                 row["fwd_bwd_tflops"] = (2 * main_flops + 3 * lora_flops) / row["fwd_bwd_ms"] / 1e9
                 row["pct_matmul_peak"] = 100 * row["fwd_bwd_tflops"] / peaks["matmul_tflops"]
                 if name == "c_fused_lowrank":
@@ -259,12 +260,13 @@ def summary(rows: list[dict], peaks: dict, tests: str) -> str:
         mem = _get(rows, case, "c_fused_lowrank", "peak_mib") / _get(rows, case, "b_lowrank_peft", "peak_mib")
         pct = _get(rows, case, "c_fused_lowrank", "pct_matmul_peak")
         lines.append(f"| M={case[1]} {case[2]}→{case[3]} | {f(a)} | {f(bb)} | {f(c)} | {f(bb / c)} | {f(c / a)} | {f(pct, 0)} | {f(mem)} |")
-    lines += ["", "| fused passes (ms: eager / graph; host µs) | fwd | bwd |", "|---|---|---|"]
+    lines += ["", "| fused passes (ms: eager / graph; host µs) | fwd | bwd | fwd+bwd host µs (c) |", "|---|---|---|---|"]
     for case in [c for c in cases if c[0] == "train"]:
         cell = lambda p: (f"{f(_get(rows, case, 'c_fused_lowrank', p + '_ms'), 3)} / "  # noqa: E731
                           f"{f(_get(rows, case, 'c_fused_lowrank', p + '_graph_ms'), 3)}; "
                           f"{f(_get(rows, case, 'c_fused_lowrank', p + '_host_us'), 0)}")
-        lines.append(f"| M={case[1]} {case[2]}→{case[3]} | {cell('fwd_op')} | {cell('bwd_op')} |")
+        lines.append(f"| M={case[1]} {case[2]}→{case[3]} | {cell('fwd_op')} | {cell('bwd_op')} | "
+                     f"{f(_get(rows, case, 'c_fused_lowrank', 'fwd_bwd_host_us'), 0)} |")
     lines += ["", "| decode (fwd µs; eager, and CUDA-graph replay 'g') | (a) dense | (b) low-rank | (c) fused | (c) g | "
               "c g/floor (≤1.3) | int8 g | int4 g64 g | int4 g128 g | c g / int4g128 g (≥1.8) |",
               "|---|---|---|---|---|---|---|---|---|---|"]
