@@ -138,12 +138,14 @@ def _check(op, x, frozen: dict, out_f: int, in_f: int, lora_a, lora_b, bias) -> 
 
 def _call_directly(*tensors) -> bool:
     """Whether an eager call may skip the custom op and run its body: no gradient to record,
-    not tracing (torch.compile), no dispatch or function mode, plain tensors only.  The op's
+    not tracing (torch.compile), no dispatch or function mode, no functorch transform (vmap),
+    plain tensors only.  The op's
     dispatcher round trips (Python → C++ → autograd → Python) cost more than both kernel
     launches at decode; everything that needs the registered op still gets it."""
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
         return False
-    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled() or _get_current_dispatch_mode():
+    if (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled() or _get_current_dispatch_mode()
+            or torch._C._are_functorch_transforms_active()):
         return False
     return all(t is None or type(t) is torch.Tensor for t in tensors)
 

@@ -195,6 +195,10 @@ def test_inference_calls_skip_the_dispatcher_only_in_eager(monkeypatch):
             via_op = ops.lowrank_lora(x, u, v, a, b, 0.5, bias)
     assert torch.ops.emloc.lowrank_lora_fwd.default in seen and body_calls == [1]
     torch.testing.assert_close(direct, via_op, rtol=0, atol=0)
+    with torch.no_grad():  # under vmap the op runs (torch loops over it: no batching rule)
+        mapped = torch.vmap(lambda xi: ops.lowrank_lora(xi, u, v, a, b, 0.5, bias))(x)
+    assert body_calls == [1]
+    torch.testing.assert_close(mapped, direct)  # per-sample GEMMs may block differently
     with_grad = ops.lowrank_lora(x, u, v, a, b, 0.5, bias)
     assert body_calls == [1] and with_grad.requires_grad
     torch.testing.assert_close(with_grad.detach(), direct, rtol=0, atol=0)
