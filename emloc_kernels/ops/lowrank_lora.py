@@ -9,8 +9,8 @@ shrink ``[t_v | t_A] = x·[v; A]ᵀ`` (``gemm_2n``: one read of x), expand
 Both are torch custom ops (``emloc::*``) with fake and autograd registrations, so
 ``torch.compile(fullgraph=True)``, non-reentrant checkpointing and autocast (inputs are cast
 like ``F.linear`` casts them) work; an eager call that records no gradient (inference,
-decode) runs the op's body without the dispatcher (see ``_call_directly``).  Gradients flow to x, lora_a, lora_b and bias; the
-frozen factors u, v (or weight) must not require grad -- a clear error is raised instead
+decode) runs the op's body without the dispatcher (see ``_call_directly``).  Gradients flow
+to x, lora_a, lora_b and bias; the frozen factors u, v (or weight) must not require grad -- a clear error is raised instead
 (train them through ``lowrank_lora_reference``).  LoRA dropout is not an argument: with
 dropout > 0 the LoRA branch sees a different x, so callers use the unfused path.
 ``u``/``v`` may be a :class:`~emloc_kernels.ops.quant.PackedFactor`; the Triton kernels then
@@ -139,9 +139,9 @@ def _check(op, x, frozen: dict, out_f: int, in_f: int, lora_a, lora_b, bias) -> 
 def _call_directly(*tensors) -> bool:
     """Whether an eager call may skip the custom op and run its body: no gradient to record,
     not tracing (torch.compile), no dispatch or function mode, no functorch transform (vmap),
-    plain tensors only.  The op's
-    dispatcher round trips (Python → C++ → autograd → Python) cost more than both kernel
-    launches at decode; everything that needs the registered op still gets it."""
+    plain tensors only.  The op's dispatcher round trips (Python → C++ → autograd → Python)
+    cost more than both kernel launches at decode; everything that needs the registered op
+    still gets it."""
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
         return False
     if (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled() or _get_current_dispatch_mode()
@@ -188,10 +188,11 @@ def _unpack(x2, u, us, uo, v, vs, vo, quant) -> tuple[Factor, Factor]:
             _factor(v, vs, vo, quant[2], quant[3], (r, x2.shape[1])))
 
 
-def _lowrank_fwd_body(x: torch.Tensor, u: torch.Tensor, u_scale: Optional[torch.Tensor], u_offset: Optional[torch.Tensor],
-                 v: torch.Tensor, v_scale: Optional[torch.Tensor], v_offset: Optional[torch.Tensor],
-                 lora_a: Optional[torch.Tensor], lora_b: Optional[torch.Tensor], scaling: float,
-                 bias: Optional[torch.Tensor], quant: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _lowrank_fwd_body(x: torch.Tensor, u: torch.Tensor, u_scale: Optional[torch.Tensor],
+                      u_offset: Optional[torch.Tensor], v: torch.Tensor, v_scale: Optional[torch.Tensor],
+                      v_offset: Optional[torch.Tensor], lora_a: Optional[torch.Tensor],
+                      lora_b: Optional[torch.Tensor], scaling: float, bias: Optional[torch.Tensor],
+                      quant: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """x: M×in.  Returns y (M×out) and ``t_A = x Aᵀ`` (M×ρ; M×0 without LoRA) for backward."""
     tri = use_triton(x)
     fu, fv = _unpack(x, u, u_scale, u_offset, v, v_scale, v_offset, quant)
@@ -301,7 +302,7 @@ def lowrank_lora(
 
 
 def _dense_fwd_body(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-               scaling: float, bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                    scaling: float, bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """x: M×in.  ``t_A = x Aᵀ``; ``y = [x | t_A]·[W | s·B]ᵀ + b``; returns (y, t_A)."""
     tri = use_triton(x)
     with torch.autocast(x.device.type, enabled=False):
