@@ -87,6 +87,20 @@ class Bench:
             fn()
         return self.time_ms(graph.replay)
 
+    def host_us(self, fn, n: int = 20) -> float:
+        """Microseconds of Python/launch work per call: wall time to enqueue ``n`` calls without
+        waiting for the GPU.  Close to the eager time when a call is host-bound."""
+        fn()
+        if not self.dry:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        host = time.perf_counter() - t
+        if not self.dry:
+            torch.cuda.synchronize()
+        return host / n * 1e6
+
     def peak_mib(self, fn) -> float:
         if self.dry:
             return float("nan")
@@ -172,6 +186,8 @@ def run_case(b: Bench, kind: str, m: int, n_in: int, n_out: int, peaks: dict) ->
             row["fwd_gbps"] = (2 * (m * n_in + m * n_out + inter) + weight_bytes) / row["fwd_ms"] / 1e6
             floor_ms = weight_bytes / peaks["copy_gbps"] / 1e6
             row["fwd_vs_weight_floor"] = row["fwd_ms"] / floor_ms
+            with torch.no_grad():
+                row["fwd_host_us"] = b.host_us(lambda: fn(x))
             if kind == "decode":
                 try:
                     with torch.no_grad():
@@ -188,8 +204,11 @@ def run_case(b: Bench, kind: str, m: int, n_in: int, n_out: int, peaks: dict) ->
 
                 row["fwd_bwd_ms"] = b.time_ms(step, grad_to_none=[xg, lora_a, lora_b])
                 row["peak_mib"] = b.peak_mib(step)
+                row["fwd_bwd_host_us"] = b.host_us(step)
                 row["fwd_bwd_tflops"] = (2 * main_flops + 3 * lora_flops) / row["fwd_bwd_ms"] / 1e9
                 row["pct_matmul_peak"] = 100 * row["fwd_bwd_tflops"] / peaks["matmul_tflops"]
+                if name == "c_fused_lowrank":
+                    row.update(fused_passes(b, x, u, v, lora_a, lora_b, dy))
             base = "a_dense_peft" if name.startswith("d_") else "b_lowrank_peft"
             if base in outputs and "int" not in name:
                 row["rel_err_vs_" + base[:1]] = rel_err(outputs[name], outputs[base])
@@ -201,6 +220,25 @@ def run_case(b: Bench, kind: str, m: int, n_in: int, n_out: int, peaks: dict) ->
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
+
+
+def fused_passes(b: Bench, x, u, v, lora_a, lora_b, dy) -> dict:
+    """The fused op's passes one at a time: forward and backward custom ops, eager and
+    CUDA-graph replayed (GPU time), and the backward's host time -- to tell launch overhead
+    from slow kernels."""
+    a, bb = lora_a.detach(), lora_b.detach()
+    fwd = lambda: torch.ops.emloc.lowrank_lora_fwd(x, u, None, None, v, None, None, a, bb, SCALING, None, [0] * 4)  # noqa: E731
+    t_a = fwd()[1]
+    bwd = lambda: torch.ops.emloc.lowrank_lora_bwd(dy, x, t_a, u, None, None, v, None, None, a, bb, SCALING, [0] * 4, True)  # noqa: E731
+    out = {}
+    for key, fn in (("fwd_op", fwd), ("bwd_op", bwd)):
+        try:
+            out[key + "_ms"] = b.time_ms(fn)
+            out[key + "_graph_ms"] = b.graph_ms(fn)
+            out[key + "_host_us"] = b.host_us(fn)
+        except Exception as e:
+            out[key + "_error"] = f"{type(e).__name__}: {e}"[:300]
+    return out
 
 
 def _get(rows, case, provider, key):
@@ -222,6 +260,13 @@ def summary(rows: list[dict], peaks: dict, tests: str) -> str:
         mem = _get(rows, case, "c_fused_lowrank", "peak_mib") / _get(rows, case, "b_lowrank_peft", "peak_mib")
         pct = _get(rows, case, "c_fused_lowrank", "pct_matmul_peak")
         lines.append(f"| M={case[1]} {case[2]}→{case[3]} | {f(a)} | {f(bb)} | {f(c)} | {f(bb / c)} | {f(c / a)} | {f(pct, 0)} | {f(mem)} |")
+    lines += ["", "| fused passes (ms: eager / graph; host µs) | fwd | bwd | fwd+bwd host µs (c) |", "|---|---|---|---|"]
+    for case in [c for c in cases if c[0] == "train"]:
+        cell = lambda p: (f"{f(_get(rows, case, 'c_fused_lowrank', p + '_ms'), 3)} / "  # noqa: E731
+                          f"{f(_get(rows, case, 'c_fused_lowrank', p + '_graph_ms'), 3)}; "
+                          f"{f(_get(rows, case, 'c_fused_lowrank', p + '_host_us'), 0)}")
+        lines.append(f"| M={case[1]} {case[2]}→{case[3]} | {cell('fwd_op')} | {cell('bwd_op')} | "
+                     f"{f(_get(rows, case, 'c_fused_lowrank', 'fwd_bwd_host_us'), 0)} |")
     lines += ["", "| decode (fwd µs; eager, and CUDA-graph replay 'g') | (a) dense | (b) low-rank | (c) fused | (c) g | "
               "c g/floor (≤1.3) | int8 g | int4 g64 g | int4 g128 g | c g / int4g128 g (≥1.8) |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -246,7 +291,10 @@ def main() -> None:
     p.add_argument("--dry", action="store_true", default=os.environ.get("GPU_CHECK_DRY", "0") == "1")
     p.add_argument("--out", default=os.environ.get("OUT") or "./out")
     p.add_argument("--tests", default="not run", help="kernel test status to print above the table")
+    p.add_argument("--budget", type=float, default=float("inf"),
+                   help="seconds; cases not started by then are skipped (results so far are kept)")
     args = p.parse_args()
+    t0 = time.monotonic()
     if not args.dry and not torch.cuda.is_available():
         sys.exit("gpu_bench: no CUDA device (use GPU_CHECK_DRY=1 for a CPU dry run)")
     b = Bench(args.dry)
@@ -262,23 +310,31 @@ def main() -> None:
         layers, train_m, decode_m = [(96, 96), (96, 336)], [64, 128], [1, 16]
     else:
         layers, train_m, decode_m = [(4096, 4096), (4096, 14336)], [4096, 16384], [1, 16]
-    rows = []
-    for n_in, n_out in layers:
-        for m in train_m:
-            rows += run_case(b, "train", m, n_in, n_out, peaks)
-        for m in decode_m:
-            rows += run_case(b, "decode", m, n_in, n_out, peaks)
+    rows, skipped = [], []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    cases = [(kind, m, n_in, n_out) for n_in, n_out in layers
+             for kind, ms in (("train", train_m), ("decode", decode_m)) for m in ms]
+    for kind, m, n_in, n_out in cases:
+        if time.monotonic() - t0 > args.budget:
+            skipped.append(f"{kind} M={m} {n_in}→{n_out}")
+            continue
+        rows += run_case(b, kind, m, n_in, n_out, peaks)
+        write_results(out, rows, {"device": dev, "torch": torch.__version__, "peaks": peaks, "tests": args.tests})
+    print(f"\nwrote {out / 'gpu_bench.csv'} and {out / 'gpu_bench.json'}\n")
+    print(summary(rows, peaks, args.tests))
+    if skipped:
+        print(f"\nskipped (over the {args.budget:.0f} s budget): {', '.join(skipped)}")
+
+
+def write_results(out: Path, rows: list[dict], meta: dict) -> None:
+    """CSV and JSON of the rows so far (rewritten after every case, so a cut-off run keeps them)."""
     keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in rows[0], k))
     with open(out / "gpu_bench.csv", "w", newline="") as fh:
         wr = csv.DictWriter(fh, fieldnames=keys)
         wr.writeheader()
         wr.writerows(rows)
-    meta = {"device": dev, "torch": torch.__version__, "peaks": peaks, "tests": args.tests, "rows": rows}
-    (out / "gpu_bench.json").write_text(json.dumps(meta, indent=1))
-    print(f"\nwrote {out / 'gpu_bench.csv'} and {out / 'gpu_bench.json'}\n")
-    print(summary(rows, peaks, args.tests))
+    (out / "gpu_bench.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 ``gemm_2k_reference`` / ``gemm_2n_reference`` in ``gemm.py``).
 
 Imported only when a kernel runs, so the package imports without triton.  Launch
-configurations come from a small shape-keyed table (decode / middle / training), cached;
-when the output has too few tiles to fill the GPU the reduction is split over K into an
-fp32 workspace that a torch sum folds back (decode shapes, ``dyᵀ·t_A``-style weight grads).
+configurations come from a small shape-keyed table (decode / middle / training), and the
+whole launch plan is cached per shape; when the output has too few tiles to fill the GPU the
+reduction is split over K into an fp32 workspace that the last program of each tile sums
+(decode shapes, ``dyᵀ·t_A``-style weight grads): one launch per GEMM either way.
 """
 from __future__ import annotations
 
@@ -32,13 +33,16 @@ def _swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _load_right(ptr, s_ptr, o_ptr, offs_k, offs_n, k_end, N, stride_k, stride_n, ss_k, ss_n,
-                QUANT: tl.constexpr, GROUP: tl.constexpr, K_IS_COL: tl.constexpr, MASK_K: tl.constexpr):
-    """A BK×BN tile of the right operand, dequantised in registers when packed.
+def _load_right(ptr, s_ptr, o_ptr, k0, offs_k, offs_n, k_end, N, stride_k, stride_n, ss_k, ss_n,
+                QUANT: tl.constexpr, GROUP: tl.constexpr, K_IS_COL: tl.constexpr, MASK_K: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """A BK×BN tile (rows ``k0 …``) of the right operand, dequantised in registers when packed.
 
     Packed (ops/quant.py layout): int8 ``q·scale[row]``; int4 ``nibble·scale[row, col//g] +
     offset[row, col//g]`` with two nibbles per byte along the factor's columns.
-    ``K_IS_COL``: the GEMM's K runs along the factor's columns (operand ``Fᵀ``).
+    ``K_IS_COL``: the GEMM's K runs along the factor's columns (operand ``Fᵀ``).  There the
+    launcher keeps an int4 K tile inside one group (``BLOCK_K ≤ g``, k0 a multiple of BLOCK_K),
+    so scales and offsets are one BN-vector per tile, not a per-element gather.
     """
     kk = offs_k[:, None]
     nn = offs_n[None, :]
@@ -59,15 +63,19 @@ def _load_right(ptr, s_ptr, o_ptr, offs_k, offs_n, k_end, N, stride_k, stride_n,
         if K_IS_COL:
             byte = tl.load(ptr + (kk // 2) * stride_k + nn * stride_n, mask=mask, other=0)
             shift = (kk % 2) * 4
-            sidx = (kk // GROUP) * ss_k + nn * ss_n
+            tl.static_assert(BLOCK_K <= GROUP, "int4 along K: a K tile must lie inside one group")
+            sidx = (k0 // GROUP) * ss_k + nn * ss_n
+            smask = nn < N
         else:
             byte = tl.load(ptr + kk * stride_k + (nn // 2) * stride_n, mask=mask, other=0)
             shift = (nn % 2) * 4
             sidx = kk * ss_k + (nn // GROUP) * ss_n
+            smask = mask
         nib = (byte.to(tl.int32) >> shift) & 0xF
-        s = tl.load(s_ptr + sidx, mask=mask, other=0.0)
-        o = tl.load(o_ptr + sidx, mask=mask, other=0.0)
-        b = (nib.to(tl.float32) * s.to(tl.float32) + o.to(tl.float32)).to(s_ptr.dtype.element_ty)
+        s = tl.load(s_ptr + sidx, mask=smask, other=0.0)
+        o = tl.load(o_ptr + sidx, mask=smask, other=0.0)
+        b = nib.to(tl.float32) * s.to(tl.float32) + o.to(tl.float32)
+        b = tl.where(mask, b, 0.0).to(s_ptr.dtype.element_ty)
     return b
 
 
@@ -92,8 +100,8 @@ def _step(acc, a_ptr, offs_m, m_ok, stride_am, stride_ak, b_ptr, s_ptr, o_ptr, o
     else:
         a_mask = m_ok & (offs_k[None, :] >= 0)
     a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak, mask=a_mask, other=0.0)
-    b = _load_right(b_ptr, s_ptr, o_ptr, offs_k, offs_n, k_end, N, stride_bk, stride_bn, ss_k, ss_n,
-                    QUANT, GROUP, K_IS_COL, MASK_K)
+    b = _load_right(b_ptr, s_ptr, o_ptr, k0, offs_k, offs_n, k_end, N, stride_bk, stride_bn, ss_k, ss_n,
+                    QUANT, GROUP, K_IS_COL, MASK_K, BLOCK_K)
     return _dot(acc, a, b, F32, PRECISION)
 
 
@@ -117,20 +125,49 @@ def _reduce(acc, a_ptr, offs_m, m_ok, stride_am, stride_ak, b_ptr, s_ptr, o_ptr,
 
 
 @triton.jit
+def _store(acc, c_ptr, stride_cm, stride_cn, offs_m, offs_n, M, N, bias_ptr, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    c = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _finish(acc, c_ptr, stride_cm, stride_cn, ws_ptr, stride_ws, cnt_ptr, offs_m, offs_n, M, N,
+            bias_ptr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    """Store the finished tile (+ bias).  Split over K (grid axis 1): store this program's fp32
+    partial in ``ws`` (split×M×N), count it in ``cnt[tile]``; the program that counts last sums
+    the partials, in split order (the result does not depend on timing), and stores the tile,
+    so no reduction launch follows the kernel."""
+    if SPLIT:
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        ws = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(ws + tl.program_id(1) * stride_ws, acc, mask=mask)
+        tl.debug_barrier()  # all of this program's partial is written before it is counted
+        if tl.atomic_add(cnt_ptr + tl.program_id(0), 1) == tl.num_programs(1) - 1:  # acq_rel, gpu scope
+            total = tl.zeros_like(acc)
+            for s in range(0, tl.num_programs(1)):
+                total += tl.load(ws + s * stride_ws, mask=mask, other=0.0, cache_modifier=".cg")
+            _store(total, c_ptr, stride_cm, stride_cn, offs_m, offs_n, M, N, bias_ptr, HAS_BIAS)
+    else:
+        _store(acc, c_ptr, stride_cm, stride_cn, offs_m, offs_n, M, N, bias_ptr, HAS_BIAS)
+
+
+@triton.jit
 def _gemm_2k_kernel(
-    a1_ptr, b1_ptr, s1_ptr, o1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr,
+    a1_ptr, b1_ptr, s1_ptr, o1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr, ws_ptr, cnt_ptr,
     M, N, K1, K2, k1_per_split, n1_load,
     stride_a1m, stride_a1k, stride_b1k, stride_b1n, stride_s1k, stride_s1n,
     stride_a2m, stride_a2k, stride_b2k, stride_b2n,
-    stride_cs, stride_cm, stride_cn,
+    stride_cm, stride_cn, stride_ws,
     alpha1, alpha2,
     QUANT1: tl.constexpr, GROUP1: tl.constexpr, K_IS_COL1: tl.constexpr,
-    HAS_SEG2: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_SEG2: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     F32DOT1: tl.constexpr, F32DOT2: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K2: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """C[split] = α₁·A₁B₁[k-range of this split] (+ α₂·A₂B₂ + bias on split 0).
+    """C = α₁·A₁B₁ (this program's k-range of it) + α₂·A₂B₂ (on split 0) + bias.
 
     B₁ columns are loaded up to ``n1_load`` ≥ N (see ``_load_bound``); the extra columns only
     reach output columns that are never stored.
@@ -154,20 +191,18 @@ def _gemm_2k_kernel(
                            stride_b2k, stride_b2n, 0, 0, 0, K2,
                            0, 1, False, F32DOT2, PRECISION, BLOCK_K2)
             acc += acc2 * alpha2
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    c = c_ptr + pid_k * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=m_ok & (offs_n[None, :] < N))
+    _finish(acc, c_ptr, stride_cm, stride_cn, ws_ptr, stride_ws, cnt_ptr, offs_m, offs_n, M, N,
+            bias_ptr, HAS_BIAS, SPLIT)
 
 
 @triton.jit
 def _gemm_2n_kernel(
-    a_ptr, b1_ptr, s1_ptr, o1_ptr, b2_ptr, c1_ptr, c2_ptr,
+    a_ptr, b1_ptr, s1_ptr, o1_ptr, b2_ptr, c1_ptr, c2_ptr, ws1_ptr, ws2_ptr, cnt_ptr,
     M, N1, N2, K, k_per_split, n1_load,
     stride_am, stride_ak, stride_b1k, stride_b1n, stride_s1k, stride_s1n, stride_b2k, stride_b2n,
-    stride_c1s, stride_c1m, stride_c1n, stride_c2s, stride_c2m, stride_c2n,
+    stride_c1m, stride_c1n, stride_c2m, stride_c2n, stride_ws1, stride_ws2,
     alpha2,
-    QUANT1: tl.constexpr, GROUP1: tl.constexpr, K_IS_COL1: tl.constexpr,
+    QUANT1: tl.constexpr, GROUP1: tl.constexpr, K_IS_COL1: tl.constexpr, SPLIT: tl.constexpr,
     F32DOT1: tl.constexpr, F32DOT2: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -188,17 +223,16 @@ def _gemm_2n_kernel(
         acc1 = _reduce(acc1, a_ptr, offs_m, m_ok, stride_am, stride_ak, b1_ptr, s1_ptr, o1_ptr, offs_n1, n1_load,
                        stride_b1k, stride_b1n, stride_s1k, stride_s1n, k_start, k_end,
                        QUANT1, GROUP1, K_IS_COL1, F32DOT1, PRECISION, BLOCK_K)
-        c1 = c1_ptr + pid_k * stride_c1s + offs_m[:, None] * stride_c1m + offs_n1[None, :] * stride_c1n
-        tl.store(c1, acc1.to(c1_ptr.dtype.element_ty), mask=m_ok & (offs_n1[None, :] < N1))
+        _finish(acc1, c1_ptr, stride_c1m, stride_c1n, ws1_ptr, stride_ws1, cnt_ptr, offs_m, offs_n1, M, N1,
+                c1_ptr, False, SPLIT)
     else:
         offs_n2 = ((pid_n - nb1) * BLOCK_N2 + tl.arange(0, BLOCK_N2)).to(tl.int64)
         acc2 = tl.zeros((BLOCK_M, BLOCK_N2), dtype=tl.float32)
         acc2 = _reduce(acc2, a_ptr, offs_m, m_ok, stride_am, stride_ak, b2_ptr, b2_ptr, b2_ptr, offs_n2, N2,
                        stride_b2k, stride_b2n, 0, 0, k_start, k_end,
                        0, 1, False, F32DOT2, PRECISION, BLOCK_K)
-        acc2 = acc2 * alpha2
-        c2 = c2_ptr + pid_k * stride_c2s + offs_m[:, None] * stride_c2m + offs_n2[None, :] * stride_c2n
-        tl.store(c2, acc2.to(c2_ptr.dtype.element_ty), mask=m_ok & (offs_n2[None, :] < N2))
+        _finish(acc2 * alpha2, c2_ptr, stride_c2m, stride_c2n, ws2_ptr, stride_ws2, cnt_ptr, offs_m, offs_n2, M, N2,
+                c2_ptr, False, SPLIT)
 
 
 # ----------------------------------------------------------------------------- launch side
@@ -223,8 +257,14 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+# Host-side integer helpers in plain Python: ``triton.cdiv`` / ``triton.next_power_of_2`` are
+# constexpr functions whose host calls cost microseconds each, and every launch made dozens.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _pow2_clamp(n: int, hi: int) -> int:
-    return max(16, min(hi, triton.next_power_of_2(n)))
+    return max(16, min(hi, 1 << max(n - 1, 0).bit_length()))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -235,13 +275,14 @@ def config(m: int, n: int, k: int, f32: bool, sms: int, interpret: bool) -> Conf
     (weight-bandwidth bound: every SM should stream weights);
     training (M ≥ 1024): 128×128×64, 8 warps, 3 stages (Hopper tensor cores);
     middle: 64×128×64.  fp32 operands halve BLOCK_K to stay inside shared memory.
-    Fewer tiles than half the SMs: split K (fp32 partials, summed by the launcher).
+    Fewer tiles than half the SMs: split K (fp32 partials, summed in the kernel by the
+    last program of each tile, see ``_finish``).
     Under the interpreter tiles are small: it runs every program in numpy.
     """
     if interpret:
         bm, bn, bk, group, warps, stages = 32, 32, 32, 4, 1, 1
     elif m <= 16:
-        bm, bn, bk, group, warps, stages = 16, 64 if triton.cdiv(n, 64) >= sms else 32, 128, 1, 4, 4
+        bm, bn, bk, group, warps, stages = 16, 64 if _cdiv(n, 64) >= sms else 32, 128, 1, 4, 4
     elif m >= 1024:
         bm, bn, bk, group, warps, stages = 128, 128, 64, 8, 8, 3
     else:
@@ -249,10 +290,10 @@ def config(m: int, n: int, k: int, f32: bool, sms: int, interpret: bool) -> Conf
     if f32 and not interpret:
         bk //= 2
     bm, bn, bk = _pow2_clamp(m, bm), _pow2_clamp(n, bn), _pow2_clamp(k, bk)
-    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    tiles = _cdiv(m, bm) * _cdiv(n, bn)
     split = 1
     if 2 * tiles < sms:
-        split = max(1, min(triton.cdiv(2 * sms, tiles), k // (2 * bk), 32))
+        split = max(1, min(_cdiv(2 * sms, tiles), k // (2 * bk), 32))
     return Config(bm, bn, bk, group, warps, stages, split)
 
 
@@ -265,10 +306,10 @@ def _precision() -> str:
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
-def _f32_dot(a: torch.dtype, b: torch.dtype) -> bool:
+def _f32_dot(a: torch.dtype, b: torch.dtype, interpret: bool) -> bool:
     """Whether a·b runs in fp32: mixed or fp32 operands, and bf16 under the interpreter, whose
     bf16 ``tl.dot`` returns garbage (triton 3.9); bf16 products are exact in fp32 anyway."""
-    if _interpreted() and torch.bfloat16 in (a, b):
+    if interpret and torch.bfloat16 in (a, b):
         return True
     return not (a == b and a in (torch.float16, torch.bfloat16))
 
@@ -325,6 +366,54 @@ def _right_args(b: Right) -> _RightArgs:
     return _RightArgs(p.qweight, scale, offset, sk, sn, ssk, ssn, QUANT_MODES[p.fmt], group, b.trans, p.dtype, b.shape[1])
 
 
+class _Plan(NamedTuple):
+    """Everything about a launch that follows from shapes, dtypes and the device class."""
+
+    cfg: Config
+    block_k: int
+    block_2: int  # gemm_2k: BLOCK_K2 of segment 2; gemm_2n: BLOCK_N2 of C₂
+    k_per: int
+    split: int
+    tiles: int
+    f32_1: bool
+    f32_2: bool
+
+
+def _block_k(cfg: Config, quant: int, group: int, k_is_col: bool) -> int:
+    """int4 along K: a K tile inside one quantisation group (one scale vector per tile)."""
+    return min(cfg.block_k, group) if quant == QUANT_MODES["int4"] and k_is_col else cfg.block_k
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(kind: str, m: int, n1: int, n2: int, k1: int, k2: int, dt_a: torch.dtype, dt_b1: torch.dtype,
+          dt_a2: torch.dtype, dt_b2: torch.dtype, quant: int, group: int, k_is_col: bool, sms: int,
+          interpret: bool) -> _Plan:
+    """The launch plan of one GEMM, cached: repeated calls (every layer of every step) skip the
+    arithmetic; ``kind`` is "2k" (N = n1, segment 2 of depth k2) or "2n" (N = n1 + n2)."""
+    f32_1 = _f32_dot(dt_a, dt_b1, interpret)
+    f32_2 = _f32_dot(dt_a2, dt_b2, interpret)
+    if kind == "2k":
+        cfg = config(m, n1, k1, f32_1, sms, interpret)
+        block_2 = _pow2_clamp(k2, 32 if f32_2 else 64)
+        tiles = _cdiv(m, cfg.block_m) * _cdiv(n1, cfg.block_n)
+    else:
+        cfg = config(m, n1 + n2, k1, f32_1 or f32_2, sms, interpret)
+        block_2 = _pow2_clamp(n2, cfg.block_n)
+        tiles = _cdiv(m, cfg.block_m) * (_cdiv(n1, cfg.block_n) + _cdiv(n2, block_2))
+    bk = _block_k(cfg, quant, group, k_is_col)
+    k_per = _cdiv(_cdiv(k1, cfg.split_k), bk) * bk
+    return _Plan(cfg, bk, block_2, k_per, _cdiv(k1, k_per), tiles, f32_1, f32_2)
+
+
+def _split_buffers(plan: _Plan, m: int, widths: tuple[int, ...], device: torch.device):
+    """fp32 partials (split×M×width each) and zeroed per-tile counters for a split-K launch;
+    without split, stand-ins that the kernel never touches."""
+    if plan.split == 1:
+        return (None,) * len(widths), None
+    ws = tuple(_alloc((plan.split, m, w), torch.float32, device) for w in widths)
+    return ws, torch.zeros(plan.tiles, dtype=torch.int32, device=device)
+
+
 def gemm_2k(a1, b1: Right, a2, b2, alpha1: float, alpha2: float, bias, out_dtype: torch.dtype) -> torch.Tensor:
     m, k1 = a1.shape
     n = b1.shape[1]
@@ -332,36 +421,30 @@ def gemm_2k(a1, b1: Right, a2, b2, alpha1: float, alpha2: float, bias, out_dtype
     if m == 0 or n == 0 or k1 == 0:  # nothing to launch (e.g. no tokens): the reference is exact
         return gemm_2k_reference(a1, b1, a2, b2, alpha1, alpha2, bias, out_dtype)
     r = _right_args(b1)
-    f32_1 = _f32_dot(a1.dtype, r.dtype)
-    f32_2 = a2 is not None and _f32_dot(a2.dtype, b2.dtype)
-    cfg = config(m, n, k1, f32_1, _sms(a1.device), _interpreted())
-    k_per = triton.cdiv(triton.cdiv(k1, cfg.split_k), cfg.block_k) * cfg.block_k
-    split = triton.cdiv(k1, k_per)
-    c = _alloc((split, m, n), torch.float32 if split > 1 else out_dtype, a1.device)
     seg2 = a2 is not None and k2 > 0
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
-    _gemm_2k_kernel[grid](
+    interpret = _interpreted()
+    plan = _plan("2k", m, n, 0, k1, k2, a1.dtype, r.dtype, a2.dtype if seg2 else a1.dtype,
+                 b2.dtype if seg2 else a1.dtype, r.quant, r.group, r.k_is_col, _sms(a1.device), interpret)
+    cfg = plan.cfg
+    c = _alloc((m, n), out_dtype, a1.device)
+    (ws,), cnt = _split_buffers(plan, m, (n,), a1.device)
+    _gemm_2k_kernel[(plan.tiles, plan.split)](
         a1, r.ptr, r.scale, r.offset, a2 if seg2 else a1, b2 if seg2 else a1,
-        bias if bias is not None else a1, c,
-        m, n, k1, k2, k_per, r.n_load,
+        bias if bias is not None else a1, c, ws if ws is not None else c, cnt if cnt is not None else c,
+        m, n, k1, k2, plan.k_per, r.n_load,
         a1.stride(0), a1.stride(1), r.stride_k, r.stride_n, r.ss_k, r.ss_n,
         a2.stride(0) if seg2 else 0, a2.stride(1) if seg2 else 0,
         b2.stride(0) if seg2 else 0, b2.stride(1) if seg2 else 0,
-        c.stride(0), c.stride(1), c.stride(2),
+        c.stride(0), c.stride(1), m * n,
         float(alpha1), float(alpha2),
         QUANT1=r.quant, GROUP1=r.group, K_IS_COL1=r.k_is_col,
-        HAS_SEG2=seg2, HAS_BIAS=bias is not None and split == 1,
-        F32DOT1=f32_1, F32DOT2=f32_2, PRECISION=_precision(),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        BLOCK_K2=_pow2_clamp(k2, 32 if f32_2 else 64), GROUP_M=cfg.group_m,
+        HAS_SEG2=seg2, HAS_BIAS=bias is not None, SPLIT=plan.split > 1,
+        F32DOT1=plan.f32_1, F32DOT2=seg2 and plan.f32_2, PRECISION=_precision(),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=plan.block_k,
+        BLOCK_K2=plan.block_2, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if split == 1:
-        return c[0]
-    acc = c.sum(0)
-    if bias is not None:
-        acc += bias.float()
-    return acc.to(out_dtype)
+    return c
 
 
 def gemm_2n(a, b1: Right, b2, alpha2: float, out_dtypes: tuple[torch.dtype, torch.dtype]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -370,30 +453,26 @@ def gemm_2n(a, b1: Right, b2, alpha2: float, out_dtypes: tuple[torch.dtype, torc
     if m == 0 or k == 0 or n1 == 0 or n2 == 0:  # nothing to launch: the reference is exact
         return gemm_2n_reference(a, b1, b2, alpha2, out_dtypes)
     r = _right_args(b1)
-    f32_1, f32_2 = _f32_dot(a.dtype, r.dtype), _f32_dot(a.dtype, b2.dtype)
-    cfg = config(m, n1 + n2, k, f32_1 or f32_2, _sms(a.device), _interpreted())
-    block_n2 = _pow2_clamp(n2, cfg.block_n)
-    k_per = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
-    split = triton.cdiv(k, k_per)
-    d1, d2 = (torch.float32, torch.float32) if split > 1 else out_dtypes
+    plan = _plan("2n", m, n1, n2, k, 0, a.dtype, r.dtype, a.dtype, b2.dtype, r.quant, r.group, r.k_is_col,
+                 _sms(a.device), _interpreted())
+    cfg = plan.cfg
     # C₁ (t_v, dt_v) is an intermediate of the op: rows padded to 16 elements keep the next
     # GEMM's loads aligned (vectorised, pipelined) whatever the rank.  C₂ (t_A) is returned by
     # the forward op, so it stays contiguous like its fake (meta) version.
-    c1 = _alloc((split, m, _pad16(n1)), d1, a.device)[..., :n1]
-    c2 = _alloc((split, m, n2), d2, a.device)
-    grid = (triton.cdiv(m, cfg.block_m) * (triton.cdiv(n1, cfg.block_n) + triton.cdiv(n2, block_n2)), split)
-    _gemm_2n_kernel[grid](
+    c1 = _alloc((m, _pad16(n1)), out_dtypes[0], a.device)[:, :n1]
+    c2 = _alloc((m, n2), out_dtypes[1], a.device)
+    (ws1, ws2), cnt = _split_buffers(plan, m, (n1, n2), a.device)
+    _gemm_2n_kernel[(plan.tiles, plan.split)](
         a, r.ptr, r.scale, r.offset, b2, c1, c2,
-        m, n1, n2, k, k_per, r.n_load,
+        ws1 if ws1 is not None else c1, ws2 if ws2 is not None else c2, cnt if cnt is not None else c2,
+        m, n1, n2, k, plan.k_per, r.n_load,
         a.stride(0), a.stride(1), r.stride_k, r.stride_n, r.ss_k, r.ss_n, b2.stride(0), b2.stride(1),
-        c1.stride(0), c1.stride(1), c1.stride(2), c2.stride(0), c2.stride(1), c2.stride(2),
+        c1.stride(0), c1.stride(1), c2.stride(0), c2.stride(1), m * n1, m * n2,
         float(alpha2),
-        QUANT1=r.quant, GROUP1=r.group, K_IS_COL1=r.k_is_col,
-        F32DOT1=f32_1, F32DOT2=f32_2, PRECISION=_precision(),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_N2=block_n2, BLOCK_K=cfg.block_k,
+        QUANT1=r.quant, GROUP1=r.group, K_IS_COL1=r.k_is_col, SPLIT=plan.split > 1,
+        F32DOT1=plan.f32_1, F32DOT2=plan.f32_2, PRECISION=_precision(),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_N2=plan.block_2, BLOCK_K=plan.block_k,
         GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if split == 1:
-        return c1[0], c2[0]
-    return c1.sum(0).to(out_dtypes[0]), c2.sum(0).to(out_dtypes[1])
+    return c1, c2

@@ -8,8 +8,9 @@ shrink ``[t_v | t_A] = x·[v; A]ᵀ`` (``gemm_2n``: one read of x), expand
 
 Both are torch custom ops (``emloc::*``) with fake and autograd registrations, so
 ``torch.compile(fullgraph=True)``, non-reentrant checkpointing and autocast (inputs are cast
-like ``F.linear`` casts them) work.  Gradients flow to x, lora_a, lora_b and bias; the
-frozen factors u, v (or weight) must not require grad -- a clear error is raised instead
+like ``F.linear`` casts them) work; an eager call that records no gradient (inference,
+decode) runs the op's body without the dispatcher (see ``_call_directly``).  Gradients flow
+to x, lora_a, lora_b and bias; the frozen factors u, v (or weight) must not require grad -- a clear error is raised instead
 (train them through ``lowrank_lora_reference``).  LoRA dropout is not an argument: with
 dropout > 0 the LoRA branch sees a different x, so callers use the unfused path.
 ``u``/``v`` may be a :class:`~emloc_kernels.ops.quant.PackedFactor`; the Triton kernels then
@@ -21,6 +22,7 @@ from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .gemm import QUANT_MODES, PackedOperand, gemm_2k, gemm_2n, use_triton
 from .quant import FORMATS, GROUP_SIZES, PackedFactor, dequantize_reference
@@ -134,6 +136,20 @@ def _check(op, x, frozen: dict, out_f: int, in_f: int, lora_a, lora_b, bias) -> 
             raise ValueError(f"{op}: bias is on {bias.device} but x is on {x.device}")
 
 
+def _call_directly(*tensors) -> bool:
+    """Whether an eager call may skip the custom op and run its body: no gradient to record,
+    not tracing (torch.compile), no dispatch or function mode, no functorch transform (vmap),
+    plain tensors only.  The op's dispatcher round trips (Python → C++ → autograd → Python)
+    cost more than both kernel launches at decode; everything that needs the registered op
+    still gets it."""
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+        return False
+    if (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled() or _get_current_dispatch_mode()
+            or torch._C._are_functorch_transforms_active()):
+        return False
+    return all(t is None or type(t) is torch.Tensor for t in tensors)
+
+
 def _lora_dtype(x: torch.Tensor, lora: Optional[torch.Tensor]) -> torch.dtype:
     """dtype of ``t_A = x Aᵀ``: the LoRA branch runs in the adapter's dtype (as the reference)."""
     return x.dtype if lora is None else torch.promote_types(x.dtype, lora.dtype)
@@ -172,11 +188,11 @@ def _unpack(x2, u, us, uo, v, vs, vo, quant) -> tuple[Factor, Factor]:
             _factor(v, vs, vo, quant[2], quant[3], (r, x2.shape[1])))
 
 
-@torch.library.custom_op("emloc::lowrank_lora_fwd", mutates_args=())
-def _lowrank_fwd(x: torch.Tensor, u: torch.Tensor, u_scale: Optional[torch.Tensor], u_offset: Optional[torch.Tensor],
-                 v: torch.Tensor, v_scale: Optional[torch.Tensor], v_offset: Optional[torch.Tensor],
-                 lora_a: Optional[torch.Tensor], lora_b: Optional[torch.Tensor], scaling: float,
-                 bias: Optional[torch.Tensor], quant: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _lowrank_fwd_body(x: torch.Tensor, u: torch.Tensor, u_scale: Optional[torch.Tensor],
+                      u_offset: Optional[torch.Tensor], v: torch.Tensor, v_scale: Optional[torch.Tensor],
+                      v_offset: Optional[torch.Tensor], lora_a: Optional[torch.Tensor],
+                      lora_b: Optional[torch.Tensor], scaling: float, bias: Optional[torch.Tensor],
+                      quant: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """x: M×in.  Returns y (M×out) and ``t_A = x Aᵀ`` (M×ρ; M×0 without LoRA) for backward."""
     tri = use_triton(x)
     fu, fv = _unpack(x, u, u_scale, u_offset, v, v_scale, v_offset, quant)
@@ -187,6 +203,9 @@ def _lowrank_fwd(x: torch.Tensor, u: torch.Tensor, u_scale: Optional[torch.Tenso
         t_v, t_a = gemm_2n(x, _t(fv), lora_a.t(), out_dtypes=(x.dtype, _lora_dtype(x, lora_a)), triton=tri)
         y = gemm_2k(t_v, _t(fu), t_a, lora_b.t(), alpha2=scaling, bias=bias, out_dtype=x.dtype, triton=tri)
     return y, t_a
+
+
+_lowrank_fwd = torch.library.custom_op("emloc::lowrank_lora_fwd", mutates_args=())(_lowrank_fwd_body)
 
 
 @_lowrank_fwd.register_fake
@@ -273,23 +292,26 @@ def lowrank_lora(
     _check_2d("lowrank_lora", "v", v, (rank, in_f), x)
     _check("lowrank_lora", x, {"u": u, "v": v}, out_f, in_f, lora_a, lora_b, bias)
     (ut, us, uo, um, ug), (vt, vs, vo, vm, vg) = _flat(u), _flat(v)
-    y, _ = torch.ops.emloc.lowrank_lora_fwd(x.reshape(-1, in_f), ut, us, uo, vt, vs, vo, lora_a, lora_b,
-                                             float(scaling), bias, [um, ug, vm, vg])
+    args = (x.reshape(-1, in_f), ut, us, uo, vt, vs, vo, lora_a, lora_b, float(scaling), bias, [um, ug, vm, vg])
+    direct = _call_directly(x, ut, us, uo, vt, vs, vo, lora_a, lora_b, bias)
+    y, _ = _lowrank_fwd_body(*args) if direct else torch.ops.emloc.lowrank_lora_fwd(*args)
     return y.reshape(*x.shape[:-1], out_f)
 
 
 # ----------------------------------------------------------------------------- dense + LoRA op
 
 
-@torch.library.custom_op("emloc::dense_lora_fwd", mutates_args=())
-def _dense_fwd(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-               scaling: float, bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _dense_fwd_body(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                    scaling: float, bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """x: M×in.  ``t_A = x Aᵀ``; ``y = [x | t_A]·[W | s·B]ᵀ + b``; returns (y, t_A)."""
     tri = use_triton(x)
     with torch.autocast(x.device.type, enabled=False):
         t_a = gemm_2k(x, lora_a.t(), out_dtype=_lora_dtype(x, lora_a), triton=tri)
         y = gemm_2k(x, weight.t(), t_a, lora_b.t(), alpha2=scaling, bias=bias, out_dtype=x.dtype, triton=tri)
     return y, t_a
+
+
+_dense_fwd = torch.library.custom_op("emloc::dense_lora_fwd", mutates_args=())(_dense_fwd_body)
 
 
 @_dense_fwd.register_fake
@@ -356,5 +378,7 @@ def dense_lora(
     _check_x("dense_lora", x, in_f)
     _check_2d("dense_lora", "weight", weight, (out_f, in_f), x)
     _check("dense_lora", x, {"weight": weight}, out_f, in_f, lora_a, lora_b, bias)
-    y, _ = torch.ops.emloc.dense_lora_fwd(x.reshape(-1, in_f), weight, lora_a, lora_b, float(scaling), bias)
+    args = (x.reshape(-1, in_f), weight, lora_a, lora_b, float(scaling), bias)
+    direct = _call_directly(x, weight, lora_a, lora_b, bias)
+    y, _ = _dense_fwd_body(*args) if direct else torch.ops.emloc.dense_lora_fwd(*args)
     return y.reshape(*x.shape[:-1], out_f)

@@ -23,7 +23,7 @@ from emloc_kernels.ops import _triton_gemm as G
 from emloc_kernels.ops.quant import PackedFactor
 
 SMEM_LIMIT = 232448  # H100 / H200 per-block maximum
-TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int8: "i8", torch.uint8: "u8"}
+TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8"}
 launches = []
 
 

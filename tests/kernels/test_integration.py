@@ -167,3 +167,38 @@ def test_op_outputs_match_fake_strides(device):
             fake = op(*[mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in args])
         for r, f in zip(real, fake):
             assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype), op
+
+
+def test_inference_calls_skip_the_dispatcher_only_in_eager(monkeypatch):
+    """Without autograd an eager call runs the op body directly, with the op's exact result;
+    with gradients to record, or under a dispatch mode (as tracing uses), the registered op runs."""
+    import importlib
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    mod = importlib.import_module("emloc_kernels.ops.lowrank_lora")
+    body_calls = []
+    body = mod._lowrank_fwd_body
+    monkeypatch.setattr(mod, "_lowrank_fwd_body", lambda *a: body_calls.append(1) or body(*a))
+    seen = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    x, u, v, a, b, bias = _small("cpu")
+    with torch.no_grad():
+        direct = ops.lowrank_lora(x, u, v, a, b, 0.5, bias)
+        assert body_calls == [1]
+        with Log():
+            via_op = ops.lowrank_lora(x, u, v, a, b, 0.5, bias)
+    assert torch.ops.emloc.lowrank_lora_fwd.default in seen and body_calls == [1]
+    torch.testing.assert_close(direct, via_op, rtol=0, atol=0)
+    with torch.no_grad():  # under vmap the op runs (torch loops over it: no batching rule)
+        mapped = torch.vmap(lambda xi: ops.lowrank_lora(xi, u, v, a, b, 0.5, bias))(x)
+    assert body_calls == [1]
+    torch.testing.assert_close(mapped, direct)  # per-sample GEMMs may block differently
+    with_grad = ops.lowrank_lora(x, u, v, a, b, 0.5, bias)
+    assert body_calls == [1] and with_grad.requires_grad
+    torch.testing.assert_close(with_grad.detach(), direct, rtol=0, atol=0)
