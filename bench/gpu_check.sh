@@ -16,7 +16,7 @@ python3 -c "import xdist" 2>/dev/null && xdist=(-n 8)
 timeout 100 python3 -m pytest tests/kernels -m "not slow" -q -p no:cacheprovider "${xdist[@]}" 2>&1 | tee "$OUT/kernel_tests.log"
 rc=${PIPESTATUS[0]}
 # the CUDA tests of the rest of the library (extension, correction, emulator streaming)
-timeout 45 python3 -m pytest tests --ignore=tests/kernels -m cuda -q -p no:cacheprovider 2>&1 | tee "$OUT/cuda_tests.log"
+timeout 90 python3 -m pytest tests --ignore=tests/kernels -m cuda -q -p no:cacheprovider 2>&1 | tee "$OUT/cuda_tests.log"
 crc=${PIPESTATUS[0]}
 [ "$crc" = 5 ] && crc=0  # exit 5: no test selected (CPU dry run)
 tests="kernels: $(tail -n 1 "$OUT/kernel_tests.log" | tr -d '=' | sed 's/^ *//; s/ *$//') (exit $rc); library: $(tail -n 1 "$OUT/cuda_tests.log" | tr -d '=' | sed 's/^ *//; s/ *$//') (exit $crc); $(( $(date +%s) - start )) s"
