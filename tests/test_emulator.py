@@ -6,6 +6,8 @@ blocks still run, so the streaming path is the real one) on twelve Rotten Tomato
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 import math
 import re
 from fractions import Fraction
@@ -315,6 +317,25 @@ def test_streaming_moves_one_block_at_a_time(tiny_model, monkeypatch):
     cpu = torch.device("cpu")
     expected = [e for i in range(3) for e in [(i, "to", (cpu,)), *[(i, "forward", ())] * 3, (i, "to", (cpu,))]]
     assert events[start:] == expected
+
+
+def test_replaced_linears_do_not_outlive_their_block(tiny_model):
+    """When block i+1 starts, the original linears of block i are gone (on a GPU they would
+    otherwise pile up there; on the CPU the original would sit beside the emulator)."""
+    model = tiny_model("llama", num_hidden_layers=3)
+    originals = [[weakref.ref(m) for m in block.modules() if isinstance(m, torch.nn.Linear)] for block in model.model.layers]
+    alive = {}
+
+    def check(i):
+        def hook(module, args):
+            gc.collect()
+            alive[i] = sum(r() is not None for r in originals[i - 1])  # the last call: block i streaming
+        return hook
+
+    for i in (1, 2):
+        model.model.layers[i].register_forward_pre_hook(check(i))
+    build_emulator(model, random_calibration(101, (7, 5)), RATIO, progress=False)
+    assert alive == {1: 0, 2: 0}
 
 
 @pytest.mark.cuda

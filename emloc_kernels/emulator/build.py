@@ -137,6 +137,22 @@ def _compress(name: str, module: nn.Module, ratio: float, whitening: Whitening) 
     return layer, info
 
 
+def _compress_block(model: nn.Module, mine: dict, collector: GramCollector, quant: str | None, group_size: int) -> dict:
+    """Replace one block's targeted linears; returns their report entries."""
+    whitening = {n: Whitening.from_gram(g) for n, g in collector.gram.items()}
+    report = {}
+    for name, (module, r) in mine.items():
+        layer, info = _compress(name, module, r, whitening[collector.leader[name]])
+        if quant is not None:
+            from ..modules.quantized import QuantLowRankLinear
+
+            layer = QuantLowRankLinear.from_lowrank(layer, quant, group_size)
+            info.update(quant=quant, group_size=group_size if quant == "int4" else 0)
+        _replace(model, name, layer)
+        report[name] = info
+    return report
+
+
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, new)
@@ -184,7 +200,9 @@ def build_emulator(
     bar = tqdm(blocks, desc="emulator", unit="block", disable=not progress)
     for i, block in enumerate(bar):
         prefix = f"{blocks_name}.{i}."
-        mine = {n: v for n, v in plan.items() if n.startswith(prefix)}
+        # popped, not copied: a replaced original must not outlive its block (on a GPU it
+        # would stay there, and on the CPU the whole original would stay beside the emulator)
+        mine = {n: plan.pop(n) for n in [n for n in plan if n.startswith(prefix)]}
         block.to(work)
         collector = GramCollector()
         handles = [m.register_forward_pre_hook(collector.hook(n)) for n, (m, _) in mine.items()]
@@ -199,18 +217,9 @@ def build_emulator(
             for h in handles:
                 h.remove()
         collector.check_finite()
-        whitening = {n: Whitening.from_gram(g) for n, g in collector.gram.items()}
-        for name, (module, r) in mine.items():
-            layer, info = _compress(name, module, r, whitening[collector.leader[name]])
-            if quant is not None:
-                from ..modules.quantized import QuantLowRankLinear
-
-                layer = QuantLowRankLinear.from_lowrank(layer, quant, group_size)
-                info.update(quant=quant, group_size=group_size if quant == "int4" else 0)
-            _replace(model, name, layer)
-            report[name] = info
+        report.update(_compress_block(model, mine, collector, quant, group_size))
         block.to(home)
-        del collector, whitening
+        del collector, mine
     model.train(was_training)
     tokens = sum(int(m.sum()) if m is not None else b["input_ids"].numel() for m, b in zip(masks, batches))
     model.emloc_metadata = {
