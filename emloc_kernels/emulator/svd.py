@@ -64,10 +64,13 @@ class Factors:
 def truncated_factors(weight: torch.Tensor, rank: int, whitening: Whitening) -> Factors:
     """``W S = U Σ Vᵀ``; ``u = U_r Σ_r^½``, ``v = Σ_r^½ V_rᵀ S⁻¹`` (in whitening's dtype)."""
     s = whitening.lower
-    # the SVD itself runs in fp32 (2× faster; its rounding is far below the truncation error)
+    # the SVD itself runs in fp32 (2× faster; its rounding is far below the truncation error);
+    # on CUDA through cuSOLVER's QR-based gesvd: the default may pick the Jacobi solver, whose
+    # tolerance left a 10× higher error floor on near-exact fits than LAPACK's
     w = weight.to(s.dtype)
     ws = w @ s
-    uu, sigma, vh = (t.to(s.dtype) for t in torch.linalg.svd(ws.float(), full_matrices=False))
+    driver = "gesvd" if ws.is_cuda else None
+    uu, sigma, vh = (t.to(s.dtype) for t in torch.linalg.svd(ws.float(), full_matrices=False, driver=driver))
     root = sigma[:rank].sqrt()
     u = uu[:, :rank] * root
     # v S = Σ^½ V_rᵀ  ⇔  Sᵀ vᵀ = V_r Σ^½ (Sᵀ upper triangular)
