@@ -2,7 +2,6 @@
 and on a real SmolLM2 layer; the identity of DESIGN §1 checked per module in fp64."""
 import copy
 
-import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file

@@ -2,7 +2,6 @@
 non-reentrant checkpointing, and a few LoRA steps on a tiny Llama emulator."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
