@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import statistics
 import sys
@@ -44,12 +43,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from emloc_kernels import ops  # noqa: E402
 from emloc_kernels.ops.quant import PackedFactor  # noqa: E402
+from emloc_kernels.emulator.svd import rank_for  # noqa: E402
 
 RHO, SCALING = 16, 2.0
-
-
-def emulator_rank(n_in: int, n_out: int, ratio: float = 0.4) -> int:
-    return math.floor(n_in * n_out * ratio / (n_in + n_out))
 
 
 class Bench:
@@ -150,7 +146,7 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def run_case(b: Bench, kind: str, m: int, n_in: int, n_out: int, peaks: dict) -> list[dict]:
     """All providers on one shape; a failing provider records its error and the rest go on."""
-    r = emulator_rank(n_in, n_out)
+    r = rank_for(n_in, n_out, 0.4)
     x = b.rand(m, n_in)
     w = b.rand(n_out, n_in, scale=n_in**-0.5)
     # factors as an emulator should store them: rows padded to 16 elements (ops.aligned_rows)
