@@ -16,9 +16,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from emloc_kernels import finetune as ft
-from emloc_kernels.memory import peak_in_fresh_process
-from emloc_kernels.task import accuracy
+from emloc_kernels.recipe import finetune as ft
+from emloc_kernels.recipe.memory import peak_in_fresh_process
+from emloc_kernels.recipe.models import attach_lora, load_model
+from emloc_kernels.recipe.task import accuracy
 
 COLUMNS = ["setting", "zero_shot", "emulator", "uncorrected", "L=1", "L=3", "unclamped", "delivered", "chosen",
            "peak_mem_inference_mib", "peak_mem_finetune_mib", "linear_bytes_vs_fp16", "emulator_mib", "seconds"]  # seconds: the run's timed stages
@@ -29,10 +30,10 @@ def lora_on_original(s: ft.FinetuneSettings, memory_spec: Path) -> dict:
     memory on the batch the EMLoC runs measured, in a fresh process)."""
     device, dtype = ft.device_and_dtype(s)
     model_path, task, train_rows, _, test_rows = ft.prepare(s)
-    model, _ = ft.load_model(model_path, device, dtype)
+    model, _ = load_model(model_path, device, dtype)
     zero_shot = accuracy(model, task, test_rows)
     alpha = float(s.lora_alpha if s.lora_alpha is not None else s.lora_rank)
-    peft_model = ft.attach_lora(model, s.lora_rank, alpha, s.seed)
+    peft_model = attach_lora(model, s.lora_rank, alpha, s.seed)
     ft.train(peft_model, task, train_rows, steps=s.steps, batch_size=s.batch_size, lr=s.lr, seed=s.seed,
              device=device, progress=s.progress)
     peak = peak_in_fresh_process("finetune", model_path, memory_spec, device=str(device),

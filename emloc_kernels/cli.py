@@ -37,7 +37,7 @@ def cmd_build(a: argparse.Namespace) -> None:
         raise FileExistsError(f"--out {out} exists; choose another directory or pass --overwrite")
     start = time.perf_counter()
     if a.model == "demo" or a.data == "demo":
-        from .finetune import FinetuneSettings, calibration_texts, prepare
+        from .recipe.finetune import FinetuneSettings, calibration_texts, prepare
 
         settings = FinetuneSettings(calibration_samples=a.samples)
         model_path, _, train_rows, _, _ = prepare(settings)
@@ -56,7 +56,7 @@ def cmd_build(a: argparse.Namespace) -> None:
 
 
 def cmd_finetune(a: argparse.Namespace) -> None:
-    from .finetune import FinetuneSettings, format_table, run
+    from .recipe.finetune import FinetuneSettings, format_table, run
 
     fields = FinetuneSettings.__dataclass_fields__
     settings = FinetuneSettings(**{k: v for k, v in vars(a).items() if k in fields})
@@ -146,7 +146,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     if args.command == "finetune" and args.prompt is None:
-        from .demo import PROMPT
+        from .recipe.demo import PROMPT
 
         args.prompt = PROMPT
     try:

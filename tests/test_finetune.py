@@ -6,7 +6,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from emloc_kernels import cli, demo
+from emloc_kernels import cli
+from emloc_kernels.recipe import demo
 
 
 @pytest.fixture(scope="module")

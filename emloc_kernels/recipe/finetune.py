@@ -19,9 +19,10 @@ import torch
 from tqdm.auto import tqdm
 
 from . import demo
-from .correction import correct_adapter
-from .emulator import build_emulator, save_emulator
+from ..correction import correct_adapter
+from ..emulator import build_emulator, save_emulator
 from .memory import peak_in_fresh_process
+from .models import attach_lora, load_model, load_tokenizer
 from .task import LabelTask, accuracy, loss_on, read_jsonl
 
 logger = logging.getLogger(__name__)
@@ -52,31 +53,6 @@ class FinetuneSettings:
     max_length: int = 256
     overwrite: bool = False
     progress: bool = True
-
-
-def load_tokenizer(path: str | Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
-
-
-def load_model(path: str | Path, device: torch.device, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    model.eval()
-    return model, load_tokenizer(path)
-
-
-def attach_lora(model, rank: int, alpha: float, seed: int):
-    """PEFT LoRA on every linear, lean for memory: non-reentrant gradient checkpointing."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    model.config.use_cache = False
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
 
 
 def train(model, task: LabelTask, rows: list[dict], *, steps: int, batch_size: int, lr: float, seed: int,
