@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from emloc_kernels.emulator import build_emulator
-from emloc_kernels.finetune import FinetuneSettings, calibration_texts, load_model, prepare
-from emloc_kernels.task import accuracy
+from emloc_kernels.recipe.finetune import FinetuneSettings, calibration_texts, prepare
+from emloc_kernels.recipe.models import load_model
+from emloc_kernels.recipe.task import accuracy
 
 OUT = Path(__file__).parent / "results" / "emulator_fidelity.csv"
 
