@@ -268,6 +268,10 @@ def _run(s, task, model_path, out, device, dtype, alpha, variants, train_rows, v
         "finetune": peak_in_fresh_process("finetune", out / "emulator", spec, device=str(device),
                                           dtype=str(dtype).split(".")[-1], rank=s.lora_rank, alpha=alpha, lr=s.lr),
     }
+    if s.upper_bound:
+        mem["finetune_original"] = peak_in_fresh_process("finetune", model_path, spec, device=str(device),
+                                                         dtype=str(dtype).split(".")[-1], rank=s.lora_rank,
+                                                         alpha=alpha, lr=s.lr)
     report = {
         **acc,
         "peak_mem_inference": mem["inference"],
