@@ -17,10 +17,11 @@ demo: install
 	emloc finetune --out runs/demo --overwrite
 
 # the Triton kernels run on the CPU in Triton's interpreter, which is chosen when triton is
-# imported: their tests run in a process of their own
+# imported: their tests run in a process of their own; then deliberate bugs must fail the tests
 test: install
 	$(PY) -m pytest -q tests --ignore=tests/kernels
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/kernels
+	$(PY) tests/mutation_smoke.py
 
 bench: install
 	$(PY) bench/quality.py

@@ -14,9 +14,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from . import ops
 from .files import write_dir_atomically
-from .modules import LowRankLinear
+from .modules.fused import fusable, fused_lora
 
 PEFT_PREFIX = "base_model.model."
 
@@ -43,12 +42,10 @@ class LoraLinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base, a, b = self.base_layer, self.lora_A.weight, self.lora_B.weight
-        if not isinstance(self.dropout, nn.Identity):  # the LoRA branch sees other inputs: unfused
+        base, a = self.base_layer, self.lora_A.weight
+        if not isinstance(self.dropout, nn.Identity) or not fusable(base):  # dropout: the LoRA branch sees other inputs
             return base(x) + (self.scaling * self.lora_B(self.lora_A(self.dropout(x.to(a.dtype))))).to(x.dtype)
-        if isinstance(base, LowRankLinear):
-            return ops.lowrank_lora(x, *base.factors(), a, b, self.scaling, base.bias)
-        return ops.dense_lora(x, base.weight, a, b, self.scaling, base.bias)
+        return fused_lora(base, x, a, self.lora_B.weight, self.scaling)
 
 
 def _matches(name: str, targets: str | list[str]) -> bool:
