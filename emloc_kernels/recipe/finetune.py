@@ -32,9 +32,9 @@ CLAMP_VARIANTS = {"uncorrected": "skip", "L=1": 1.0, "L=3": 3.0, "unclamped": No
 @dataclass
 class FinetuneSettings:
     model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
-    data: str | None = None  # None: Rotten Tomatoes (embedded)
+    data: str | None = None  # None: the embedded task's data
     eval_data: str | None = None
-    prompt: str = demo.PROMPT
+    prompt: str | None = None  # None: the task's prompt (Rotten Tomatoes' with --data)
     ratio: float = 0.4
     lora_rank: int = 8
     lora_alpha: float | None = None  # None: = lora_rank (scaling 1)
@@ -58,6 +58,16 @@ class FinetuneSettings:
     shrinkage: float | str = 0.0
     allocate: str = "uniform"
     upper_bound: bool = False  # also train LoRA on the original: report lora_original and recovery
+    task: str | None = None  # an embedded task (demo.TASKS); None: Rotten Tomatoes
+
+    def __post_init__(self):
+        if self.task is not None and (self.data is not None or self.eval_data is not None):
+            raise ValueError(f"--task {self.task} and --data/--eval-data exclude each other: "
+                             "--task runs embedded data, --data your own")
+        if self.prompt is None:
+            self.prompt = demo.get_task(self.task).prompt
+        else:
+            demo.get_task(self.task)  # an unknown name fails here, before any work
 
 
 def train(model, task: LabelTask, rows: list[dict], *, steps: int, batch_size: int, lr: float, seed: int,
@@ -99,9 +109,9 @@ def _variants(clamp: str) -> dict[str, object]:
 
 def _data(s: FinetuneSettings) -> tuple[list[dict], list[dict]]:
     if s.data is None and s.eval_data is None:
-        return demo.rotten_tomatoes(seed=0)
+        return demo.get_task(s.task).load(seed=0)
     if s.data is None or s.eval_data is None:
-        raise ValueError("give both --data and --eval-data (or neither, for the embedded Rotten Tomatoes task)")
+        raise ValueError("give both --data and --eval-data (or neither, for an embedded task)")
     return read_jsonl(s.data, "--data"), read_jsonl(s.eval_data, "--eval-data")
 
 
