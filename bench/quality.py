@@ -76,15 +76,22 @@ def main() -> None:
     results = Path(a.results)
     results.mkdir(parents=True, exist_ok=True)
     task_kw = {"task": a.task} if a.task else {}
-    base = ft.FinetuneSettings(steps=a.steps, progress=False, upper_bound=True, overwrite=True, **task_kw)
-    task = getattr(base, "task", "rt")
+    base = ft.FinetuneSettings(steps=a.steps, progress=False, overwrite=True, **task_kw)
+    task = base.task or "rt"
     csv_path = results / "quality.csv"
     for seed in a.seeds:
+        upper: dict | None = None  # LoRA on the original: trained once per seed, in the first run
         for name, kw in settings.items():
             out = Path(a.runs) / task / f"seed{seed}" / name.replace(" ", "_").replace(",", "")
             done = out / "report.json"
             r = json.loads(done.read_text()) if a.reuse and done.exists() else ft.run(
-                replace(base, seed=seed, out=str(out), **kw))
+                replace(base, seed=seed, out=str(out), upper_bound=upper is None, **kw))
+            if "lora_original" in r:
+                upper = {"lora_original": r["lora_original"], "finetune_original": r["memory"]["finetune_original"]}
+            elif upper is not None:
+                r = {**r, "lora_original": upper["lora_original"],
+                     "recovery": ft.recovery(r["corrected"], r["zero_shot"], upper["lora_original"]),
+                     "memory": {**r["memory"], "finetune_original": upper["finetune_original"]}}
             row = row_of(task, name, seed, r)
             print(json.dumps(row), flush=True)
             append_csv(row, csv_path)  # after every setting: a long run keeps what it has
