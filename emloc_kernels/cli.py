@@ -131,10 +131,13 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--steps", type=int, default=120, help="training steps (default 120)")
     f.add_argument("--batch-size", type=int, default=8, help="training batch size (default 8)")
     f.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
-    f.add_argument("--clamp", default="auto", help="auto (choose on validation data), uncorrected, unclamped, or a bound L")
+    f.add_argument("--transfer", default="auto", help="how the LoRA is carried to the original: auto (every method, "
+                   "chosen on validation data), paper (the paper's clamps and uncorrected), uncorrected, unclamped, "
+                   "a clamp bound L, aware:λ (activation-aware correction) or stream:λ (layer-streamed transfer)")
+    f.add_argument("--clamp", default=None, help="former name of --transfer (same values)")
     f.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     f.add_argument("--calibration-samples", type=int, default=64, help="emulator calibration samples (default 64)")
-    f.add_argument("--validation-samples", type=int, default=200, help="training examples held out to choose the clamp")
+    f.add_argument("--validation-samples", type=int, default=200, help="training examples held out to choose the transfer")
     f.add_argument("--eval-samples", type=int, default=None, help="use only the first N evaluation examples")
     f.add_argument("--quant", default=None, choices=["int8", "int4"], help="quantise the emulator's factors")
     f.add_argument("--group-size", type=int, default=128, choices=[64, 128], help="int4 group size (default 128)")

@@ -46,11 +46,11 @@ def test_finetune_smoke_writes_report_and_adapters(material, tmp_path, capsys):
     # the peaks hold at least the weights that were loaded after the baseline
     assert report["peak_mem_inference"] >= report["bytes"]["original_total"]
     assert report["peak_mem_finetune"] >= report["bytes"]["emulator_total"]
-    assert set(report["variants"]) == {"uncorrected", "L=1", "L=3", "unclamped"}
+    assert set(report["variants"]) == set(TRANSFERS)
     assert report["corrected"] == report["variants"][report["chosen"]]["test"]
     best = max(v["validation"] for v in report["variants"].values())
     assert report["variants"][report["chosen"]]["validation"] == best
-    for d in ("emulator", "adapter", "corrected-L1", "corrected-L3", "corrected-unclamped"):
+    for d in ("emulator", "adapter", "corrected-L1", "corrected-L3", "corrected-unclamped", "aware-1", "stream-0", "stream-0.5"):
         assert (tmp_path / "run" / d).is_dir()
     adapter_config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str(material / "model")  # the original, not the emulator
@@ -78,7 +78,8 @@ def test_same_seed_same_numbers(material, tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--clamp", "sometimes"], "clamp must be"),
+    (["--clamp", "sometimes"], "clamp\) must be one of"),
+    (["--transfer", "stream:2"], "0 ≤ λ ≤ 1"),
     (["--prompt", "no placeholder"], "placeholder"),
     (["--ratio", "1.5"], "ratio"),
 ])

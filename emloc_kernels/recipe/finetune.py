@@ -20,13 +20,26 @@ from tqdm.auto import tqdm
 
 from . import demo
 from ..correction import correct_adapter
+from ..transfer import correct_adapter_aware, transfer_adapter
 from ..emulator import build_emulator, save_emulator
 from .memory import peak_in_fresh_process
 from .models import attach_lora, load_model, load_tokenizer
 from .task import LabelTask, accuracy, loss_on, read_jsonl
 
 logger = logging.getLogger(__name__)
-CLAMP_VARIANTS = {"uncorrected": "skip", "L=1": 1.0, "L=3": 3.0, "unclamped": None}
+# how a LoRA trained on the emulator becomes one for the original: (method, parameter)
+#   none: as trained; paper: the paper's correction with clamp L (None: unclamped);
+#   aware: activation-aware correction with λ; stream: layer-streamed transfer with λ
+TRANSFERS = {
+    "uncorrected": ("none", None),
+    "L=1": ("paper", 1.0),
+    "L=3": ("paper", 3.0),
+    "unclamped": ("paper", None),
+    "aware:1": ("aware", 1.0),
+    "stream:0": ("stream", 0.0),
+    "stream:0.5": ("stream", 0.5),
+}
+PAPER_TRANSFERS = ("uncorrected", "L=1", "L=3", "unclamped")
 
 
 @dataclass
@@ -41,7 +54,8 @@ class FinetuneSettings:
     steps: int = 120
     batch_size: int = 8
     lr: float = 1e-3
-    clamp: str = "auto"  # auto | uncorrected | unclamped | a number L
+    transfer: str = "auto"  # auto (chosen on validation) | paper (the paper's clamps) | a TRANSFERS name, L, aware:λ, stream:λ
+    clamp: str | None = None  # the former name of --transfer, still accepted
     seed: int = 0
     out: str = "runs/finetune"
     calibration_samples: int = 64
@@ -93,18 +107,35 @@ def train(model, task: LabelTask, rows: list[dict], *, steps: int, batch_size: i
     return losses
 
 
-def _variants(clamp: str) -> dict[str, object]:
-    if clamp == "auto":
-        return dict(CLAMP_VARIANTS)
-    if clamp in ("uncorrected", "unclamped"):
-        return {clamp: CLAMP_VARIANTS[clamp]}
+def transfer_variants(choice: str) -> dict[str, tuple[str, float | None]]:
+    """The transfers a run evaluates: ``auto`` all of :data:`TRANSFERS`, ``paper`` the paper's
+    clamps and the uncorrected adapter, else one: a name, a clamp bound ``L``, ``aware:λ`` or
+    ``stream:λ``."""
+    if choice == "auto":
+        return dict(TRANSFERS)
+    if choice == "paper":
+        return {n: TRANSFERS[n] for n in PAPER_TRANSFERS}
+    if choice in TRANSFERS:
+        return {choice: TRANSFERS[choice]}
+    method, _, value = choice.rpartition(":")
+    allowed = f"auto, paper, {', '.join(TRANSFERS)}, a clamp bound L > 0, aware:λ or stream:λ"
     try:
-        value = float(clamp)
+        number = float(value)
     except ValueError:
-        raise ValueError(f"clamp must be auto, uncorrected, unclamped or a positive number, got {clamp!r}") from None
-    if value <= 0:
-        raise ValueError(f"clamp must be a positive number, got {clamp!r}")
-    return {f"L={value:g}": value}
+        raise ValueError(f"transfer (or clamp) must be one of {allowed}; got {choice!r}") from None
+    if method == "" and number > 0:
+        return {f"L={number:g}": ("paper", number)}
+    if method in ("aware", "stream") and 0 <= number <= 1:
+        return {f"{method}:{number:g}": (method, number)}
+    raise ValueError(f"transfer (or clamp) must be one of {allowed} (0 ≤ λ ≤ 1); got {choice!r}")
+
+
+def _variant_dir(name: str) -> str:
+    if name == "uncorrected":
+        return "adapter"
+    if name.startswith("L=") or name == "unclamped":
+        return f"corrected-{name.replace('=', '')}"
+    return name.replace(":", "-")
 
 
 def _data(s: FinetuneSettings) -> tuple[list[dict], list[dict]]:
@@ -178,7 +209,7 @@ def run(s: FinetuneSettings) -> dict:
         raise FileExistsError(f"--out {out} exists; choose another directory or pass --overwrite")
     if not 0 < s.ratio < 1:
         raise ValueError(f"--ratio must be in (0, 1), got {s.ratio}")
-    variants = _variants(s.clamp)
+    variants = transfer_variants(s.clamp if s.clamp is not None else s.transfer)
     device, dtype = device_and_dtype(s)
     alpha = float(s.lora_alpha if s.lora_alpha is not None else s.lora_rank)
     model_path, task, train_rows, val_rows, test_rows = prepare(s)
@@ -239,13 +270,15 @@ def _run(s, task, model_path, out, device, dtype, alpha, variants, train_rows, v
 
     original, _ = load_model(model_path, device, dtype)
     dirs = {}
-    for name, clamp in variants.items():
-        if clamp == "skip":
-            dirs[name] = out / "adapter"
-        else:
-            dirs[name] = out / f"corrected-{name.replace('=', '')}"
+    for name, (method, param) in variants.items():
+        dirs[name] = out / _variant_dir(name)
+        if method == "paper":  # reads the original one module at a time from its files
             timed(f"correct_{name}", correct_adapter, out / "adapter", out / "emulator", model_path, dirs[name],
-                  clamp=clamp, progress=False)
+                  clamp=param, progress=False)
+        elif method in ("aware", "stream"):  # forward passes of the original, one block at a time
+            fn = correct_adapter_aware if method == "aware" else transfer_adapter
+            timed(f"transfer_{name}", fn, out / "adapter", out / "emulator", original, calib, dirs[name], lam=param,
+                  tokenizer=task.tokenizer, device=device, progress=False)
     results: dict[str, dict] = {}
     peft_model = None
     for name, d in dirs.items():
@@ -338,4 +371,4 @@ def weight_sizes(emulator, original_bytes: int) -> dict[str, int]:
 
 
 def _key(name: str) -> str:
-    return name.replace("=", "").replace(".", "_")
+    return name.replace("=", "").replace(".", "_").replace(":", "_")
