@@ -10,7 +10,7 @@ from torch import nn
 from emloc_kernels import ext
 from emloc_kernels.modules.lowrank import LowRankLinear
 from emloc_kernels.modules.quantized import QuantLowRankLinear
-from emloc_kernels.ops.lowrank_lora import lowrank_lora_reference
+from emloc_kernels.ops.reference import lowrank_lora_reference
 from emloc_kernels.ops.quant import (
     PackedFactor,
     dequantize,
