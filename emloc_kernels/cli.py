@@ -45,8 +45,9 @@ def cmd_build(a: argparse.Namespace) -> None:
     texts = calibration_texts(settings, train_rows) if a.data == "demo" else _texts(a.data, a.samples)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, a.dtype))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    emulator = build_emulator(model, texts, _ratio(a.ratio), tokenizer=tokenizer,
-                              device=a.device, quant=a.quant, group_size=a.group_size)
+    emulator = build_emulator(model, texts, _ratio(a.ratio), tokenizer=tokenizer, device=a.device, quant=a.quant,
+                              group_size=a.group_size, propagate=a.propagate, shrinkage=a.shrinkage,
+                              allocate=a.allocate)
     save_emulator(emulator, out, overwrite=a.overwrite)
     modules = emulator.emloc_metadata["modules"]
     kept = sum(m["rank"] * (m["in_features"] + m["out_features"]) for m in modules.values())
@@ -83,6 +84,19 @@ def cmd_merge(a: argparse.Namespace) -> None:
     print(f"merged model written to {a.out}")
 
 
+def _shrinkage(text: str) -> float | str:
+    return text if text == "auto" else float(text)
+
+
+def _build_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--propagate", action="store_true", help="fit each block on the emulator's own inputs to the "
+                   "original's outputs, so later blocks compensate earlier ones (error-propagating build)")
+    p.add_argument("--shrinkage", type=_shrinkage, default=0.0, help="relative ridge γ on the calibration Gram "
+                   "matrices, or 'auto' to choose it on held-out calibration samples (default 0)")
+    p.add_argument("--allocate", default="uniform", choices=["uniform", "block"], help="uniform: every linear keeps "
+                   "its ratio; block: the same parameters per block, spent where the spectra remove most error")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="emloc", description="EMLoC: fine-tune a model inside the memory its inference needs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -100,6 +114,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--quant", default=None, choices=["int8", "int4"], help="quantise the emulator's factors")
     b.add_argument("--group-size", type=int, default=128, choices=[64, 128], help="int4 group size (default 128)")
     b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _build_options(b)
     b.set_defaults(func=cmd_build)
 
     f = sub.add_parser("finetune", help="the whole method on a classification task (default: SmolLM2 on Rotten Tomatoes)")
@@ -123,6 +138,9 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--out", default="runs/finetune", help="new output directory (default runs/finetune)")
     f.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     f.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    f.add_argument("--upper-bound", action="store_true", help="also train LoRA on the original and report its "
+                   "accuracy (lora_original) and the share of its gain the delivered adapter keeps (recovery)")
+    _build_options(f)
     f.set_defaults(func=cmd_finetune)
 
     c = sub.add_parser("correct", help="stage 3: correct an adapter trained on the emulator for the original model")

@@ -100,3 +100,16 @@ def test_data_without_eval_data_is_refused(material, tmp_path):
     with pytest.raises(SystemExit, match="eval-data"):
         cli.main(["finetune", "--model", str(material / "model"), "--data", str(material / "train.jsonl"),
                   "--out", str(tmp_path / "x")])
+
+
+def test_upper_bound_and_build_options_reach_the_report(material, tmp_path):
+    report = run(material, tmp_path / "ub", "--clamp", "uncorrected", "--upper-bound", "--propagate",
+                 "--shrinkage", "auto", "--allocate", "block")
+    gain = report["lora_original"] - report["zero_shot"]
+    if gain != 0:
+        assert report["recovery"] == pytest.approx((report["corrected"] - report["zero_shot"]) / gain)
+    assert "train_original" in report["timings_s"]
+    meta = json.loads((tmp_path / "ub" / "emulator" / "emloc.json").read_text())
+    assert meta["build"] == {"propagate": True, "shrinkage": "auto", "allocate": "block"}
+    assert all(m["heldout_error"] is not None for m in meta["modules"].values())
+    assert report["settings"]["upper_bound"] is True

@@ -53,6 +53,11 @@ class FinetuneSettings:
     max_length: int = 256
     overwrite: bool = False
     progress: bool = True
+    # stage-1 options of build_emulator (see its docstring)
+    propagate: bool = False
+    shrinkage: float | str = 0.0
+    allocate: str = "uniform"
+    upper_bound: bool = False  # also train LoRA on the original: report lora_original and recovery
 
 
 def train(model, task: LabelTask, rows: list[dict], *, steps: int, batch_size: int, lr: float, seed: int,
@@ -113,8 +118,12 @@ def format_table(report: dict) -> str:
         mark = " ← delivered" if name == report["chosen"] else ""
         val = f"{v['validation']:.3f}" if v.get("validation") is not None else "–"
         rows.append((label + mark, v["test"], val))
+    if acc.get("lora_original") is not None:
+        rows.append(("original + LoRA trained on it (upper bound)", acc["lora_original"], ""))
     lines = ["| model | test accuracy | validation accuracy |", "|---|---|---|"]
     lines += [f"| {name} | {a:.3f} | {val} |" for name, a, val in rows]
+    if acc.get("recovery") is not None:
+        lines += ["", f"recovery (delivered − zero-shot) / (upper bound − zero-shot): {acc['recovery']:.2f}"]
     mem = report["memory"]
     lines += ["", "| peak memory (same batch) | bytes |", "|---|---|",
               f"| original, inference | {_mib(mem['inference'])} |",
@@ -201,7 +210,8 @@ def _run(s, task, model_path, out, device, dtype, alpha, variants, train_rows, v
     calib = calibration_texts(s, train_rows)
     original_bytes = tensor_bytes(original)
     emulator = timed("build_emulator", build_emulator, original, calib, s.ratio, tokenizer=task.tokenizer,
-                     device=device, progress=s.progress, quant=s.quant, group_size=s.group_size)
+                     device=device, progress=s.progress, quant=s.quant, group_size=s.group_size,
+                     propagate=s.propagate, shrinkage=s.shrinkage, allocate=s.allocate)
     sizes = weight_sizes(emulator, original_bytes)
     del original
     save_emulator(emulator, out / "emulator")
@@ -248,12 +258,20 @@ def _run(s, task, model_path, out, device, dtype, alpha, variants, train_rows, v
         acc["uncorrected"] = accuracy(peft_model, task, test_rows)
     acc["corrected"] = results[chosen]["test"]
     del peft_model, original
+    if s.upper_bound:
+        acc["lora_original"] = timed("train_original", lora_on_original, s, model_path, task, train_rows, test_rows,
+                                     device, dtype, alpha)
+        acc["recovery"] = recovery(acc["corrected"], acc["zero_shot"], acc["lora_original"])
 
     mem = {
         "inference": peak_in_fresh_process("inference", model_path, spec, device=str(device), dtype=str(dtype).split(".")[-1]),
         "finetune": peak_in_fresh_process("finetune", out / "emulator", spec, device=str(device),
                                           dtype=str(dtype).split(".")[-1], rank=s.lora_rank, alpha=alpha, lr=s.lr),
     }
+    if s.upper_bound:
+        mem["finetune_original"] = peak_in_fresh_process("finetune", model_path, spec, device=str(device),
+                                                         dtype=str(dtype).split(".")[-1], rank=s.lora_rank,
+                                                         alpha=alpha, lr=s.lr)
     report = {
         **acc,
         "peak_mem_inference": mem["inference"],
@@ -273,6 +291,21 @@ def _run(s, task, model_path, out, device, dtype, alpha, variants, train_rows, v
     (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "table.md").write_text(format_table(report) + "\n")
     return report
+
+
+def lora_on_original(s: FinetuneSettings, model_path: Path, task: LabelTask, train_rows: list[dict],
+                     test_rows: list[dict], device: torch.device, dtype: torch.dtype, alpha: float) -> float:
+    """The upper bound: the same LoRA training on the original model; its test accuracy."""
+    model, _ = load_model(model_path, device, dtype)
+    peft_model = attach_lora(model, s.lora_rank, alpha, s.seed)
+    train(peft_model, task, train_rows, steps=s.steps, batch_size=s.batch_size, lr=s.lr, seed=s.seed, device=device,
+          progress=s.progress)
+    return accuracy(peft_model, task, test_rows)
+
+
+def recovery(delivered: float, zero_shot: float, upper: float) -> float | None:
+    """Share of the gain of LoRA on the original that the delivered adapter keeps."""
+    return None if upper == zero_shot else (delivered - zero_shot) / (upper - zero_shot)
 
 
 def tensor_bytes(model) -> int:
