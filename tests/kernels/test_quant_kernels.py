@@ -9,6 +9,7 @@ import torch
 
 from emloc_kernels import ops
 from emloc_kernels.ops.quant import PackedFactor, dequantize_reference
+
 from kernel_utils import DEVICES, rel_err, tol
 
 
