@@ -5,7 +5,7 @@ headers and are compiled by ``nvcc -c`` when a CUDA toolkit is found, then linke
 ``cudart`` into the C++ glue (``csrc/ext.cpp``: torch operators and their CPU
 implementation), which ``torch.utils.cpp_extension.load`` builds with ninja. Without nvcc
 the build is CPU-only. This recipe works with CPU and CUDA builds of torch alike, where
-``CUDAExtension`` does not (DESIGN §4).
+``CUDAExtension`` does not (it needs the CUDA build of torch and its CUDA headers).
 
 Builds are cached under ``$EMLOC_EXT_CACHE`` (default ``~/.cache/emloc_kernels/ext``) in a
 folder named by a hash of the sources, flags, toolkit and torch version, behind a file lock
