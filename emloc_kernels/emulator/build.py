@@ -12,18 +12,15 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from .._version import __version__
+from ..conventions import LINEAR_TYPES
+from ..conventions import out_in_weight as dense_weight_of
+from ..conventions import replace_submodule as _replace
 from ..modules import LowRankLinear
 from .calibration import as_batches, capture_block_inputs, find_blocks, to_device, token_mask
 from .svd import Whitening, WhitenedSVD, allocate_ranks, output_error, rank_for, regression_target
 
 logger = logging.getLogger(__name__)
-LINEAR_TYPES = (nn.Linear, Conv1D)
 ALLOCATIONS = ("uniform", "block")
-
-
-def dense_weight_of(module: nn.Module) -> torch.Tensor:
-    """The out×in weight of a linear; transformers' ``Conv1D`` stores it in×out."""
-    return module.weight.T if isinstance(module, Conv1D) else module.weight
 
 
 def _check_ratio(value: float, where: str) -> float:
@@ -257,11 +254,6 @@ def _compress_block(
         _replace(model, name, layer)
         report[name] = info
     return report
-
-
-def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
 def batch_token_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Activation-aware (whitened) truncated SVD of one linear layer (DESIGN §1, stage 1)."""
+"""Activation-aware (whitened) truncated SVD of one linear layer."""
 from __future__ import annotations
 
 import math

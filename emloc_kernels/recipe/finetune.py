@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,10 +16,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import demo
+from ..conventions import refuse_existing
 from ..correction import correct_adapter
-from ..transfer import correct_adapter_aware, transfer_adapter
 from ..emulator import build_emulator, save_emulator
+from ..files import write_dir_atomically
+from ..transfer import correct_adapter_aware, transfer_adapter
+from . import demo
 from .memory import peak_in_fresh_process
 from .models import attach_lora, load_model, load_tokenizer
 from .task import LabelTask, accuracy, loss_on, read_jsonl
@@ -84,7 +84,7 @@ class FinetuneSettings:
             demo.get_task(self.task)  # an unknown name fails here, before any work
 
 
-def train(model, task: LabelTask, rows: list[dict], *, steps: int, batch_size: int, lr: float, seed: int,
+def train(model: torch.nn.Module, task: LabelTask, rows: list[dict], *, steps: int, batch_size: int, lr: float, seed: int,
           device: torch.device, progress: bool = True) -> list[float]:
     """Plain AdamW loop over shuffled batches; returns the loss per step."""
     order = random.Random(seed)
@@ -202,34 +202,53 @@ def calibration_texts(s: FinetuneSettings, train_rows: list[dict]) -> list[str]:
     return [s.prompt.format(text=r["text"]) + " " + r["label"] for r in train_rows[: s.calibration_samples]]
 
 
+def calibration_set(s: FinetuneSettings) -> tuple[Path, list[str]]:
+    """The model path and the calibration texts a run with ``s`` builds its emulator from."""
+    model_path, _, train_rows, _, _ = prepare(s)
+    return model_path, calibration_texts(s, train_rows)
+
+
+@dataclass
+class Run:
+    """What a run works with, derived once from its settings (checked on creation)."""
+
+    settings: FinetuneSettings
+    model_path: Path
+    task: LabelTask
+    train_rows: list[dict]
+    val_rows: list[dict]
+    test_rows: list[dict]
+    device: torch.device
+    dtype: torch.dtype
+    alpha: float
+    variants: dict[str, tuple[str, float | None]]
+
+    @classmethod
+    def create(cls, s: FinetuneSettings) -> "Run":
+        if not 0 < s.ratio < 1:
+            raise ValueError(f"--ratio must be in (0, 1), got {s.ratio}")
+        variants = transfer_variants(s.clamp if s.clamp is not None else s.transfer)
+        device, dtype = device_and_dtype(s)
+        alpha = float(s.lora_alpha if s.lora_alpha is not None else s.lora_rank)
+        model_path, task, train_rows, val_rows, test_rows = prepare(s)
+        return cls(s, model_path, task, train_rows, val_rows, test_rows, device, dtype, alpha, variants)
+
+
 def run(s: FinetuneSettings) -> dict:
-    """Run the whole job; writes ``s.out`` and returns the report."""
-    out = Path(s.out)
-    if out.exists() and not s.overwrite:
-        raise FileExistsError(f"--out {out} exists; choose another directory or pass --overwrite")
-    if not 0 < s.ratio < 1:
-        raise ValueError(f"--ratio must be in (0, 1), got {s.ratio}")
-    variants = transfer_variants(s.clamp if s.clamp is not None else s.transfer)
-    device, dtype = device_and_dtype(s)
-    alpha = float(s.lora_alpha if s.lora_alpha is not None else s.lora_rank)
-    model_path, task, train_rows, val_rows, test_rows = prepare(s)
-    # everything is written aside and renamed at the end: a failed run leaves no half-filled --out
-    work = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    try:
-        report = _run(s, task, model_path, work, device, dtype, alpha, variants, train_rows, val_rows, test_rows)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    work.rename(out)
+    """Run the whole job; writes ``s.out`` and returns the report.
+
+    Everything is written aside and renamed at the end: a failed run leaves no half-filled
+    ``--out``, and an existing one is replaced (``--overwrite``) only by a finished run."""
+    out = refuse_existing(s.out, s.overwrite)
+    r = Run.create(s)
+    report: dict = {}
+    write_dir_atomically(out, lambda work: report.update(_run(r, work)), overwrite=s.overwrite)
     return report
 
 
-def _run(s, task, model_path, out, device, dtype, alpha, variants, train_rows, val_rows, test_rows) -> dict:
+def _run(r: Run, out: Path) -> dict:
+    s, task, model_path, device, dtype = r.settings, r.task, r.model_path, r.device, r.dtype
+    alpha, variants, train_rows, val_rows, test_rows = r.alpha, r.variants, r.train_rows, r.val_rows, r.test_rows
     timings: dict[str, float] = {}
 
     def timed(key, fn, *args, **kw):
@@ -351,13 +370,13 @@ def recovery(delivered: float, zero_shot: float, upper: float) -> float | None:
     return None if upper == zero_shot else (delivered - zero_shot) / (upper - zero_shot)
 
 
-def tensor_bytes(model) -> int:
+def tensor_bytes(model: torch.nn.Module) -> int:
     """Bytes of all parameters and buffers (shared tensors once)."""
     seen = {t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}
     return sum(seen.values())
 
 
-def weight_sizes(emulator, original_bytes: int) -> dict[str, int]:
+def weight_sizes(emulator: torch.nn.Module, original_bytes: int) -> dict[str, int]:
     """Bytes of the emulated linears against the original's (as stored, and in fp16), and of
     the whole emulator against the whole original."""
 

@@ -3,17 +3,19 @@ the training run and the fresh-process memory measurement both build on it)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 
-def load_tokenizer(path: str | Path):
+def load_tokenizer(path: str | Path) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
 
 
-def load_model(path: str | Path, device: torch.device, dtype: torch.dtype):
+def load_model(path: str | Path, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
@@ -21,7 +23,7 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype):
     return model, load_tokenizer(path)
 
 
-def attach_lora(model, rank: int, alpha: float, seed: int):
+def attach_lora(model: nn.Module, rank: int, alpha: float, seed: int) -> nn.Module:
     """PEFT LoRA on every linear, lean for memory: non-reentrant gradient checkpointing."""
     from peft import LoraConfig, get_peft_model
 

@@ -9,6 +9,7 @@ from torch.utils.checkpoint import checkpoint
 
 from emloc_kernels import LowRankLinear, ops
 from emloc_kernels.ops import lowrank_lora_reference
+
 from kernel_utils import DEVICES, rel_err, strided, tol
 
 

@@ -6,6 +6,7 @@ import torch
 
 from emloc_kernels import LowRankLinear, ops
 from emloc_kernels.ops import dense_lora_reference, lowrank_lora_reference
+
 from kernel_utils import DEVICES, INTERPRET, kernels_ran, rel_err, strided, tol
 
 # (lead shape of x, in, out, emulator rank r, LoRA rank ρ); no size is a block multiple.
