@@ -458,75 +458,60 @@ class _Stop(Exception):
     pass
 
 
-class _Inputs:
-    """Forward pre-hooks that record, per linear, the (masked) rows it receives; linears fed the
-    same tensor in one forward share one recorded tensor."""
+def _masked_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    rows = x[mask] if mask is not None and mask.shape == x.shape[:-1] else x
+    return rows.reshape(-1, x.shape[-1])
 
-    def __init__(self) -> None:
-        self.rows: dict[str, list[torch.Tensor]] = {}
-        self.order: list[str] = []
-        self.groups: dict[str, tuple] = {}  # path → identity of its input in the first forward
-        self.mask: torch.Tensor | None = None
-        self._seen: dict[tuple, torch.Tensor] = {}
-        self._alive: list[torch.Tensor] = []
 
-    def hook(self, path: str) -> Callable:
+def _input_groups(stream: "_Stream", i: int, linears: Mapping[str, nn.Module]) -> list[list[str]]:
+    """The linears of block ``i`` in execution order, grouped by the input tensor they share
+    (q/k/v, o, gate/up, down for a Llama), from one forward of the first batch."""
+    groups: dict[tuple, list[str]] = {}
+    alive: list[torch.Tensor] = []  # keeps the inputs alive so data_ptr identity is sound
+
+    def hook(path: str) -> Callable:
         def pre_hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
-            key = (x.data_ptr(), tuple(x.shape), x.stride())
-            if path not in self.groups:
-                self.order.append(path)
-                self.groups[path] = key
-            rows = self._seen.get(key)
-            if rows is None:
-                rows = _masked_rows(x, self.mask)
-                self._seen[key] = rows
-                self._alive.append(x)
-            self.rows.setdefault(path, []).append(rows)
+            alive.append(x)
+            members = groups.setdefault((x.data_ptr(), tuple(x.shape), x.stride()), [])
+            if path not in members:
+                members.append(path)
 
         return pre_hook
 
-    def end_forward(self) -> None:
-        self._seen.clear()
-        self._alive.clear()
+    handles = [m.register_forward_pre_hook(hook(p)) for p, m in linears.items()]
+    try:
+        stream.run(i, 0)
+    finally:
+        for h in handles:
+            h.remove()
+    seen = [p for g in groups.values() for p in g]
+    missing = [p for p in linears if p not in seen]
+    if missing or len(seen) != len(set(seen)):
+        raise RuntimeError(f"block {i}: the linears {missing or seen} do not each read one input per forward")
+    return list(groups.values())
 
 
-def _masked_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    rows = x[mask] if mask is not None and mask.shape == x.shape[:-1] else x
-    return rows.reshape(-1, x.shape[-1]).double()
-
-
-def _capture_group(stream: "_Stream", i: int, linears: list[nn.Module], masks: list[torch.Tensor | None],
-                   work: torch.device) -> list[torch.Tensor]:
-    """Per batch, the rows entering the first of ``linears`` (which share one input) that runs in
-    block ``i``; the forward stops there, so only the part of the block before it is computed."""
+def _capture(stream: "_Stream", i: int, b: int, linears: list[nn.Module], mask: torch.Tensor | None) -> torch.Tensor:
+    """The rows entering the first of ``linears`` (which share one input) that runs in block
+    ``i`` on batch ``b``; the forward stops there, so only the part of the block before it runs."""
     rows: list[torch.Tensor] = []
-    mask: list[torch.Tensor | None] = [None]
 
     def grab(module: nn.Module, args: tuple) -> None:
-        rows.append(_masked_rows(args[0], mask[0]))
+        rows.append(_masked_rows(args[0], mask))
         raise _Stop
 
     handles = [m.register_forward_pre_hook(grab) for m in linears]
     try:
-        for b in range(len(masks)):
-            mask[0] = None if masks[b] is None else masks[b].to(work)
-            try:
-                stream.run(i, b)
-            except _Stop:
-                pass
+        stream.run(i, b)
+    except _Stop:
+        pass
     finally:
         for h in handles:
             h.remove()
-    return rows
-
-
-def _input_groups(order: list[str], groups: Mapping[str, tuple]) -> list[list[str]]:
-    """Linears in execution order, grouped by the input tensor they share."""
-    out: dict[tuple, list[str]] = {}
-    for path in order:
-        out.setdefault(groups[path], []).append(path)
-    return list(out.values())
+    if not rows:
+        raise RuntimeError(f"block {i}: none of its linears {linears} ran on batch {b}")
+    return rows[0]
 
 
 @torch.no_grad()
@@ -639,7 +624,12 @@ def _stream_blocks(
     ridge: float,
     progress: bool,
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, dict[str, Any]], bool]:
-    """The block walk of :func:`transfer_adapter`: ``({path: (lora_a, lora_b)}, per-module stats, Conv1D seen)``."""
+    """The block walk of :func:`transfer_adapter`: ``({path: (lora_a, lora_b)}, per-module stats, Conv1D seen)``.
+
+    Per block and input group, both streams run batch by batch up to the group's linears
+    (stopping there) and only the fp64 Grams ``X_Sᵀ X_S``, ``X_Tᵀ X_S``, ``X_Tᵀ X_T`` are kept, so
+    memory does not grow with the calibration set beyond its hidden states.
+    """
     emu, orig = _Stream(emu_model, batches, work), _Stream(orig_model, batches, work)
     compute = _compute_device(work)
     new: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -648,65 +638,53 @@ def _stream_blocks(
     for i in tqdm(range(len(orig.blocks)), desc="LoRA transfer", unit="block", disable=not progress):
         prefix = f"{blocks_name}.{i}."
         mine = [p for p in inside if p.startswith(prefix)]
+        emu_lin = {p: _linear_at(emu_model, p, "emulator") for p in mine}
+        orig_lin = {p: _linear_at(orig_model, p, "original") for p in mine}
         emu.blocks[i].to(work)
         orig.blocks[i].to(work)
-        handles: list[Any] = []
+        handles = [emu_lin[p].register_forward_hook(_lora_hook(*trained[p])) for p in mine]  # stream T: emulator + LoRA
         try:
-            # stream T: emulator + trained LoRA; record every adapted linear's input, advance
-            t_in = _Inputs()
-            for p in mine:
-                lin = _linear_at(emu_model, p, "emulator")
-                a, b_, s = trained[p]
-                handles += [lin.register_forward_pre_hook(t_in.hook(p)), lin.register_forward_hook(_lora_hook(a, b_, s))]
-            t_out = []
-            for b in range(len(batches)):
-                t_in.mask = None if masks[b] is None else masks[b].to(work)
-                t_out.append(emu.run(i, b))
-                t_in.end_forward()
-            for h in handles:
-                h.remove()
-            handles = []
-            # stream S: original + new LoRA, one input group at a time, in execution order
-            targets = {p: _linear_at(orig_model, p, "original") for p in mine}
-            for group in _input_groups(t_in.order, t_in.groups) if mine else []:
-                x_s = _capture_group(orig, i, [targets[p] for p in group], masks, work)
-                if len(x_s) != len(batches):
-                    raise RuntimeError(f"{group[0]} did not run in every forward of block {i} of the original")
-                x_s = [x.to(compute) for x in x_s]
-                g_ss = sum(x.T @ x for x in x_s)
+            for group in _input_groups(emu, i, emu_lin) if mine else []:
+                g_ss = g_ts = g_tt = None
+                for b in range(len(batches)):
+                    mask = None if masks[b] is None else masks[b].to(work)
+                    x_t = _capture(emu, i, b, [emu_lin[p] for p in group], mask).to(compute, torch.float64)
+                    x_s = _capture(orig, i, b, [orig_lin[p] for p in group], mask).to(compute, torch.float64)
+                    if x_t.shape != x_s.shape:
+                        raise RuntimeError(f"{group[0]}: the emulator and the original saw different token counts")
+                    if g_ss is None:
+                        g_ss, g_ts, g_tt = x_s.T @ x_s, x_t.T @ x_s, x_t.T @ x_t
+                    else:
+                        g_ss.addmm_(x_s.T, x_s), g_ts.addmm_(x_t.T, x_s), g_tt.addmm_(x_t.T, x_t)
+                if not (torch.isfinite(g_ss).all() and torch.isfinite(g_tt).all()):
+                    raise ValueError(f"calibration activations entering {group[0]} contain NaN or inf")
                 for p in group:
-                    module = targets[p]
+                    module = orig_lin[p]
                     conv1d_seen |= isinstance(module, Conv1D)
                     w = dense_weight_of(module).detach().to(compute, torch.float64)
-                    w_e = _linear_weight(_linear_at(emu_model, p, "emulator"), p).to(compute)
+                    w_e = _linear_weight(emu_lin[p], p).to(compute)
                     if w.shape != w_e.shape:
                         raise ValueError(f"{p}: the emulator is {tuple(w_e.shape)}, the original {tuple(w.shape)}")
-                    x_t = [r.to(compute) for r in t_in.rows[p]]
-                    if any(xt.shape != xs.shape for xt, xs in zip(x_t, x_s)):
-                        raise RuntimeError(f"{p}: the emulator and the original saw different token counts")
-                    g_ts = sum(xt.T @ xs for xt, xs in zip(x_t, x_s))
-                    g_tt = sum(xt.T @ xt for xt in x_t)
                     a, b_, s = trained[p]
                     lam = lams[p]
-                    k = s * (b_.to(compute, torch.float64) @ a.to(compute, torch.float64)) + lam * w_e  # P + λW_E
+                    p_mat = s * (b_.to(compute, torch.float64) @ a.to(compute, torch.float64))  # P = s·BA (out×in)
+                    k = p_mat + lam * w_e if lam else p_mat  # R_λ = X_T Kᵀ − λ X_S Wᵀ
                     cross = k @ g_ts - lam * (w @ g_ss)  # R_λᵀ X_S
                     new_a, new_b, sigma = reduced_rank_lora(cross, g_ss, a.shape[0], s, ridge=ridge)
                     # ‖R_λ‖² = tr(K G_TT Kᵀ) − 2λ tr(K G_TS Wᵀ) + λ² tr(W G_SS Wᵀ)
                     target = (torch.sum((k @ g_tt) * k) - 2 * lam * torch.sum((k @ g_ts) * w)
                               + lam ** 2 * torch.sum((w @ g_ss) * w)).clamp_min(0).item()
-                    explained = float((sigma[: a.shape[0]] ** 2).sum())
+                    residual = max(target - float((sigma[: a.shape[0]] ** 2).sum()), 0.0)
+                    own = torch.sum((p_mat @ g_tt) * p_mat).clamp_min(0).item()  # ‖X_T Pᵀ‖²
                     new[p] = (new_a, new_b)
+                    # applied at once: the next groups of this block, and the next blocks, see it
                     handles.append(module.register_forward_hook(_lora_hook(new_a.float(), new_b.float(), s)))
-                    p_mat = s * (b_.to(compute, torch.float64) @ a.to(compute, torch.float64))
-                    own = torch.sum((p_mat @ g_tt) * p_mat).item()  # ‖X_T Pᵀ‖²
                     modules[p] = {"rank": a.shape[0], "scaling": s, "lam": lam, "target_norm": math.sqrt(target),
-                                  "lora_output_norm": math.sqrt(max(own, 0.0)),
-                                  "residual_norm": math.sqrt(max(target - explained, 0.0)),
-                                  "relative_residual": max(target - explained, 0.0) / target if target > 0 else None}
-            # advance both streams with every new LoRA of this block in place
+                                  "lora_output_norm": math.sqrt(own), "residual_norm": math.sqrt(residual),
+                                  "relative_residual": residual / target if target > 0 else None}
+            # advance both streams, every new LoRA of this block in place
             for b in range(len(batches)):
-                orig.hidden[b] = orig.run(i, b)
-                emu.hidden[b] = t_out[b]
+                emu.hidden[b], orig.hidden[b] = emu.run(i, b), orig.run(i, b)
         finally:
             for h in handles:
                 h.remove()
