@@ -138,6 +138,14 @@ def _adapters_off(model: nn.Module) -> Iterator[nn.Module]:
         yield model
 
 
+@contextlib.contextmanager
+def _restore_mode(model: nn.Module, training: bool) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        model.train(training)
+
+
 def _base(model: nn.Module) -> nn.Module:
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
@@ -288,7 +296,7 @@ def collect_grams(
     grams: dict[str, torch.Tensor] = {}
     was_training = model.training
     model.eval()
-    with _adapters_off(wrapper):
+    with _adapters_off(wrapper), _restore_mode(model, was_training):
         calls = capture_block_inputs(model, blocks, batches)
         hidden = [to_device(c[0][0], work) for c in calls]
         for i, block in enumerate(tqdm(blocks, desc="calibration Grams", unit="block", disable=not progress)):
@@ -311,7 +319,6 @@ def collect_grams(
             collector.check_finite()
             for p in mine:
                 grams[p] = collector.gram[collector.leader[p]]
-    model.train(was_training)
     return grams
 
 
@@ -352,7 +359,7 @@ def correct_adapter_aware(
         raise ValueError(f"the emulator was built from a {emu.architecture}, but the original is a {orig.architecture}")
     blocks_name, _ = find_blocks(orig.model)
     corrected = [p for p in paths if not emu.kept_dense(p) and p.startswith(blocks_name + ".")]
-    grams = collect_grams(orig.model, calibration, corrected, tokenizer=tokenizer, max_length=max_length,
+    grams = collect_grams(model, calibration, corrected, tokenizer=tokenizer, max_length=max_length,
                           device=device, progress=progress) if corrected else {}
 
     out_state = dict(state)
