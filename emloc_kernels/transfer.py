@@ -424,20 +424,29 @@ def reduced_rank_lora(
     if not (math.isfinite(scaling) and scaling != 0):
         raise ValueError(f"scaling must be finite and nonzero, got {scaling}")
     ridge = _check_number(ridge, "ridge", nonneg=True)
+    return _reduced_rank_from_root(target_cross, _ridged_cholesky(gram, ridge), rank, scaling)
+
+
+def _ridged_cholesky(gram: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Lower ``S`` with ``S Sᵀ = G + ε·I``, ``ε = ridge·tr(G)/in``, raised until it is defined."""
     g = gram.double()
+    n_in = g.shape[0]
     eps = ridge * torch.trace(g) / n_in
-    for attempt in range(6):  # Cholesky of a numerically singular G: raise the ridge until it holds
+    for _ in range(6):  # a numerically singular G: raise the ridge until the Cholesky holds
         s_chol, info = torch.linalg.cholesky_ex(g + eps * torch.eye(n_in, dtype=g.dtype, device=g.device))
         if int(info) == 0:
-            break
+            return s_chol
         eps = max(eps * 100, 1e-10 * float(torch.trace(g) / n_in) or 1e-12)
-    else:
-        raise ValueError("the input Gram matrix is not positive definite even with a ridge (NaN or all-zero inputs?)")
-    # M S = Rᵀ X G⁻¹ S = Rᵀ X S⁻ᵀ : solve S Y = (Rᵀ X)ᵀ → Y = S⁻¹ X ᵀR, M S = Yᵀ
+    raise ValueError("the input Gram matrix is not positive definite even with a ridge (NaN or all-zero inputs?)")
+
+
+def _reduced_rank_from_root(target_cross: torch.Tensor, s_chol: torch.Tensor, rank: int,
+                            scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # M S = Rᵀ X G⁻¹ S = Rᵀ X S⁻ᵀ: solve S Y = Xᵀ R, then M S = Yᵀ
     m_s = torch.linalg.solve_triangular(s_chol, target_cross.double().T, upper=False).T  # out×in
     u, sigma, v_h = torch.linalg.svd(m_s, full_matrices=False)
     root = sigma[:rank].sqrt()
-    # lora_a = Σ^{1/2} V_ρᵀ S⁻¹ : (S⁻ᵀ V_ρ Σ^{1/2})ᵀ
+    # lora_a = Σ^{1/2} V_ρᵀ S⁻¹ = (S⁻ᵀ V_ρ Σ^{1/2})ᵀ
     a = torch.linalg.solve_triangular(s_chol.T, v_h[:rank].T * root, upper=True).T  # ρ×in
     b = u[:, :rank] * (root / scaling)  # out×ρ
     return a, b, sigma
@@ -665,6 +674,7 @@ def _stream_blocks(
                         g_ss.addmm_(x_s.T, x_s), g_ts.addmm_(x_t.T, x_s), g_tt.addmm_(x_t.T, x_t)
                 if not (torch.isfinite(g_ss).all() and torch.isfinite(g_tt).all()):
                     raise ValueError(f"calibration activations entering {group[0]} contain NaN or inf")
+                s_chol = _ridged_cholesky(g_ss, ridge)  # one per group: its linears share X_S
                 for p in group:
                     module = orig_lin[p]
                     conv1d_seen |= isinstance(module, Conv1D)
@@ -674,15 +684,16 @@ def _stream_blocks(
                         raise ValueError(f"{p}: the emulator is {tuple(w_e.shape)}, the original {tuple(w.shape)}")
                     a, b_, s = trained[p]
                     lam = lams[p]
-                    p_mat = s * (b_.to(compute, torch.float64) @ a.to(compute, torch.float64))  # P = s·BA (out×in)
-                    k = p_mat + lam * w_e if lam else p_mat  # R_λ = X_T Kᵀ − λ X_S Wᵀ
-                    cross = k @ g_ts - lam * (w @ g_ss)  # R_λᵀ X_S
-                    new_a, new_b, sigma = reduced_rank_lora(cross, g_ss, a.shape[0], s, ridge=ridge)
+                    a64, b64 = a.to(compute, torch.float64), b_.to(compute, torch.float64)
+                    k = s * (b64 @ a64) + lam * w_e  # R_λ = X_T Kᵀ − λ X_S Wᵀ,  K = P + λW_E,  P = s·BA
+                    k_ts, w_ss = k @ g_ts, w @ g_ss
+                    cross = k_ts - lam * w_ss  # R_λᵀ X_S
+                    new_a, new_b, sigma = _reduced_rank_from_root(cross, s_chol, a.shape[0], s)
                     # ‖R_λ‖² = tr(K G_TT Kᵀ) − 2λ tr(K G_TS Wᵀ) + λ² tr(W G_SS Wᵀ)
-                    target = (torch.sum((k @ g_tt) * k) - 2 * lam * torch.sum((k @ g_ts) * w)
-                              + lam ** 2 * torch.sum((w @ g_ss) * w)).clamp_min(0).item()
+                    target = (torch.sum((k @ g_tt) * k) - 2 * lam * torch.sum(k_ts * w)
+                              + lam ** 2 * torch.sum(w_ss * w)).clamp_min(0).item()
                     residual = max(target - float((sigma[: a.shape[0]] ** 2).sum()), 0.0)
-                    own = torch.sum((p_mat @ g_tt) * p_mat).clamp_min(0).item()  # ‖X_T Pᵀ‖²
+                    own = (s * s * torch.sum(((a64 @ g_tt @ a64.T) @ b64.T) * b64.T)).clamp_min(0).item()  # ‖X_T Pᵀ‖²
                     new[p] = (new_a, new_b)
                     # applied at once: the next groups of this block, and the next blocks, see it
                     handles.append(module.register_forward_hook(_lora_hook(new_a.float(), new_b.float(), s)))
