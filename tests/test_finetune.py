@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from emloc_kernels import cli
 from emloc_kernels.recipe import demo
+from emloc_kernels.recipe.finetune import TRANSFERS
 from emloc_kernels.recipe.task import LabelTask, accuracy, read_jsonl
 
 
