@@ -289,3 +289,19 @@ def test_transfer_argument_errors(perfect, tmp_path):
     with pytest.raises(FileExistsError):
         transfer_adapter(perfect["root"] / "adapter", perfect["emulator"], perfect["original"], calibration(1),
                          perfect["root"] / "adapter", progress=False)
+
+
+def test_transfer_ignores_padding(tmp_path):
+    """A right-padded row gives the same transfer as the same tokens unpadded in their own batch."""
+    original = make_original()
+    emulator = make_emulator(original, rank=40)
+    make_lora(emulator).save_pretrained(tmp_path / "adapter")
+    padded = calibration()
+    first = padded[0]
+    length = int(first["attention_mask"][1].sum())
+    unpadded = [{"input_ids": first["input_ids"][:1]}, {"input_ids": first["input_ids"][1:, :length]}, *padded[1:]]
+    for name, batches in (("padded", padded), ("unpadded", unpadded)):
+        transfer_adapter(tmp_path / "adapter", emulator, original, batches, tmp_path / name, progress=False)
+    got, want = products(tmp_path / "padded"), products(tmp_path / "unpadded")
+    for path in want:
+        assert rel(got[path], want[path]) < 1e-4, path
