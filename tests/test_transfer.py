@@ -305,3 +305,31 @@ def test_transfer_ignores_padding(tmp_path):
     got, want = products(tmp_path / "padded"), products(tmp_path / "unpadded")
     for path in want:
         assert rel(got[path], want[path]) < 1e-4, path
+
+
+def test_transfer_handles_conv1d_originals(tmp_path):
+    """GPT-2 stores its linears as Conv1D (in×out): with a perfect emulator the LoRA comes back,
+    and the adapter loads on the original with fan_in_fan_out set."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    original = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, n_inner=48, vocab_size=101, n_positions=64)).eval()
+    peft_model = get_peft_model(copy.deepcopy(original), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],
+                                                                   fan_in_fan_out=True))
+    generator = torch.Generator().manual_seed(3)
+    for name, p in peft_model.named_parameters():
+        if "lora_" in name:
+            p.data = torch.randn(p.shape, generator=generator) * (0.3 if "lora_A" in name else 0.05)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    transfer_adapter(tmp_path / "adapter", copy.deepcopy(original), original, calibration(), tmp_path / "out",
+                     ridge=0.0, progress=False)
+    got, want = products(tmp_path / "out"), products(tmp_path / "adapter")
+    assert len(want) == 8
+    # c_attn and c_fc read a LayerNorm output, which has zero mean over features: no data can
+    # pin down the LoRA along the all-ones direction, so compare on the centred inputs
+    centre = torch.eye(32, dtype=torch.float64) - 1 / 32
+    for path in want:
+        proj = centre if path.endswith(("c_attn", "c_fc")) else torch.eye(got[path].shape[1], dtype=torch.float64)
+        assert rel(got[path] @ proj, want[path] @ proj) < 1e-4, path
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    PeftModel.from_pretrained(original, str(tmp_path / "out"))
