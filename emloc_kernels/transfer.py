@@ -36,8 +36,9 @@ import contextlib
 import json
 import math
 import re
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Union
+from typing import Any
 
 import torch
 from peft import PeftModel
@@ -47,29 +48,35 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from .correction import (
+    _KEY_PREFIX,
+    _LORA_A,
+    _LORA_B,
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     PathLike,
     _check_out_dir,
     _Emulator,
     _is_path,
-    _KEY_PREFIX,
     _load_adapter,
     _load_model,
-    _LORA_A,
-    _LORA_B,
     _lora_paths,
     _Original,
     lora_scaling,
 )
 from .emulator.build import GramCollector, dense_weight_of
-from .emulator.calibration import as_batches, capture_block_inputs, find_blocks, to_device, token_mask
+from .emulator.calibration import (
+    as_batches,
+    capture_block_inputs,
+    find_blocks,
+    to_device,
+    token_mask,
+)
 from .files import write_dir_atomically
 from .modules import LowRankLinear
 
-__all__ = ["correct_lora_aware", "collect_grams", "correct_adapter_aware", "transfer_adapter", "reduced_rank_lora"]
+__all__ = ["collect_grams", "correct_adapter_aware", "correct_lora_aware", "reduced_rank_lora", "transfer_adapter"]
 
-Lam = Union[float, Mapping[str, float]]
+Lam = float | Mapping[str, float]
 AWARE_REPORT = "correction_report.json"
 TRANSFER_REPORT = "transfer_report.json"
 
@@ -479,7 +486,7 @@ def _masked_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return rows.reshape(-1, x.shape[-1])
 
 
-def _input_groups(stream: "_Stream", i: int, linears: Mapping[str, nn.Module]) -> list[list[str]]:
+def _input_groups(stream: _Stream, i: int, linears: Mapping[str, nn.Module]) -> list[list[str]]:
     """The linears of block ``i`` in execution order, grouped by the input tensor they share
     (q/k/v, o, gate/up, down for a Llama), from one forward of the first batch."""
     groups: dict[tuple, list[str]] = {}
@@ -508,7 +515,7 @@ def _input_groups(stream: "_Stream", i: int, linears: Mapping[str, nn.Module]) -
     return list(groups.values())
 
 
-def _capture(stream: "_Stream", i: int, b: int, linears: list[nn.Module], mask: torch.Tensor | None) -> torch.Tensor:
+def _capture(stream: _Stream, i: int, b: int, linears: list[nn.Module], mask: torch.Tensor | None) -> torch.Tensor:
     """The rows entering the first of ``linears`` (which share one input) that runs in block
     ``i`` on batch ``b``; the forward stops there, so only the part of the block before it runs."""
     rows: list[torch.Tensor] = []

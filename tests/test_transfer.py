@@ -23,10 +23,10 @@ from emloc_kernels.transfer import (
     transfer_adapter,
 )
 
-LLAMA = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             vocab_size=101, max_position_embeddings=64)
+LLAMA = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "vocab_size": 101, "max_position_embeddings": 64}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-LORA = dict(r=4, lora_alpha=8, target_modules=TARGETS)
+LORA = {"r": 4, "lora_alpha": 8, "target_modules": TARGETS}
 
 
 def make_original() -> nn.Module:
@@ -91,7 +91,7 @@ def perfect(tmp_path_factory):
     emulator = copy.deepcopy(original)
     peft_model = make_lora(emulator)
     peft_model.save_pretrained(root / "adapter")
-    return dict(root=root, original=original, emulator=emulator, peft_model=peft_model)
+    return {"root": root, "original": original, "emulator": emulator, "peft_model": peft_model}
 
 
 # --------------------------------------------------------------------------- (a) activation-aware correction
