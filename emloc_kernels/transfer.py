@@ -396,7 +396,7 @@ def correct_adapter_aware(
     out_config = _out_config(config, orig.name or emu.metadata.get("original_model", ""), conv1d_seen)
     lora_total = math.sqrt(sum(m["lora_norm"] ** 2 for m in modules.values()))
     applied_total = math.sqrt(sum(m["applied_norm"] ** 2 for m in modules.values()))
-    report = {"original": out_config["base_model_name_or_path"], "method": "activation_aware", "lam": lam, "mu": mu,
+    report = {"original": out_config["base_model_name_or_path"], "method": "activation_aware", "lam": dict(lam) if isinstance(lam, Mapping) else lam, "mu": mu,
               "modules": modules, "unchanged": unchanged,
               "totals": {"modules": len(modules), "lora_norm": lora_total, "applied_norm": applied_total,
                          "applied_ratio": applied_total / lora_total if lora_total > 0 else None}}
@@ -626,7 +626,7 @@ def transfer_adapter(
     tokens = sum(int(m.sum()) if m is not None else b["input_ids"].numel() for m, b in zip(masks, batches))
     target = sum(m["target_norm"] ** 2 for m in modules.values())
     residual = sum(m["residual_norm"] ** 2 for m in modules.values())
-    report = {"original": name, "method": "layer_streamed", "lam": lam, "ridge": ridge,
+    report = {"original": name, "method": "layer_streamed", "lam": dict(lam) if isinstance(lam, Mapping) else lam, "ridge": ridge,
               "calibration": {"samples": sum(b["input_ids"].shape[0] for b in batches), "tokens": tokens},
               "modules": modules, "unchanged": [p for p in paths if p not in new],
               "totals": {"modules": len(modules), "relative_residual": residual / target if target > 0 else None}}
