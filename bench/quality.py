@@ -1,115 +1,146 @@
-"""Accuracy and memory of EMLoC at several emulator ratios and with quantised emulators, with
-LoRA on the original as the upper bound; the default material (SmolLM2-135M-Instruct, Rotten
-Tomatoes, 300 test reviews).
+"""Accuracy, recovery and memory of EMLoC settings, with LoRA on the original as the upper bound
+in the same run; the default material (SmolLM2-135M-Instruct; Rotten Tomatoes or another
+shipped task), 300 test examples.
 
-    python bench/quality.py [--ratios 0.3 0.4 0.6] [--quants int8 int4] [--runs runs/quality]
+    python bench/quality.py [--preset ablation|ratios] [--only NAME ...] [--seeds 0 1] [--task rt]
 
-Writes one finetune run per setting under ``--runs``, ``bench/results/quality.csv`` and
-``quality.png``, and prints a markdown table.  About 6 minutes per setting on 2 CPU cores.
+Each setting is one ``emloc finetune`` run under ``--runs`` (kept, and reused with ``--reuse``);
+``bench/results/quality.csv`` gets a row per setting and seed as soon as it finishes, and
+``quality.png`` plots recovery against the fine-tuning peak memory.  ``recovery`` is
+``(delivered − zero_shot) / (lora_original − zero_shot)``.  About 6–10 minutes per setting on
+2 idle CPU cores.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
-import time
 from dataclasses import replace
 from pathlib import Path
 
-from emloc_kernels import finetune as ft
-from emloc_kernels.memory import peak_in_fresh_process
-from emloc_kernels.task import accuracy
+from emloc_kernels.recipe import finetune as ft
 
-COLUMNS = ["setting", "zero_shot", "emulator", "uncorrected", "L=1", "L=3", "unclamped", "delivered", "chosen",
-           "peak_mem_inference_mib", "peak_mem_finetune_mib", "linear_bytes_vs_fp16", "emulator_mib", "seconds"]  # seconds: the run's timed stages
+COLUMNS = ["task", "setting", "seed", "zero_shot", "emulator", "uncorrected", "delivered", "chosen", "lora_original",
+           "recovery", "peak_mem_inference_mib", "peak_mem_finetune_mib", "peak_mem_lora_original_mib", "linear_bytes_vs_fp16", "emulator_mib",
+           "build_s", "seconds"]
+
+PLAIN = {}
+NEW = {"propagate": True, "shrinkage": "auto", "allocate": "block"}
+PRESETS = {
+    # each technique alone and combined, at ratio 0.4 (fp32 and int4 g64) and 0.3
+    "ablation": {
+        "paper build, 0.4": dict(ratio=0.4),
+        "calibration 256, 0.4": dict(ratio=0.4, calibration_samples=256),
+        "shrinkage auto, 0.4": dict(ratio=0.4, shrinkage="auto"),
+        "propagate, 0.4": dict(ratio=0.4, propagate=True),
+        "allocate block, 0.4": dict(ratio=0.4, allocate="block"),
+        "combined, 0.4": dict(ratio=0.4, **NEW),
+        "combined, 0.4 int4-g64": dict(ratio=0.4, quant="int4", group_size=64, **NEW),
+        "combined, 0.3": dict(ratio=0.3, **NEW),
+    },
+    "ratios": {f"paper build, {r}": dict(ratio=r) for r in (0.3, 0.4, 0.6)},
+}
 
 
-def lora_on_original(s: ft.FinetuneSettings, memory_spec: Path) -> dict:
-    """The upper bound: the same LoRA training directly on the original model (and its peak
-    memory on the batch the EMLoC runs measured, in a fresh process)."""
-    device, dtype = ft.device_and_dtype(s)
-    model_path, task, train_rows, _, test_rows = ft.prepare(s)
-    model, _ = ft.load_model(model_path, device, dtype)
-    zero_shot = accuracy(model, task, test_rows)
-    alpha = float(s.lora_alpha if s.lora_alpha is not None else s.lora_rank)
-    peft_model = ft.attach_lora(model, s.lora_rank, alpha, s.seed)
-    ft.train(peft_model, task, train_rows, steps=s.steps, batch_size=s.batch_size, lr=s.lr, seed=s.seed,
-             device=device, progress=s.progress)
-    peak = peak_in_fresh_process("finetune", model_path, memory_spec, device=str(device),
-                                 dtype=str(dtype).split(".")[-1], rank=s.lora_rank, alpha=alpha, lr=s.lr)
-    return {"zero_shot": zero_shot, "delivered": accuracy(peft_model, task, test_rows),
-            "peak_mem_finetune_mib": round(peak / 2**20)}
+def row_of(task: str, name: str, seed: int, r: dict) -> dict:
+    b = r["bytes"]
+    return {"task": task, "setting": name, "seed": seed, "zero_shot": r["zero_shot"], "emulator": r["emulator"],
+            "uncorrected": r["uncorrected"], "delivered": r["corrected"], "chosen": r["chosen"],
+            "lora_original": r.get("lora_original"), "recovery": r.get("recovery"),
+            "peak_mem_inference_mib": round(r["peak_mem_inference"] / 2**20),
+            "peak_mem_finetune_mib": round(r["peak_mem_finetune"] / 2**20),
+            "peak_mem_lora_original_mib": round(r["memory"]["finetune_original"] / 2**20)
+            if "finetune_original" in r["memory"] else None,
+            "linear_bytes_vs_fp16": round(b["emulator_linears"] / b["original_linears_fp16"], 4),
+            "emulator_mib": round(b["emulator_total"] / 2**20), "build_s": r["timings_s"].get("build_emulator"),
+            "seconds": round(sum(r["timings_s"].values()))}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.4, 0.6])
-    p.add_argument("--quants", nargs="*", default=["int8", "int4"], choices=["int8", "int4"])
-    p.add_argument("--group-size", type=int, default=64, choices=[64, 128], help="int4 group size")
+    p.add_argument("--preset", default="ablation", choices=sorted(PRESETS))
+    p.add_argument("--only", nargs="*", help="run only these settings of the preset (by name)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--task", default=None, help="a shipped task name (default: the recipe's default)")
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--runs", default="runs/quality", help="where the finetune runs are written")
     p.add_argument("--results", default="bench/results", help="where quality.csv and quality.png go")
-    p.add_argument("--overwrite", action="store_true")
     p.add_argument("--reuse", action="store_true", help="read the report of a setting whose run directory exists")
     a = p.parse_args()
-    out, results = Path(a.runs), Path(a.results)
+    settings = PRESETS[a.preset]
+    if a.only:
+        unknown = sorted(set(a.only) - set(settings))
+        if unknown:
+            raise SystemExit(f"--only: unknown settings {unknown}; the preset has {sorted(settings)}")
+        settings = {k: v for k, v in settings.items() if k in a.only}
+    results = Path(a.results)
     results.mkdir(parents=True, exist_ok=True)
-    base = ft.FinetuneSettings(steps=a.steps, progress=False, overwrite=a.overwrite)
-    settings = [(f"EMLoC ratio {r}", replace(base, ratio=r, out=str(out / f"ratio-{r}"))) for r in a.ratios]
-    settings += [(f"EMLoC ratio 0.4 {q}-g{a.group_size}" if q == "int4" else f"EMLoC ratio 0.4 {q}",
-                  replace(base, ratio=0.4, quant=q, group_size=a.group_size, out=str(out / f"ratio-0.4-{q}")))
-                 for q in a.quants]
-    rows = []
-    for name, s in settings:
-        done = Path(s.out) / "report.json"
-        r = json.loads(done.read_text()) if a.reuse and done.exists() else ft.run(s)
-        b = r["bytes"]
-        rows.append({"setting": name, "zero_shot": r["zero_shot"], "emulator": r["emulator"],
-                     **{k: x["test"] for k, x in r["variants"].items()}, "delivered": r["corrected"],
-                     "chosen": r["chosen"], "peak_mem_inference_mib": round(r["peak_mem_inference"] / 2**20),
-                     "peak_mem_finetune_mib": round(r["peak_mem_finetune"] / 2**20),
-                     "linear_bytes_vs_fp16": round(b["emulator_linears"] / b["original_linears_fp16"], 4),
-                     "emulator_mib": round(b["emulator_total"] / 2**20), "seconds": round(sum(r["timings_s"].values()))})
-        print(json.dumps(rows[-1]), flush=True)
-        write_csv(rows, results / "quality.csv")  # after every setting: a long run keeps what it has
-    upper_file = out / "lora_on_original.json"
-    if not (a.reuse and upper_file.exists()):
-        start = time.perf_counter()
-        upper = lora_on_original(base, Path(settings[0][1].out) / "memory_batch.json")
-        upper_file.write_text(json.dumps({**upper, "seconds": round(time.perf_counter() - start)}))
-    rows.append({"setting": "LoRA on the original (upper bound)", **json.loads(upper_file.read_text())})
-    write_csv(rows, results / "quality.csv")
-    plot(rows, results / "quality.png")
-    fmt = lambda x: f"{x:.3f}" if isinstance(x, float) else ("" if x is None else str(x))
-    print("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS))
-    for row in rows:
-        print("| " + " | ".join(fmt(row.get(c)) for c in COLUMNS) + " |")
+    task_kw = {"task": a.task} if a.task else {}
+    base = ft.FinetuneSettings(steps=a.steps, progress=False, overwrite=True, **task_kw)
+    task = base.task or "rt"
+    csv_path = results / "quality.csv"
+    for seed in a.seeds:
+        upper: dict | None = None  # LoRA on the original: trained once per seed, in the first run
+        for name, kw in settings.items():
+            out = Path(a.runs) / task / f"seed{seed}" / name.replace(" ", "_").replace(",", "")
+            done = out / "report.json"
+            r = json.loads(done.read_text()) if a.reuse and done.exists() else ft.run(
+                replace(base, seed=seed, out=str(out), upper_bound=upper is None, **kw))
+            if "lora_original" in r:
+                upper = {"lora_original": r["lora_original"], "finetune_original": r["memory"]["finetune_original"]}
+            elif upper is not None:
+                r = {**r, "lora_original": upper["lora_original"],
+                     "recovery": ft.recovery(r["corrected"], r["zero_shot"], upper["lora_original"]),
+                     "memory": {**r["memory"], "finetune_original": upper["finetune_original"]}}
+            row = row_of(task, name, seed, r)
+            print(json.dumps(row), flush=True)
+            append_csv(row, csv_path)  # after every setting: a long run keeps what it has
+    plot(read_csv(csv_path), results / "quality.png")
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
+def append_csv(row: dict, path: Path) -> None:
+    rows = [r for r in read_csv(path) if (r["task"], r["setting"], str(r["seed"])) != (row["task"], row["setting"], str(row["seed"]))]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, COLUMNS)
         w.writeheader()
-        w.writerows(rows)
+        w.writerows(rows + [row])
+
+
+def read_csv(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return rows if rows and set(COLUMNS) <= set(rows[0]) else []
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """Recovery against the fine-tuning peak memory, one point per setting (mean over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    emloc = [r for r in rows if r["setting"].startswith("EMLoC") and r["setting"].split()[-1][0].isdigit()]
-    ratios = [float(r["setting"].split()[-1]) for r in emloc]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("emulator", "emulator zero-shot"), ("uncorrected", "adapter, uncorrected"),
-                       ("delivered", "adapter, delivered (clamp chosen on validation)")):
-        ax.plot(ratios, [r[key] for r in emloc], marker="o", label=label)
-    ax.axhline(rows[-1]["delivered"], color="k", ls="--", label="LoRA on the original")
-    ax.axhline(emloc[0]["zero_shot"], color="gray", ls=":", label="original zero-shot")
-    ax.set_xlabel("emulator ratio (fraction of linear parameters kept)")
-    ax.set_ylabel("test accuracy (300 reviews)")
-    ax.legend(fontsize=8)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for task in sorted({r["task"] for r in rows}):
+        mine = [r for r in rows if r["task"] == task and r["recovery"] not in ("", None)]
+        by_setting: dict[str, list[dict]] = {}
+        for r in mine:
+            by_setting.setdefault(r["setting"], []).append(r)
+        for name, rs in by_setting.items():
+            x = sum(float(r["peak_mem_finetune_mib"]) for r in rs) / len(rs)
+            y = sum(float(r["recovery"]) for r in rs) / len(rs)
+            ax.scatter(x, y, label=f"{task}: {name} ({len(rs)} seed{'s' if len(rs) > 1 else ''})")
+    upper = [float(r["peak_mem_lora_original_mib"]) for r in rows if r.get("peak_mem_lora_original_mib") not in ("", None)]
+    if upper:
+        ax.scatter(sum(upper) / len(upper), 1.0, marker="*", s=150, color="k", label="LoRA on the original")
+    inference = [float(r["peak_mem_inference_mib"]) for r in rows]
+    if inference:
+        ax.axvline(sum(inference) / len(inference), color="r", ls=":", label="original inference peak")
+    ax.axhline(0.9, color="gray", ls=":", label="target 0.9")
+    ax.set_xlabel("fine-tuning peak memory (MiB, same batch)")
+    ax.set_ylabel("recovery of the fine-tuning gain")
+    ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -18,9 +18,9 @@ def _ratio(text: str) -> float | dict[str, float]:
 
 def _texts(path: str, limit: int) -> list[str]:
     """Calibration texts: a .jsonl with a "text" field per line, or a plain text file, one sample per line."""
-    lines = [l for l in Path(path).read_text(encoding="utf-8").splitlines() if l.strip()]
+    lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     if path.endswith(".jsonl"):
-        lines = [json.loads(l)["text"] for l in lines]
+        lines = [json.loads(line)["text"] for line in lines]
     if not lines:
         raise ValueError(f"--data {path} holds no samples")
     return lines[:limit]
@@ -30,23 +30,22 @@ def cmd_build(a: argparse.Namespace) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .conventions import refuse_existing
     from .emulator import build_emulator, save_emulator
 
-    out = Path(a.out)
-    if out.exists() and not a.overwrite:
-        raise FileExistsError(f"--out {out} exists; choose another directory or pass --overwrite")
+    out = refuse_existing(a.out, a.overwrite)
     start = time.perf_counter()
     if a.model == "demo" or a.data == "demo":
-        from .finetune import FinetuneSettings, calibration_texts, prepare
+        from .recipe.finetune import FinetuneSettings, calibration_set
 
-        settings = FinetuneSettings(calibration_samples=a.samples)
-        model_path, _, train_rows, _, _ = prepare(settings)
-    model_dir = model_path if a.model == "demo" else a.model
-    texts = calibration_texts(settings, train_rows) if a.data == "demo" else _texts(a.data, a.samples)
+        demo_model, demo_texts = calibration_set(FinetuneSettings(calibration_samples=a.samples))
+    model_dir = demo_model if a.model == "demo" else a.model
+    texts = demo_texts if a.data == "demo" else _texts(a.data, a.samples)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, a.dtype))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    emulator = build_emulator(model, texts, _ratio(a.ratio), tokenizer=tokenizer,
-                              device=a.device, quant=a.quant, group_size=a.group_size)
+    emulator = build_emulator(model, texts, _ratio(a.ratio), tokenizer=tokenizer, device=a.device, quant=a.quant,
+                              group_size=a.group_size, propagate=a.propagate, shrinkage=a.shrinkage,
+                              allocate=a.allocate)
     save_emulator(emulator, out, overwrite=a.overwrite)
     modules = emulator.emloc_metadata["modules"]
     kept = sum(m["rank"] * (m["in_features"] + m["out_features"]) for m in modules.values())
@@ -56,7 +55,7 @@ def cmd_build(a: argparse.Namespace) -> None:
 
 
 def cmd_finetune(a: argparse.Namespace) -> None:
-    from .finetune import FinetuneSettings, format_table, run
+    from .recipe.finetune import FinetuneSettings, format_table, run
 
     fields = FinetuneSettings.__dataclass_fields__
     settings = FinetuneSettings(**{k: v for k, v in vars(a).items() if k in fields})
@@ -83,7 +82,22 @@ def cmd_merge(a: argparse.Namespace) -> None:
     print(f"merged model written to {a.out}")
 
 
+def _shrinkage(text: str) -> float | str:
+    return text if text == "auto" else float(text)
+
+
+def _build_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--propagate", action="store_true", help="fit each block on the emulator's own inputs to the "
+                   "original's outputs, so later blocks compensate earlier ones (error-propagating build)")
+    p.add_argument("--shrinkage", type=_shrinkage, default=0.0, help="relative ridge γ on the calibration Gram "
+                   "matrices, or 'auto' to choose it on held-out calibration samples (default 0)")
+    p.add_argument("--allocate", default="uniform", choices=["uniform", "block"], help="uniform: every linear keeps "
+                   "its ratio; block: the same parameters per block, spent where the spectra remove most error")
+
+
 def parser() -> argparse.ArgumentParser:
+    from .recipe.demo import DEFAULT_TASK, TASKS  # stdlib only
+
     p = argparse.ArgumentParser(prog="emloc", description="EMLoC: fine-tune a model inside the memory its inference needs.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -100,22 +114,28 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--quant", default=None, choices=["int8", "int4"], help="quantise the emulator's factors")
     b.add_argument("--group-size", type=int, default=128, choices=[64, 128], help="int4 group size (default 128)")
     b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _build_options(b)
     b.set_defaults(func=cmd_build)
 
     f = sub.add_parser("finetune", help="the whole method on a classification task (default: SmolLM2 on Rotten Tomatoes)")
     f.add_argument("--model", default=None, help="causal LM directory (default: the embedded SmolLM2-135M-Instruct)")
-    f.add_argument("--data", default=None, help='training .jsonl, lines {"text": ..., "label": ...} (default: Rotten Tomatoes)')
+    f.add_argument("--task", default=None, choices=list(TASKS), help="embedded task: "
+                   + "; ".join(f"{t.name}: {t.description}" for t in TASKS.values()) + f" (default {DEFAULT_TASK})")
+    f.add_argument("--data", default=None, help='training .jsonl, lines {"text": ..., "label": ...} (instead of --task)')
     f.add_argument("--eval-data", default=None, help="held-out .jsonl in the same format (needed with --data)")
-    f.add_argument("--prompt", default=None, help="template with {text}; the label is the next word")
+    f.add_argument("--prompt", default=None, help="template with {text}; the label is the next word (default: the task's)")
     f.add_argument("--ratio", type=float, default=0.4, help="emulator ratio in (0, 1) (default 0.4)")
     f.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (default 8; alpha = rank)")
     f.add_argument("--steps", type=int, default=120, help="training steps (default 120)")
     f.add_argument("--batch-size", type=int, default=8, help="training batch size (default 8)")
     f.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
-    f.add_argument("--clamp", default="auto", help="auto (choose on validation data), uncorrected, unclamped, or a bound L")
+    f.add_argument("--transfer", default="auto", help="how the LoRA is carried to the original: auto (every method, "
+                   "chosen on validation data), paper (the paper's clamps and uncorrected), uncorrected, unclamped, "
+                   "a clamp bound L, aware:λ (activation-aware correction) or stream:λ (layer-streamed transfer)")
+    f.add_argument("--clamp", default=None, help="former name of --transfer (same values)")
     f.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     f.add_argument("--calibration-samples", type=int, default=64, help="emulator calibration samples (default 64)")
-    f.add_argument("--validation-samples", type=int, default=200, help="training examples held out to choose the clamp")
+    f.add_argument("--validation-samples", type=int, default=200, help="training examples held out to choose the transfer")
     f.add_argument("--eval-samples", type=int, default=None, help="use only the first N evaluation examples")
     f.add_argument("--quant", default=None, choices=["int8", "int4"], help="quantise the emulator's factors")
     f.add_argument("--group-size", type=int, default=128, choices=[64, 128], help="int4 group size (default 128)")
@@ -123,6 +143,9 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--out", default="runs/finetune", help="new output directory (default runs/finetune)")
     f.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     f.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    f.add_argument("--upper-bound", action="store_true", help="also train LoRA on the original and report its "
+                   "accuracy (lora_original) and the share of its gain the delivered adapter keeps (recovery)")
+    _build_options(f)
     f.set_defaults(func=cmd_finetune)
 
     c = sub.add_parser("correct", help="stage 3: correct an adapter trained on the emulator for the original model")
@@ -145,10 +168,6 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    if args.command == "finetune" and args.prompt is None:
-        from .demo import PROMPT
-
-        args.prompt = PROMPT
     try:
         args.func(args)
     except (ValueError, FileExistsError, FileNotFoundError) as e:

@@ -34,16 +34,14 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
+from .conventions import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EMULATOR_METADATA, LINEAR_TYPES, PEFT_KEY_PREFIX, load_model
 from .files import write_dir_atomically
 from .modules import LowRankLinear
 
 __all__ = ["correct_adapter", "merge_adapter", "correct_lora", "lora_scaling", "emulated_weight"]
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 REPORT = "correction_report.json"
-EMULATOR_METADATA = "emloc.json"
-_KEY_PREFIX = "base_model.model."
+_KEY_PREFIX = PEFT_KEY_PREFIX
 _LORA_A, _LORA_B = ".lora_A.weight", ".lora_B.weight"
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -234,7 +232,7 @@ class _Emulator:
         """The emulator left this linear as it was (outside the blocks, or no ratio pattern)."""
         if hasattr(self, "checkpoint"):
             return self.checkpoint.find(path + ".weight") is not None and self.checkpoint.find(path + ".u") is None
-        return isinstance(_submodule(self.model, path), (nn.Linear, Conv1D)) and not isinstance(
+        return isinstance(_submodule(self.model, path), LINEAR_TYPES) and not isinstance(
             _submodule(self.model, path), LowRankLinear)
 
     def weight(self, path: str) -> torch.Tensor:
@@ -286,7 +284,7 @@ class _Original:
                 raise ValueError(f"the adapter targets {path}, which the original ({self.source}) does not have")
             if isinstance(module, LowRankLinear):
                 raise TypeError(f"original module {path} is a LowRankLinear: pass the original model, not the emulator")
-            if not isinstance(module, (nn.Linear, Conv1D)):
+            if not isinstance(module, LINEAR_TYPES):
                 raise TypeError(f"original module {path} is {type(module).__name__}; expected nn.Linear or Conv1D")
             conv1d = isinstance(module, Conv1D)
             stored = module.weight.detach()
@@ -440,19 +438,8 @@ def _ratios(stats: Mapping[str, Any]) -> dict[str, float | None]:
     }
 
 
-def _load_model(directory: PathLike) -> nn.Module:
-    """The model class named in the directory's ``config.json``, loaded from it."""
-    import transformers
-
-    architectures = transformers.AutoConfig.from_pretrained(directory).architectures or []
-    cls = getattr(transformers, architectures[0], None) if architectures else None
-    if cls is None:
-        raise ValueError(f"config.json in {directory} names no transformers model class (architectures={architectures})")
-    return cls.from_pretrained(directory)
-
-
 def merge_adapter(original: nn.Module | PathLike, adapter_dir: PathLike) -> nn.Module:
     """``original`` (a model, merged in place, or an HF directory) with the LoRA in ``adapter_dir``
     merged into its weights (PEFT ``merge_and_unload``)."""
-    model = _load_model(original) if _is_path(original) else original
+    model = load_model(original) if _is_path(original) else original
     return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()

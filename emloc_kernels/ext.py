@@ -5,7 +5,7 @@ headers and are compiled by ``nvcc -c`` when a CUDA toolkit is found, then linke
 ``cudart`` into the C++ glue (``csrc/ext.cpp``: torch operators and their CPU
 implementation), which ``torch.utils.cpp_extension.load`` builds with ninja. Without nvcc
 the build is CPU-only. This recipe works with CPU and CUDA builds of torch alike, where
-``CUDAExtension`` does not (DESIGN §4).
+``CUDAExtension`` does not (it needs the CUDA build of torch and its CUDA headers).
 
 Builds are cached under ``$EMLOC_EXT_CACHE`` (default ``~/.cache/emloc_kernels/ext``) in a
 folder named by a hash of the sources, flags, toolkit and torch version, behind a file lock
@@ -27,7 +27,17 @@ from pathlib import Path
 
 import torch
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+def _sources() -> Path:
+    """The extension's sources: ``emloc_kernels/csrc`` in an installed package (setup.py copies
+    the top-level ``csrc/`` there at build time), else ``csrc/`` beside the package (a checkout
+    or an editable install)."""
+    here = Path(__file__).resolve().parent
+    installed = here / "csrc"
+    return installed if (installed / "ext.cpp").is_file() else here.parent / "csrc"
+
+
+CSRC = _sources()
 NAME = "emloc_ext"
 NVCC_FLAGS = [
     "-O3",
@@ -63,6 +73,11 @@ def status() -> Status:
         if _status is None:
             _status = _load()
     return _status
+
+
+def available() -> bool:
+    """Whether the extension is built and loaded in this process (its CPU ops at least)."""
+    return status().loaded
 
 
 def supports(device: torch.device | str) -> bool:
@@ -154,7 +169,7 @@ def cache_root() -> Path:
 def build() -> Path:
     """Build the extension unless the cache holds it; return the shared library's path."""
     if not (CSRC / "ext.cpp").is_file():
-        raise RuntimeError(f"C++ sources not found at {CSRC} (install from a source checkout)")
+        raise RuntimeError(f"C++ sources not found at {CSRC} (a package built without them?)")
     home = cuda_home()
     cxx_flags = CXX_FLAGS + (["-DEMLOC_WITH_CUDA"] if home else [])
     ldflags = cudart_flags(home) if home else []

@@ -5,7 +5,6 @@ through :func:`emloc_kernels.correct_adapter` and load with ``PeftModel.from_pre
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -14,11 +13,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from . import ops
+from .conventions import ADAPTER_WEIGHTS, PEFT_KEY_PREFIX, replace_submodule
 from .files import write_dir_atomically
-from .modules import LowRankLinear
-
-PEFT_PREFIX = "base_model.model."
+from .modules.fused import fusable, fused_lora
 
 
 class LoraLinear(nn.Module):
@@ -43,12 +40,10 @@ class LoraLinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base, a, b = self.base_layer, self.lora_A.weight, self.lora_B.weight
-        if not isinstance(self.dropout, nn.Identity):  # the LoRA branch sees other inputs: unfused
+        base, a = self.base_layer, self.lora_A.weight
+        if not isinstance(self.dropout, nn.Identity) or not fusable(base):  # dropout: the LoRA branch sees other inputs
             return base(x) + (self.scaling * self.lora_B(self.lora_A(self.dropout(x.to(a.dtype))))).to(x.dtype)
-        if isinstance(base, LowRankLinear):
-            return ops.lowrank_lora(x, *base.factors(), a, b, self.scaling, base.bias)
-        return ops.dense_lora(x, base.weight, a, b, self.scaling, base.bias)
+        return fused_lora(base, x, a, self.lora_B.weight, self.scaling)
 
 
 def _matches(name: str, targets: str | list[str]) -> bool:
@@ -79,9 +74,7 @@ def add_lora(
     for p in model.parameters():
         p.requires_grad_(False)
     for name in chosen:
-        parent, _, child = name.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
-        setattr(owner, child, LoraLinear(getattr(owner, child), r, alpha, dropout))
+        replace_submodule(model, name, LoraLinear(model.get_submodule(name), r, alpha, dropout))
     model.emloc_lora = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": sorted({n.rsplit(".", 1)[-1] for n in chosen})}
     return model
 
@@ -94,21 +87,22 @@ def save_lora(
     if settings is None:
         raise ValueError("model has no LoRA from emloc_kernels.add_lora")
     tensors = {
-        f"{PEFT_PREFIX}{name}.{part}.weight": getattr(m, part).weight.detach().contiguous().cpu()
+        f"{PEFT_KEY_PREFIX}{name}.{part}.weight": getattr(m, part).weight.detach().contiguous().cpu()
         for name, m in model.named_modules() if isinstance(m, LoraLinear) for part in ("lora_A", "lora_B")
     }
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "emloc_metadata", None) or {}, "get", lambda k, d=None: d)(
             "original_model") or getattr(getattr(model, "config", None), "name_or_path", None)
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-        "r": settings["r"], "lora_alpha": settings["lora_alpha"], "lora_dropout": settings["lora_dropout"],
-        "target_modules": settings["target_modules"], "bias": "none", "fan_in_fan_out": False,
-        "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
-    }
+    from peft import LoraConfig
+
+    config = LoraConfig(
+        task_type="CAUSAL_LM", base_model_name_or_path=base_model_name_or_path, r=settings["r"],
+        lora_alpha=settings["lora_alpha"], lora_dropout=settings["lora_dropout"],
+        target_modules=settings["target_modules"], inference_mode=True,
+    )
 
     def writer(tmp: Path) -> None:
-        save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        config.save_pretrained(tmp)  # PEFT writes its own adapter_config.json
 
     return write_dir_atomically(out_dir, writer, overwrite=overwrite)

@@ -47,6 +47,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
+from .conventions import load_model, out_in_weight
 from .correction import (
     _KEY_PREFIX,
     _LORA_A,
@@ -58,19 +59,12 @@ from .correction import (
     _Emulator,
     _is_path,
     _load_adapter,
-    _load_model,
     _lora_paths,
     _Original,
     lora_scaling,
 )
-from .emulator.build import GramCollector, dense_weight_of
-from .emulator.calibration import (
-    as_batches,
-    capture_block_inputs,
-    find_blocks,
-    to_device,
-    token_mask,
-)
+from .emulator.build import Grams, InputRecorder
+from .emulator.calibration import as_batches, capture_block_inputs, find_blocks, to_device, token_mask
 from .files import write_dir_atomically
 from .modules import LowRankLinear
 
@@ -116,7 +110,7 @@ def _linear_weight(module: nn.Module, path: str) -> torch.Tensor:
     if isinstance(module, LowRankLinear):  # QuantLowRankLinear dequantises in its dense_weight
         return module.dense_weight(torch.float64)
     if isinstance(module, (nn.Linear, Conv1D)):
-        return dense_weight_of(module).detach().double()
+        return out_in_weight(module).detach().double()
     raise TypeError(f"module {path} is {type(module).__name__}; expected nn.Linear, Conv1D or LowRankLinear "
                     f"(pass the emulator without its LoRA, or as the PeftModel that holds it)")
 
@@ -165,7 +159,7 @@ def _as_model(x: nn.Module | PathLike, role: str) -> nn.Module:
             from .emulator import load_emulator
 
             return load_emulator(x)
-        return _load_model(x)
+        return load_model(x)
     raise TypeError(f"{role} must be a model or a directory, got {type(x).__name__}")
 
 
@@ -310,22 +304,26 @@ def collect_grams(
             prefix = f"{blocks_name}.{i}."
             mine = {p: m for p, m in linears.items() if p.startswith(prefix)}
             block.to(work)
-            collector = GramCollector()
-            handles = [m.register_forward_pre_hook(collector.hook(p)) for p, m in mine.items()]
+            recorder = InputRecorder()
+            handles = [m.register_forward_pre_hook(recorder.hook(p)) for p, m in mine.items()]
+            sums: dict[str, Grams] = {}
             try:
                 for b, call in enumerate(calls):
-                    collector.mask = None if masks[b] is None else masks[b].to(work)
+                    mask = None if masks[b] is None else masks[b].to(work)
                     _, args, kwargs = call[i]
                     out = block(hidden[b], *to_device(args, work), **to_device(kwargs, work))
                     hidden[b] = out[0] if isinstance(out, tuple) else out
-                    collector.end_forward()
+                    for lead, x in recorder.take().items():
+                        rows = x[mask] if mask is not None and mask.shape == x.shape[:-1] else x
+                        sums.setdefault(lead, Grams()).add(rows.reshape(-1, x.shape[-1]), None)
             finally:
                 for h in handles:
                     h.remove()
                 block.to(home)
-            collector.check_finite()
+            for lead, g in sums.items():
+                g.check_finite(lead)
             for p in mine:
-                grams[p] = collector.gram[collector.leader[p]]
+                grams[p] = sums[recorder.leader[p]].oo
     return grams
 
 
@@ -685,7 +683,7 @@ def _stream_blocks(
                 for p in group:
                     module = orig_lin[p]
                     conv1d_seen |= isinstance(module, Conv1D)
-                    w = dense_weight_of(module).detach().to(compute, torch.float64)
+                    w = out_in_weight(module).detach().to(compute, torch.float64)
                     w_e = _linear_weight(emu_lin[p], p).to(compute)
                     if w.shape != w_e.shape:
                         raise ValueError(f"{p}: the emulator is {tuple(w_e.shape)}, the original {tuple(w.shape)}")

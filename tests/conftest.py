@@ -18,7 +18,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """Directory of SmolLM2-135M-Instruct as safetensors (converted once into the cache)."""
-    from emloc_kernels.demo import smollm2_path
+    from emloc_kernels.recipe.demo import smollm2_path
 
     try:
         return smollm2_path()
@@ -47,7 +47,7 @@ def smollm2_tokenizer(smollm2_dir):
 @pytest.fixture(scope="session")
 def reviews() -> list[str]:
     """Twelve short Rotten Tomatoes review sentences (a fixed shuffle)."""
-    from emloc_kernels.demo import rotten_tomatoes
+    from emloc_kernels.recipe.demo import rotten_tomatoes
 
     try:
         train, _ = rotten_tomatoes(seed=0)

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import copy
 import gc
-import weakref
 import math
 import re
+import weakref
 from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
@@ -119,7 +119,7 @@ def test_low_rank_weights_reproduced(tiny_model):
     """Weights of rank ≤ r are reproduced to fp32 rounding at ratio 0.99 (and so are the logits)."""
     original = tiny_model("llama")
     g = torch.Generator().manual_seed(3)
-    for name, module in block_linears(original).items():
+    for module in block_linears(original).values():
         n_out, n_in = module.weight.shape
         k = rank_for(n_in, n_out, 0.99) - 2
         with torch.no_grad():

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_quant import dequant64, elem_scale
 from torch.utils import cpp_extension
 
 from emloc_kernels import ext
 from emloc_kernels.ops.quant import dequantize, quantize, quantize_reference
-from test_quant import dequant64, elem_scale
 
 ROOT = Path(__file__).resolve().parent.parent
 disabled = os.environ.get("EMLOC_DISABLE_EXT", "0") not in ("", "0")

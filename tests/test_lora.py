@@ -1,13 +1,21 @@
-"""Stage 2: PEFT adapts the emulator's LowRankLinear modules with no extra call; plain-loop LoRA."""
+"""Stage 2: PEFT adapts the emulator's LowRankLinear modules with no extra call; the fused path's
+allow-list against PEFT's own forward; the opt-in fused path for plain linears; plain-loop LoRA."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import emloc_kernels as ek
+from emloc_kernels import LowRankLinear
+from emloc_kernels.modules import peft_layers
+from emloc_kernels.modules.fused import fused_lora
 from emloc_kernels.modules.peft_layers import DenseLoraLinear, LowRankLoraLinear
 
 
@@ -47,16 +55,32 @@ def test_all_linear_covers_every_emulated_linear(emulator):
     assert wrapped == len(emulator.emloc_metadata["modules"]) == 14
 
 
-def test_fused_layer_matches_peft_unfused_path_and_trains(emulator):
+def _spy_fused(monkeypatch) -> list:
+    """Record the calls of the fused path of our PEFT layers."""
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return peft_layers.fused_lora.__wrapped__(*args, **kwargs)
+
+    spy.__wrapped__ = fused_lora
+    monkeypatch.setattr(peft_layers, "fused_lora", spy)
+    return calls
+
+
+def test_fused_layer_matches_peft_forward_and_trains(emulator, monkeypatch):
     pm = get_peft_model(emulator, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     for m in pm.modules():
         if isinstance(m, LowRankLoraLinear):
             torch.nn.init.normal_(m.lora_B["default"].weight)
     layer = pm.base_model.model.model.layers[1].mlp.up_proj
     x = torch.randn(3, 5, layer.in_features)
+    calls = _spy_fused(monkeypatch)
     fused = layer(x)
-    unfused = super(LowRankLoraLinear, layer).forward(x)  # PEFT's own path
-    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 1
+    peft_out = PeftLoraLinear.forward(layer, x)  # PEFT's own forward: base layer + its LoRA modules
+    assert len(calls) == 1
+    torch.testing.assert_close(fused, peft_out, rtol=1e-5, atol=1e-5)
     ids = torch.randint(0, 97, (2, 9))
     loss = pm(ids, labels=ids).loss
     loss.backward()
@@ -65,16 +89,88 @@ def test_fused_layer_matches_peft_unfused_path_and_trains(emulator):
     assert all(p.grad is None for n, p in pm.named_parameters() if n.endswith((".u", ".v")))
 
 
-def test_dropout_takes_the_unfused_path(emulator):
-    pm = get_peft_model(emulator, LoraConfig(r=4, lora_dropout=0.5, target_modules=["v_proj"]))
-    layer = pm.base_model.model.model.layers[0].self_attn.v_proj
-    torch.nn.init.normal_(layer.lora_B["default"].weight)
-    x = torch.randn(2, 7, layer.in_features)
-    assert layer._fusable_adapter((), {}) is None
-    pm.eval()  # dropout off: the result must equal the no-dropout math
-    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-    ref = layer.get_base_layer()(x) + layer.scaling["default"] * (x @ a.T @ b.T)
-    torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
+class _Toy(torch.nn.Module):
+    """One linear with a bias: a plain ``nn.Linear`` or a :class:`LowRankLinear`."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        if kind == "dense":
+            self.lin = torch.nn.Linear(12, 10)
+        else:
+            self.lin = LowRankLinear.from_factors(torch.randn(10, 4), torch.randn(4, 12), torch.randn(10))
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def _toy_lora(kind: str, **config):
+    pm = get_peft_model(_Toy(kind), LoraConfig(r=4, lora_alpha=6, target_modules=["lin"], **config))
+    if kind == "dense":
+        assert ek.apply_fused_lora(pm) == 1
+    layer = pm.base_model.model.lin
+    assert type(layer) is (DenseLoraLinear if kind == "dense" else LowRankLoraLinear)
+    return pm, layer
+
+
+def _randomise(layer):
+    torch.manual_seed(1)
+    for name, p in layer.named_parameters():
+        if "lora_" in name:
+            torch.nn.init.normal_(p)
+
+
+@pytest.mark.parametrize("kind", ["dense", "lowrank"])
+def test_plain_adapter_takes_the_fused_path(kind, monkeypatch):
+    pm, layer = _toy_lora(kind)
+    _randomise(layer)
+    calls = _spy_fused(monkeypatch)
+    x = torch.randn(3, 5, 12)
+    torch.testing.assert_close(layer(x), PeftLoraLinear.forward(layer, x), rtol=1e-5, atol=1e-5)
+    assert len(calls) == 1
+
+
+def _second_adapter(pm, layer):
+    pm.add_adapter("other", LoraConfig(r=2, lora_alpha=3, target_modules=["lin"]))
+    _randomise(layer)
+
+
+EXCLUDED = {
+    # feature: (LoraConfig options, setup(pm, layer), forward kwargs)
+    "dropout": ({"lora_dropout": 0.5}, lambda pm, layer: pm.train(), {}),
+    "lora_bias": ({"lora_bias": True}, None, {}),
+    "dora": ({"use_dora": True}, None, {}),
+    "two_active_adapters": ({}, lambda pm, layer: (_second_adapter(pm, layer),
+                                                   pm.base_model.set_adapter(["default", "other"])), {}),
+    "mixed_batch": ({}, _second_adapter, {"adapter_names": ["default", "other", "__base__"]}),
+    "disabled": ({}, lambda pm, layer: pm.base_model.disable_adapter_layers(), {}),
+}
+
+
+@pytest.mark.parametrize("feature", list(EXCLUDED))
+@pytest.mark.parametrize("kind", ["dense", "lowrank"])
+def test_excluded_features_take_peft_forward(kind, feature, monkeypatch):
+    """Each feature outside the fused path's allow-list gives PEFT's own output (the fused op,
+    which ignores the feature, would differ) and never calls the fused op."""
+    if kind == "lowrank" and feature == "dora":
+        pytest.skip("DoRA needs the base layer's dense weight, which an emulator layer does not have")
+    options, setup, kwargs = EXCLUDED[feature]
+    pm, layer = _toy_lora(kind, **options)
+    _randomise(layer)
+    if setup is not None:
+        setup(pm, layer)
+    calls = _spy_fused(monkeypatch)
+    x = torch.randn(3, 5, 12)
+    torch.manual_seed(2)
+    got = layer(x, **kwargs)
+    torch.manual_seed(2)
+    want = PeftLoraLinear.forward(layer, x, **kwargs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert calls == []
+    if feature != "disabled":  # the feature changes the result: the fused op could not have given it
+        pm.base_model.enable_adapter_layers()
+        assert not torch.allclose(want, fused_lora(layer.get_base_layer(), x, layer.lora_A["default"].weight,
+                                                   layer.lora_B["default"].weight, layer.scaling["default"]))
 
 
 def test_merge_into_emulator_raises_clear_error(emulator):
@@ -83,16 +179,50 @@ def test_merge_into_emulator_raises_clear_error(emulator):
         pm.merge_and_unload()
 
 
-def test_dense_lora_layer_on_plain_linear_merges():
+def test_import_leaves_peft_layers_of_plain_linears_alone():
+    """Importing emloc_kernels changes nothing for modules that are not ours."""
+    pm = get_peft_model(tiny_llama(1), LoraConfig(r=3, target_modules=["o_proj", "up_proj"]))
+    layers = [m for m in pm.modules() if isinstance(m, PeftLoraLinear)]
+    assert len(layers) == 4 and all(type(m) is PeftLoraLinear for m in layers)
+
+
+def test_import_in_a_fresh_process_leaves_peft_alone():
+    code = (
+        "import torch, emloc_kernels\n"
+        "from peft import LoraConfig, get_peft_model\n"
+        "from peft.tuners.lora.layer import Linear\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(4, 4))\n"
+        "pm = get_peft_model(m, LoraConfig(r=2, target_modules=['0']))\n"
+        "assert type(pm.base_model.model[0]) is Linear, type(pm.base_model.model[0])\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_apply_and_remove_fused_lora_on_plain_linears():
     model = tiny_llama(1)
     pm = get_peft_model(model, LoraConfig(r=3, target_modules=["o_proj"]))
     layer = pm.base_model.model.model.layers[0].self_attn.o_proj
-    assert isinstance(layer, DenseLoraLinear)
     torch.nn.init.normal_(layer.lora_B["default"].weight)
     ids = torch.randint(0, 97, (2, 6))
     before = pm(ids).logits
+    assert ek.apply_fused_lora(pm) == 2 and ek.apply_fused_lora(pm) == 0
+    assert isinstance(layer, DenseLoraLinear)
+    torch.testing.assert_close(pm(ids).logits, before, rtol=1e-4, atol=1e-4)
+    assert ek.remove_fused_lora(pm) == 2
+    assert type(layer) is PeftLoraLinear
+    ek.apply_fused_lora(pm)
     merged = pm.merge_and_unload()
     torch.testing.assert_close(merged(ids).logits, before, rtol=1e-4, atol=1e-4)
+
+
+def test_users_own_mapping_for_our_type_wins(emulator):
+    class Mine(PeftLoraLinear):
+        pass
+
+    config = LoraConfig(r=2, target_modules=["q_proj"])
+    config._register_custom_module({LowRankLinear: Mine})
+    pm = get_peft_model(emulator, config)
+    assert type(pm.base_model.model.model.layers[0].self_attn.q_proj) is Mine
 
 
 def test_plain_loop_lora_saves_a_peft_adapter(emulator, tmp_path):

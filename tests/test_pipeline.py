@@ -1,5 +1,6 @@
 """The three stages together: build_emulator → PEFT LoRA → correct_adapter, per architecture
-and on a real SmolLM2 layer; the identity of DESIGN §1 checked per module in fp64."""
+and on a real SmolLM2 layer; the correction's identity (without clamping,
+x(W + s·A_o B_c) = x(W_E + s·A B) for x in span(A)) checked per module in fp64."""
 import copy
 
 import torch

@@ -10,7 +10,6 @@ from torch import nn
 from emloc_kernels import ext
 from emloc_kernels.modules.lowrank import LowRankLinear
 from emloc_kernels.modules.quantized import QuantLowRankLinear
-from emloc_kernels.ops.lowrank_lora import lowrank_lora_reference
 from emloc_kernels.ops.quant import (
     PackedFactor,
     dequantize,
@@ -18,6 +17,7 @@ from emloc_kernels.ops.quant import (
     quantize,
     quantize_reference,
 )
+from emloc_kernels.ops.reference import lowrank_lora_reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FORMATS = (("int8", 0), ("int4", 64), ("int4", 128))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 from typing import Any, Mapping
 
@@ -11,17 +12,15 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from .._version import __version__
+from ..conventions import LINEAR_TYPES
+from ..conventions import out_in_weight as dense_weight_of
+from ..conventions import replace_submodule as _replace
 from ..modules import LowRankLinear
 from .calibration import as_batches, capture_block_inputs, find_blocks, to_device, token_mask
-from .svd import Whitening, rank_for, truncated_factors
+from .svd import Whitening, WhitenedSVD, allocate_ranks, output_error, rank_for, regression_target
 
 logger = logging.getLogger(__name__)
-LINEAR_TYPES = (nn.Linear, Conv1D)
-
-
-def dense_weight_of(module: nn.Module) -> torch.Tensor:
-    """The out×in weight of a linear; transformers' ``Conv1D`` stores it in×out."""
-    return module.weight.T if isinstance(module, Conv1D) else module.weight
+ALLOCATIONS = ("uniform", "block")
 
 
 def _check_ratio(value: float, where: str) -> float:
@@ -72,19 +71,18 @@ def select_modules(
     return {n: (m, r) for n, m in candidates.items()}
 
 
-class GramCollector:
-    """Accumulates ``G = Σ xᵀx`` (fp32) per group of linears that read the same input.
+class InputRecorder:
+    """Records, for one forward of a block, the input each group of linears reads.
 
-    q/k/v (and gate/up) receive the very same tensor; the first batch groups them by
-    tensor identity so each group gets one ``G`` and, later, one whitening.
+    q/k/v (and gate/up) receive the very same tensor; the first forward groups them by
+    tensor identity, so each group gets one set of Gram matrices and, later, one whitening.
     """
 
     def __init__(self) -> None:
-        self.gram: dict[str, torch.Tensor] = {}
         self.leader: dict[str, str] = {}
+        self.rows: dict[str, torch.Tensor] = {}
         self._seen: dict[tuple, str] = {}
         self._alive: list[torch.Tensor] = []  # keeps inputs alive so data_ptr identity is sound
-        self.mask: torch.Tensor | None = None
 
     def hook(self, name: str):
         def pre_hook(module: nn.Module, args: tuple) -> None:
@@ -93,56 +91,161 @@ class GramCollector:
                 key = (x.data_ptr(), tuple(x.shape), x.stride())
                 self.leader[name] = self._seen.setdefault(key, name)
                 self._alive.append(x)
-            if self.leader[name] != name:
-                return
-            rows = x[self.mask] if self.mask is not None and self.mask.shape == x.shape[:-1] else x
-            rows = rows.reshape(-1, x.shape[-1]).float()
-            g = self.gram.get(name)
-            self.gram[name] = rows.T @ rows if g is None else g.addmm_(rows.T, rows)
+            if self.leader[name] == name:
+                self.rows[name] = x
 
         return pre_hook
 
-    def check_finite(self) -> None:
-        """NaN/inf in any activation row shows up in its ``G``: one check per group."""
-        for name, g in self.gram.items():
+    def take(self) -> dict[str, torch.Tensor]:
+        rows, self.rows = self.rows, {}
+        self._seen.clear()
+        self._alive.clear()
+        return rows
+
+
+class Grams:
+    """``G_OO = X_OᵀX_O``, ``G_OE = X_OᵀX_E``, ``G_EE = X_EᵀX_E`` (fp32) of one input group.
+
+    ``X_O`` are the rows the original layer reads, ``X_E`` those the emulator's layer reads
+    at the same tokens; without error propagation they are the same rows and one matrix
+    serves for all three.
+    """
+
+    def __init__(self) -> None:
+        self.oo: torch.Tensor | None = None
+        self.oe: torch.Tensor | None = None
+        self.ee: torch.Tensor | None = None
+        self.tokens = 0
+
+    def add(self, xo: torch.Tensor, xe: torch.Tensor | None) -> None:
+        xo = xo.float()
+        self.tokens += xo.shape[0]
+        self.oo = xo.T @ xo if self.oo is None else self.oo.addmm_(xo.T, xo)
+        if xe is None:
+            self.oe = self.ee = self.oo
+            return
+        xe = xe.float()
+        self.oe = xo.T @ xe if self.oe is None else self.oe.addmm_(xo.T, xe)
+        self.ee = xe.T @ xe if self.ee is None else self.ee.addmm_(xe.T, xe)
+
+    @property
+    def paired(self) -> bool:
+        return self.ee is not self.oo
+
+    def __add__(self, other: "Grams") -> "Grams":
+        if self.oo is None:
+            return other
+        if other.oo is None:
+            return self
+        total = Grams()
+        total.tokens = self.tokens + other.tokens
+        total.oo = self.oo + other.oo
+        if self.paired:
+            total.oe, total.ee = self.oe + other.oe, self.ee + other.ee
+        else:
+            total.oe = total.ee = total.oo
+        return total
+
+    def check_finite(self, name: str) -> None:
+        """NaN/inf in any activation row shows up in its ``G``."""
+        for g in {id(g): g for g in (self.oo, self.oe, self.ee)}.values():
             if not torch.isfinite(g).all():
                 raise ValueError(f"calibration activations entering {name} contain NaN or inf")
 
-    def end_forward(self) -> None:
-        self._seen.clear()
-        self._alive.clear()
+
+SHRINKAGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
+HELDOUT_EVERY = 4  # every 4th calibration sample is held out to choose shrinkage and report error
 
 
-def _compress(name: str, module: nn.Module, ratio: float, whitening: Whitening) -> tuple[LowRankLinear, dict]:
-    weight = dense_weight_of(module)
-    out_features, in_features = weight.shape
-    rank = rank_for(in_features, out_features, ratio)
-    factors = truncated_factors(weight, rank, whitening)
-    bias = module.bias
-    layer = LowRankLinear.from_factors(
-        factors.u.to(weight.dtype).contiguous(), factors.v.to(weight.dtype).contiguous(), bias
-    )
-    info = {
-        "in_features": in_features,
-        "out_features": out_features,
-        "rank": rank,
-        "ratio": ratio,
-        "kept_fraction": rank * (in_features + out_features) / (in_features * out_features),
-        "bias": bias is not None,
-        "transposed": isinstance(module, Conv1D),
-        "quant": None,
-        "group_size": 0,
-        "calibration_error": factors.error,
-    }
-    return layer, info
+def _fit(weight: torch.Tensor, grams: Grams, whitening: Whitening) -> WhitenedSVD:
+    """Whitened SVD of the best rank-unconstrained target for ``grams`` (whitened by ``G_EE``)."""
+    target = regression_target(weight, grams.oe, whitening) if grams.paired else weight
+    return WhitenedSVD.of(target, whitening)
 
 
-def _compress_block(model: nn.Module, mine: dict, collector: GramCollector, quant: str | None, group_size: int) -> dict:
+def _error(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, grams: Grams) -> float:
+    return output_error(weight, u @ v, grams.oo, grams.oe, grams.ee)
+
+
+def _compress_block(
+    model: nn.Module,
+    mine: dict,
+    leader: dict[str, str],
+    fit: dict[str, Grams],
+    held: dict[str, Grams],
+    *,
+    shrinkage: float | str,
+    allocate: str,
+    quant: str | None,
+    group_size: int,
+) -> dict:
     """Replace one block's targeted linears; returns their report entries."""
-    whitening = {n: Whitening.from_gram(g) for n, g in collector.gram.items()}
+    weights = {n: dense_weight_of(m) for n, (m, _) in mine.items()}
+    uniform = {n: rank_for(weights[n].shape[1], weights[n].shape[0], r) for n, (_, r) in mine.items()}
+    groups: dict[str, list[str]] = {}
+    for n in mine:
+        groups.setdefault(leader[n], []).append(n)
+    whitenings: dict[tuple[str, float, bool], Whitening] = {}  # one per input group, shrinkage, data part
+    partial: dict[tuple[str, float], WhitenedSVD] = {}  # fits without the held-out samples
+
+    def whitening(lead: str, gamma: float, grams: Grams, whole: bool) -> Whitening:
+        if (lead, gamma, whole) not in whitenings:
+            whitenings[lead, gamma, whole] = Whitening.from_gram(grams.ee, shrinkage=gamma)
+        return whitenings[lead, gamma, whole]
+
+    def partial_fit(n: str, gamma: float) -> WhitenedSVD:
+        if (n, gamma) not in partial:
+            lead = leader[n]
+            partial[n, gamma] = _fit(weights[n], fit[lead], whitening(lead, gamma, fit[lead], False))
+        return partial[n, gamma]
+
+    chosen: dict[str, float] = {}
+    for lead, names in groups.items():
+        if shrinkage != "auto":
+            chosen[lead] = float(shrinkage)
+        elif held[lead].oo is None:
+            chosen[lead] = SHRINKAGE_GRID[len(SHRINKAGE_GRID) // 2]  # nothing held out: a middle value
+        else:
+            scores = {
+                gamma: sum(_error(weights[n], *partial_fit(n, gamma).factors(uniform[n]), held[lead]) for n in names)
+                for gamma in SHRINKAGE_GRID
+            }
+            chosen[lead] = min(scores, key=scores.get)
+    total = {lead: fit[lead] + held[lead] for lead in groups}
+    svds = {}
+    for n in mine:
+        lead = leader[n]
+        svds[n] = _fit(weights[n], total[lead], whitening(lead, chosen[lead], total[lead], True))
+    if allocate == "block":
+        costs = {n: sum(weights[n].shape) for n in mine}
+        caps = {n: max(1, math.prod(weights[n].shape) // costs[n]) for n in mine}
+        budget = sum(uniform[n] * costs[n] for n in mine)
+        ranks = allocate_ranks({n: svds[n].sigma for n in mine}, costs, budget, caps)
+    else:
+        ranks = uniform
     report = {}
     for name, (module, r) in mine.items():
-        layer, info = _compress(name, module, r, whitening[collector.leader[name]])
+        weight, lead, rank = weights[name], leader[name], ranks[name]
+        u, v = svds[name].factors(rank)
+        heldout = None
+        if held[lead].oo is not None:  # the fit without the held-out samples, scored on them
+            heldout = _error(weight, *partial_fit(name, chosen[lead]).factors(rank), held[lead])
+        layer = LowRankLinear.from_factors(u.to(weight.dtype).contiguous(), v.to(weight.dtype).contiguous(), module.bias)
+        out_features, in_features = weight.shape
+        info = {
+            "in_features": in_features,
+            "out_features": out_features,
+            "rank": rank,
+            "ratio": r,
+            "kept_fraction": rank * (in_features + out_features) / (in_features * out_features),
+            "bias": module.bias is not None,
+            "transposed": isinstance(module, Conv1D),
+            "quant": None,
+            "group_size": 0,
+            "shrinkage": chosen[lead],
+            "calibration_error": _error(weight, u, v, total[lead]),
+            "heldout_error": heldout,
+        }
         if quant is not None:
             from ..modules.quantized import QuantLowRankLinear
 
@@ -153,9 +256,27 @@ def _compress_block(model: nn.Module, mine: dict, collector: GramCollector, quan
     return report
 
 
-def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
+def batch_token_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Boolean (B, T) mask of real tokens."""
+    mask = token_mask(batch)
+    return torch.ones(batch["input_ids"].shape, dtype=torch.bool) if mask is None else mask
+
+
+def _heldout_masks(batches: list[dict], every: int) -> list[torch.Tensor | None]:
+    """(B, 1) masks of the samples held out of the fit: every ``every``-th sample overall."""
+    total = sum(b["input_ids"].shape[0] for b in batches)
+    if every <= 0 or total < every:
+        return [None] * len(batches)
+    masks, seen = [], 0
+    for b in batches:
+        n = b["input_ids"].shape[0]
+        masks.append((torch.arange(seen, seen + n) % every == every - 1)[:, None])
+        seen += n
+    return masks
+
+
+def _rows(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    return x[keep.expand(x.shape[:-1])]
 
 
 @torch.no_grad()
@@ -171,6 +292,10 @@ def build_emulator(
     quant: str | None = None,
     group_size: int = 128,
     max_length: int = 512,
+    propagate: bool = False,
+    shrinkage: float | str = 0.0,
+    allocate: str = "uniform",
+    heldout: bool = True,
 ) -> nn.Module:
     """Replace the linears inside ``model``'s blocks by whitened-SVD ``LowRankLinear`` s, in place.
 
@@ -179,6 +304,14 @@ def build_emulator(
     ``device``: where each block is processed (default: where the model is); only the
     block in work and the calibration activations are moved there.
     ``quant``: ``"int8"`` or ``"int4"`` packs the factors after the SVD.
+    ``propagate``: fit each block on the inputs the emulator built so far produces, to the
+    original's outputs (reduced-rank regression), so that later blocks compensate the error
+    of earlier ones; without it every block sees the original's activations.
+    ``shrinkage``: ``γ`` in ``G + γ·tr(G)/n·I``, or ``"auto"`` to choose it per input group
+    among ``SHRINKAGE_GRID`` by the error on held-out calibration samples.
+    ``allocate``: ``"uniform"`` gives every linear the rank of its ratio; ``"block"`` spends
+    the same parameters per block where the whitened spectra say they remove most error.
+    ``heldout``: hold every 4th sample out of a second fit to report ``heldout_error``.
     Returns the same model, with ``model.emloc_metadata`` holding the per-module report.
     """
     if quant is not None:
@@ -186,6 +319,10 @@ def build_emulator(
 
         if quant not in FORMATS:
             raise ValueError(f"quant must be one of {FORMATS} or None, got {quant!r}")
+    if allocate not in ALLOCATIONS:
+        raise ValueError(f"allocate must be one of {ALLOCATIONS}, got {allocate!r}")
+    if shrinkage != "auto" and not (isinstance(shrinkage, (int, float)) and 0 <= shrinkage < 1e3):
+        raise ValueError(f"shrinkage must be 'auto' or a number >= 0 (relative ridge), got {shrinkage!r}")
     blocks_name, blocks = find_blocks(model)
     plan = select_modules(blocks_name, blocks, ratio, targets)
     batches = as_batches(calibration, tokenizer, max_length)
@@ -194,8 +331,10 @@ def build_emulator(
     was_training = model.training
     model.eval()
     calls = capture_block_inputs(model, blocks, batches)
-    masks = [token_mask(b) for b in batches]
+    real = [batch_token_mask(b).to(work) for b in batches]
+    split = _heldout_masks(batches, HELDOUT_EVERY if (heldout or shrinkage == "auto") else 0)
     hidden = [to_device(c[0][0], work) for c in calls]
+    hidden_e = list(hidden) if propagate else None
     report: dict[str, dict] = {}
     bar = tqdm(blocks, desc="emulator", unit="block", disable=not progress)
     for i, block in enumerate(bar):
@@ -204,30 +343,51 @@ def build_emulator(
         # would stay there, and on the CPU the whole original would stay beside the emulator)
         mine = {n: plan.pop(n) for n in [n for n in plan if n.startswith(prefix)]}
         block.to(work)
-        collector = GramCollector()
-        handles = [m.register_forward_pre_hook(collector.hook(n)) for n, (m, _) in mine.items()]
+        recorder = InputRecorder()
+        handles = [m.register_forward_pre_hook(recorder.hook(n)) for n, (m, _) in mine.items()]
+        fit: dict[str, Grams] = {}
+        held: dict[str, Grams] = {}
         try:
             for b, call in enumerate(calls):
-                collector.mask = None if masks[b] is None else masks[b].to(work)
                 _, args, kwargs = call[i]
-                out = block(hidden[b], *to_device(args, work), **to_device(kwargs, work))
+                args, kwargs = to_device(args, work), to_device(kwargs, work)
+                out = block(hidden[b], *args, **kwargs)
                 hidden[b] = out[0] if isinstance(out, tuple) else out
-                collector.end_forward()
+                xo = recorder.take()
+                xe = None
+                if hidden_e is not None:
+                    block(hidden_e[b], *args, **kwargs)  # the original block on the emulator's stream
+                    xe = recorder.take()
+                keep = {"fit": real[b] if split[b] is None else real[b] & ~split[b].to(work),
+                        "held": None if split[b] is None else real[b] & split[b].to(work)}
+                for lead, x in xo.items():
+                    for part, grams in (("fit", fit), ("held", held)):
+                        grams.setdefault(lead, Grams())
+                        if keep[part] is not None and keep[part].any():
+                            grams[lead].add(_rows(x, keep[part]), None if xe is None else _rows(xe[lead], keep[part]))
         finally:
             for h in handles:
                 h.remove()
-        collector.check_finite()
-        report.update(_compress_block(model, mine, collector, quant, group_size))
+        for lead, grams in fit.items():
+            (grams + held[lead]).check_finite(lead)
+        report.update(_compress_block(model, mine, recorder.leader, fit, held, shrinkage=shrinkage,
+                                      allocate=allocate, quant=quant, group_size=group_size))
+        if hidden_e is not None:  # the emulator's own stream flows on through the emulated block
+            for b, call in enumerate(calls):
+                _, args, kwargs = call[i]
+                out = block(hidden_e[b], *to_device(args, work), **to_device(kwargs, work))
+                hidden_e[b] = out[0] if isinstance(out, tuple) else out
         block.to(home)
-        del collector, mine
+        del recorder, mine, fit, held
     model.train(was_training)
-    tokens = sum(int(m.sum()) if m is not None else b["input_ids"].numel() for m, b in zip(masks, batches))
+    tokens = sum(int(m.sum()) for m in real)
     model.emloc_metadata = {
         "format_version": 1,
         "library_version": __version__,
         "original_model": str(getattr(model, "name_or_path", "") or getattr(model.config, "name_or_path", "") or ""),
         "architecture": type(model).__name__,
         "calibration": {"samples": sum(b["input_ids"].shape[0] for b in batches), "tokens": tokens},
+        "build": {"propagate": propagate, "shrinkage": shrinkage, "allocate": allocate},
         "modules": report,
     }
     logger.info("emulator: %d linears compressed, mean calibration error %.4f", len(report),

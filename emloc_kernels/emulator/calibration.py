@@ -7,17 +7,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..conventions import padding
+
 
 def _tokenize(texts: list[str], tokenizer, max_length: int) -> dict[str, torch.Tensor]:
     """Right-padded batch (padding is masked out of the statistics; right keeps positions)."""
-    side, pad = tokenizer.padding_side, tokenizer.pad_token
-    try:
-        tokenizer.padding_side = "right"
-        if pad is None:
-            tokenizer.pad_token = tokenizer.eos_token
+    with padding(tokenizer, "right"):
         return dict(tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length))
-    finally:
-        tokenizer.padding_side, tokenizer.pad_token = side, pad
 
 
 def as_batches(

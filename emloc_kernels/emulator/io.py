@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..conventions import EMULATOR_METADATA as METADATA_FILE
+from ..conventions import replace_submodule
 from ..files import write_dir_atomically
 from ..modules import LowRankLinear
-
-METADATA_FILE = "emloc.json"
 
 
 def save_emulator(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -68,8 +68,7 @@ def load_emulator(path: str | os.PathLike, *, device: torch.device | str | None 
         model = cls._from_config(config)
     for name, info in metadata["modules"].items():
         dtype = state[f"{name}.bias"].dtype if info["bias"] else next(t.dtype for k, t in state.items() if k.startswith(name + "."))
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, empty_module_for(info, dtype))
+        replace_submodule(model, name, empty_module_for(info, dtype))
     incompatible = model.load_state_dict(state, strict=False, assign=True)
     if incompatible.unexpected_keys:
         raise ValueError(f"{path}: tensors that fit no module: {incompatible.unexpected_keys[:5]}")

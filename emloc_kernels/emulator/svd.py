@@ -1,4 +1,4 @@
-"""Activation-aware (whitened) truncated SVD of one linear layer (DESIGN §1, stage 1)."""
+"""Activation-aware (whitened) truncated SVD of one linear layer."""
 from __future__ import annotations
 
 import math
@@ -35,12 +35,17 @@ class Whitening:
     ridge: float = 0.0  # lower·lowerᵀ = G + ridge·I
 
     @classmethod
-    def from_gram(cls, gram: torch.Tensor, dtype: torch.dtype = torch.float64) -> "Whitening":
+    def from_gram(cls, gram: torch.Tensor, dtype: torch.dtype = torch.float64, shrinkage: float = 0.0) -> "Whitening":
+        """Cholesky factor of ``G + γ·tr(G)/n·I`` (``γ = shrinkage``, at least the floor ε).
+
+        Shrinkage keeps a whitening learnt from few tokens from trusting directions that the
+        calibration data barely saw: it generalises to unseen tokens (chosen on held-out data).
+        """
         g = gram.to(dtype)
         n = g.shape[0]
         f = (torch.trace(g) / n).clamp_min(torch.finfo(torch.float32).tiny)
         eye = torch.eye(n, dtype=dtype, device=g.device)
-        eps = EIG_FLOOR
+        eps = max(EIG_FLOOR, float(shrinkage))
         for _ in range(8):
             lower, info = torch.linalg.cholesky_ex(g / f + eps * eye)
             if int(info) == 0:
@@ -61,27 +66,71 @@ class Factors:
     error: float  # ‖X(W−uv)ᵀ‖/‖XWᵀ‖ on the calibration activations
 
 
+@dataclass
+class WhitenedSVD:
+    """``M S = U Σ Vᵀ`` of a target weight ``M`` whitened by ``S``: every rank's optimum at once."""
+
+    uu: torch.Tensor
+    sigma: torch.Tensor
+    vh: torch.Tensor
+    whitening: Whitening
+
+    @classmethod
+    def of(cls, target: torch.Tensor, whitening: Whitening) -> "WhitenedSVD":
+        s = whitening.lower
+        ws = target.to(s.dtype) @ s
+        # the SVD itself runs in fp32 (2× faster; its rounding is far below the truncation error);
+        # on CUDA through cuSOLVER's QR-based gesvd: the default may pick the Jacobi solver, whose
+        # tolerance left a 10× higher error floor on near-exact fits than LAPACK's
+        driver = "gesvd" if ws.is_cuda else None
+        uu, sigma, vh = (t.to(s.dtype) for t in torch.linalg.svd(ws.float(), full_matrices=False, driver=driver))
+        return cls(uu, sigma, vh, whitening)
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``u = U_r Σ_r^½``, ``v = Σ_r^½ V_rᵀ S⁻¹``."""
+        root = self.sigma[:rank].sqrt()
+        u = self.uu[:, :rank] * root
+        # v S = Σ^½ V_rᵀ  ⇔  Sᵀ vᵀ = V_r Σ^½ (Sᵀ upper triangular)
+        v = torch.linalg.solve_triangular(self.whitening.lower.T, self.vh[:rank].T * root, upper=True).T
+        return u, v
+
+
 def truncated_factors(weight: torch.Tensor, rank: int, whitening: Whitening) -> Factors:
     """``W S = U Σ Vᵀ``; ``u = U_r Σ_r^½``, ``v = Σ_r^½ V_rᵀ S⁻¹`` (in whitening's dtype)."""
     s = whitening.lower
-    # the SVD itself runs in fp32 (2× faster; its rounding is far below the truncation error);
-    # on CUDA through cuSOLVER's QR-based gesvd: the default may pick the Jacobi solver, whose
-    # tolerance left a 10× higher error floor on near-exact fits than LAPACK's
     w = weight.to(s.dtype)
-    ws = w @ s
-    driver = "gesvd" if ws.is_cuda else None
-    uu, sigma, vh = (t.to(s.dtype) for t in torch.linalg.svd(ws.float(), full_matrices=False, driver=driver))
-    root = sigma[:rank].sqrt()
-    u = uu[:, :rank] * root
-    # v S = Σ^½ V_rᵀ  ⇔  Sᵀ vᵀ = V_r Σ^½ (Sᵀ upper triangular)
-    v = torch.linalg.solve_triangular(s.T, vh[:rank].T * root, upper=True).T
+    u, v = WhitenedSVD.of(w, whitening).factors(rank)
     # ‖X Dᵀ‖² = tr(D G Dᵀ) = ‖D S‖² − ridge·‖D‖²: the discarded σ² would also count the ridge,
     # which dominates when G is rank deficient (fewer calibration tokens than inputs)
     d = w - u @ v
     lost = (d @ s).square().sum() - whitening.ridge * d.square().sum()
-    total = ws.square().sum() - whitening.ridge * w.square().sum()
+    total = (w @ s).square().sum() - whitening.ridge * w.square().sum()
     error = (lost.clamp_min(0) / total.clamp_min(torch.finfo(total.dtype).tiny)).sqrt().item()
     return Factors(u=u, v=v, error=error)
+
+
+def regression_target(weight: torch.Tensor, cross: torch.Tensor, whitening: Whitening) -> torch.Tensor:
+    """``M = W (G_OE + ρI)(G_EE + ρI)⁻¹``: the dense weight that best maps the emulator's inputs
+    to the original's outputs, ``min ‖X_E Mᵀ − X_O Wᵀ‖² + ρ‖M − W‖²``.
+
+    ``cross`` is ``G_OE = X_Oᵀ X_E``; ``whitening`` factors ``G_EE + ρI`` (its ``ridge`` is ρ), so
+    the ridge pulls ``M`` toward ``W`` rather than toward zero.  With ``X_E = X_O``, ``M = W``.
+    """
+    s = whitening.lower
+    w = weight.to(s.dtype)
+    g_oe = cross.to(s.dtype) + whitening.ridge * torch.eye(cross.shape[0], dtype=s.dtype, device=s.device)
+    # Mᵀ = (G_EE + ρI)⁻¹ (G_OE + ρI)ᵀ Wᵀ
+    return torch.cholesky_solve(g_oe.T @ w.T, s).T
+
+
+def output_error(weight: torch.Tensor, emulated: torch.Tensor, g_oo: torch.Tensor, g_oe: torch.Tensor,
+                 g_ee: torch.Tensor) -> float:
+    """``‖X_E W_Eᵀ − X_O Wᵀ‖_F / ‖X_O Wᵀ‖_F`` from the Gram matrices alone (fp64)."""
+    w, e = weight.double(), emulated.double()
+    g_oo, g_oe, g_ee = g_oo.double(), g_oe.double(), g_ee.double()
+    total = torch.einsum("ij,ij->", w @ g_oo, w)
+    lost = torch.einsum("ij,ij->", e @ g_ee, e) - 2 * torch.einsum("ij,ij->", w @ g_oe, e) + total
+    return (lost.clamp_min(0) / total.clamp_min(torch.finfo(total.dtype).tiny)).sqrt().item()
 
 
 def calibration_error(weight: torch.Tensor, emulated: torch.Tensor, gram: torch.Tensor) -> float:
@@ -89,3 +138,30 @@ def calibration_error(weight: torch.Tensor, emulated: torch.Tensor, gram: torch.
     g, w = gram.double(), weight.double()
     d = w - emulated.double()
     return (torch.trace(d @ g @ d.T) / torch.trace(w @ g @ w.T)).clamp_min(0).sqrt().item()
+def allocate_ranks(spectra: dict[str, torch.Tensor], costs: dict[str, int], budget: int,
+                   caps: dict[str, int]) -> dict[str, int]:
+    """Ranks that spend ``budget`` parameters where they remove the most relative output error.
+
+    ``spectra[m]`` are module ``m``'s whitened singular values (descending), ``costs[m]`` the
+    parameters one rank costs (``in + out``), ``caps[m]`` its largest useful rank.  Greedy on
+    ``σ²_{k+1} / Σσ² / cost``: each module's gains fall with ``k``, so taking increments in
+    order of gain per parameter keeps every module's choice a prefix of its spectrum.  Every
+    module keeps at least rank 1.
+    """
+    ranks = {m: 1 for m in spectra}
+    left = budget - sum(costs.values())
+    gains = []
+    for m, sigma in spectra.items():
+        energy = sigma.double().square()
+        share = energy / energy.sum().clamp_min(torch.finfo(torch.float64).tiny)
+        gains += [(g / costs[m], m) for g in share[1 : caps[m]].tolist()]
+    closed: set[str] = set()
+    for _, m in sorted(gains, key=lambda t: -t[0]):
+        if m in closed:
+            continue
+        if costs[m] > left:
+            closed.add(m)  # its later increments cost the same and gain less
+            continue
+        ranks[m] += 1
+        left -= costs[m]
+    return ranks

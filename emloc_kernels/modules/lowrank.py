@@ -1,6 +1,8 @@
 """The emulator's replacement for ``nn.Linear``: ``y = (x vᵀ) uᵀ + b``."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -82,7 +84,7 @@ class LowRankLinear(nn.Linear):
                 p.data = ops.aligned_rows(p.data)
         return self
 
-    def factors(self):
+    def factors(self) -> tuple[Any, Any]:
         """``(u, v)`` as the ops take them (packed factors in the quantised subclass)."""
         return self.u, self.v
 

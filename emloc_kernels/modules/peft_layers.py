@@ -1,82 +1,76 @@
 """PEFT LoRA layers whose forward runs the fused ops.
 
 They subclass PEFT's own ``lora.Linear`` (so saving, loading, adapter switching and
-``disable_adapter`` behave as users expect) and only replace the common case — one active
-plain adapter, no dropout — by a single fused call.  Anything else (several adapters,
-dropout, DoRA and other variants, mixed-batch ``adapter_names``) takes PEFT's unfused path.
+``disable_adapter`` behave as users expect) and take the fused call only on an allow-list:
+one active adapter, no dropout module, no ``lora_bias``, no DoRA or other variant, plain
+``nn.Linear`` adapter weights, no extra forward arguments (such as mixed-batch
+``adapter_names``), not merged, adapters enabled.  Everything else runs PEFT's own forward.
+
+:class:`LowRankLoraLinear` is what PEFT builds around the emulator's :class:`LowRankLinear`
+(registered on import, :mod:`emloc_kernels.patch`); :class:`DenseLoraLinear` is PEFT's layer
+around a plain ``nn.Linear`` switched to the fused forward by
+:func:`emloc_kernels.apply_fused_lora` (and back by :func:`emloc_kernels.remove_fused_lora`).
 """
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
 
-from .. import ops
-from .lowrank import LowRankLinear
+from .fused import fused_lora
+
+
+def _plain_linear(m: nn.Module) -> bool:
+    return type(m) is nn.Linear and m.bias is None
 
 
 class _FusedLora(PeftLoraLinear):
     def _fusable_adapter(self, args: tuple, kwargs: dict) -> str | None:
-        """The single active plain adapter the fused op can run, else None."""
+        """The single active plain adapter the fused op can run, else None (allow-list)."""
         if args or kwargs or self.disable_adapters or self.merged:
             return None
         active = [a for a in self.active_adapters if a in self.lora_A]
         if len(active) != 1:
             return None
         name = active[0]
-        if name in getattr(self, "lora_variant", {}) or getattr(self, "use_dora", {}).get(name, False):
-            return None
-        if not isinstance(self.lora_dropout[name], nn.Identity):
-            return None
-        return name
+        plain = (
+            name not in self.lora_variant
+            and not self.use_dora.get(name, False)
+            and not self.lora_bias.get(name, False)
+            and type(self.lora_dropout[name]) is nn.Identity
+            and _plain_linear(self.lora_A[name])
+            and _plain_linear(self.lora_B[name])
+        )
+        return name if plain else None
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         name = self._fusable_adapter(args, kwargs)
         if name is None:
-            return super().forward(x, *args, **kwargs)
-        return self._fused(x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+            return PeftLoraLinear.forward(self, x, *args, **kwargs)
+        lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+        return fused_lora(self.get_base_layer(), x, lora_a, lora_b, self.scaling[name])
 
 
 class LowRankLoraLinear(_FusedLora):
     """LoRA around a :class:`LowRankLinear`: ``x vᵀ uᵀ + s·x Aᵀ Bᵀ + b`` in two fused passes."""
 
-    def _fused(self, x, lora_a, lora_b, scaling):
-        base = self.get_base_layer()
-        u, v = base.factors()
-        return ops.lowrank_lora(x, u, v, lora_a, lora_b, scaling, base.bias)
+    def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        super().__init__(base_layer, adapter_name, **kwargs)
+        # the emulator stores out×in even where the original was a Conv1D (GPT-2): the config
+        # may say fan_in_fan_out for the original, this layer never transposes
+        self.fan_in_fan_out = False
 
-    def merge(self, *args, **kwargs) -> None:
+    def merge(self, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError(
             "a LoRA cannot be merged into a low-rank emulator layer; correct the adapter for the original model "
             "(emloc_kernels.correct_adapter) and merge it there (emloc_kernels.merge_adapter)"
         )
 
-    def unmerge(self) -> None:
-        if self.merged:  # never reached: merge always raises
-            raise RuntimeError("unreachable: emulator layers are never merged")
-
 
 class DenseLoraLinear(_FusedLora):
-    """LoRA around a plain ``nn.Linear``: ``x Wᵀ + s·x Aᵀ Bᵀ + b`` in one fused GEMM."""
+    """PEFT's LoRA around a plain ``nn.Linear`` with the fused forward ``x Wᵀ + s·x Aᵀ Bᵀ + b``.
 
-    def _fused(self, x, lora_a, lora_b, scaling):
-        base = self.get_base_layer()
-        return ops.dense_lora(x, base.weight, lora_a, lora_b, scaling, base.bias)
-
-
-def dispatch_emloc(target: nn.Module, adapter_name: str, config, **kwargs) -> nn.Module | None:
-    """PEFT dispatcher: our layers for LowRankLinear (always) and plain nn.Linear bases."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-    if kwargs.get("parameter_name") is not None:
-        return None
-    if any(isinstance(base, t) for t in (getattr(config, "_custom_modules", None) or {})):
-        return None  # the user's own mapping wins
-    if isinstance(base, LowRankLinear):
-        if config.fan_in_fan_out:
-            config.fan_in_fan_out = False  # the emulator stores out×in even where the original was a Conv1D
-        return LowRankLoraLinear(target, adapter_name, config=config, **kwargs)
-    if type(base) is nn.Linear and not config.fan_in_fan_out:
-        return DenseLoraLinear(target, adapter_name, config=config, **kwargs)
-    return None
+    Only :func:`emloc_kernels.apply_fused_lora` creates it, by switching the class of PEFT's
+    own layers (no state is added, so :func:`emloc_kernels.remove_fused_lora` switches back)."""

@@ -1,5 +1,6 @@
 """Fused low-rank / LoRA ops (one dispatch point: :func:`emloc_kernels.ops.gemm.use_triton`)."""
 from .gemm import aligned_rows
-from .lowrank_lora import dense_lora, dense_lora_reference, lowrank_lora, lowrank_lora_reference
+from .lowrank_lora import dense_lora, lowrank_lora
+from .reference import dense_lora_reference, lowrank_lora_reference
 
 __all__ = ["lowrank_lora", "dense_lora", "lowrank_lora_reference", "dense_lora_reference", "aligned_rows"]

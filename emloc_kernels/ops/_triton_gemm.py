@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemm import QUANT_MODES, PackedOperand, Right, gemm_2k_reference, gemm_2n_reference
+from .quant import QUANT_MODES, PackedOperand, Right, cdiv
+from .reference import gemm_2k_reference, gemm_2n_reference
 
 
 @triton.jit
@@ -259,10 +260,6 @@ def _num_sms(device_index: int) -> int:
 
 # Host-side integer helpers in plain Python: ``triton.cdiv`` / ``triton.next_power_of_2`` are
 # constexpr functions whose host calls cost microseconds each, and every launch made dozens.
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _pow2_clamp(n: int, hi: int) -> int:
     return max(16, min(hi, 1 << max(n - 1, 0).bit_length()))
 
@@ -282,7 +279,7 @@ def config(m: int, n: int, k: int, f32: bool, sms: int, interpret: bool) -> Conf
     if interpret:
         bm, bn, bk, group, warps, stages = 32, 32, 32, 4, 1, 1
     elif m <= 16:
-        bm, bn, bk, group, warps, stages = 16, 64 if _cdiv(n, 64) >= sms else 32, 128, 1, 4, 4
+        bm, bn, bk, group, warps, stages = 16, 64 if cdiv(n, 64) >= sms else 32, 128, 1, 4, 4
     elif m >= 1024:
         bm, bn, bk, group, warps, stages = 128, 128, 64, 8, 8, 3
     else:
@@ -290,10 +287,10 @@ def config(m: int, n: int, k: int, f32: bool, sms: int, interpret: bool) -> Conf
     if f32 and not interpret:
         bk //= 2
     bm, bn, bk = _pow2_clamp(m, bm), _pow2_clamp(n, bn), _pow2_clamp(k, bk)
-    tiles = _cdiv(m, bm) * _cdiv(n, bn)
+    tiles = cdiv(m, bm) * cdiv(n, bn)
     split = 1
     if 2 * tiles < sms:
-        split = max(1, min(_cdiv(2 * sms, tiles), k // (2 * bk), 32))
+        split = max(1, min(cdiv(2 * sms, tiles), k // (2 * bk), 32))
     return Config(bm, bn, bk, group, warps, stages, split)
 
 
@@ -315,7 +312,7 @@ def _f32_dot(a: torch.dtype, b: torch.dtype, interpret: bool) -> bool:
 
 
 def _pad16(n: int) -> int:
-    return -(-n // 16) * 16
+    return cdiv(n, 16) * 16
 
 
 def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -395,14 +392,14 @@ def _plan(kind: str, m: int, n1: int, n2: int, k1: int, k2: int, dt_a: torch.dty
     if kind == "2k":
         cfg = config(m, n1, k1, f32_1, sms, interpret)
         block_2 = _pow2_clamp(k2, 32 if f32_2 else 64)
-        tiles = _cdiv(m, cfg.block_m) * _cdiv(n1, cfg.block_n)
+        tiles = cdiv(m, cfg.block_m) * cdiv(n1, cfg.block_n)
     else:
         cfg = config(m, n1 + n2, k1, f32_1 or f32_2, sms, interpret)
         block_2 = _pow2_clamp(n2, cfg.block_n)
-        tiles = _cdiv(m, cfg.block_m) * (_cdiv(n1, cfg.block_n) + _cdiv(n2, block_2))
+        tiles = cdiv(m, cfg.block_m) * (cdiv(n1, cfg.block_n) + cdiv(n2, block_2))
     bk = _block_k(cfg, quant, group, k_is_col)
-    k_per = _cdiv(_cdiv(k1, cfg.split_k), bk) * bk
-    return _Plan(cfg, bk, block_2, k_per, _cdiv(k1, k_per), tiles, f32_1, f32_2)
+    k_per = cdiv(cdiv(k1, cfg.split_k), bk) * bk
+    return _Plan(cfg, bk, block_2, k_per, cdiv(k1, k_per), tiles, f32_1, f32_2)
 
 
 def _split_buffers(plan: _Plan, m: int, widths: tuple[int, ...], device: torch.device):

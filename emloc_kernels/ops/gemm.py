@@ -18,29 +18,11 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import NamedTuple, Union
 
 import torch
 
-from .quant import PackedFactor, dequantize_reference
-
-
-QUANT_MODES = {"int8": 1, "int4": 2}  # kernel constexpr for a packed right operand (0: float)
-
-
-class PackedOperand(NamedTuple):
-    """A packed factor ``F`` (N_f×K_f) used as the K×N right operand ``Fᵀ`` (``trans``) or ``F``."""
-
-    factor: PackedFactor
-    trans: bool
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        n_f, k_f = self.factor.shape
-        return (k_f, n_f) if self.trans else (n_f, k_f)
-
-
-Right = Union[torch.Tensor, PackedOperand]
+from .quant import Right, cdiv
+from .reference import gemm_2k_reference, gemm_2n_reference
 
 
 @functools.lru_cache(maxsize=None)
@@ -69,40 +51,10 @@ def aligned_rows(t: torch.Tensor, multiple: int = 16) -> torch.Tensor:
     """
     if t.ndim != 2:
         raise ValueError(f"aligned_rows: t must be 2-D, got shape {tuple(t.shape)}")
-    cols = -(-t.shape[1] // multiple) * multiple
+    cols = cdiv(t.shape[1], multiple) * multiple
     out = t.new_zeros(t.shape[0], cols)[:, : t.shape[1]]
     out.copy_(t)
     return out
-
-
-def dense(b: Right) -> torch.Tensor:
-    """The right operand as a plain K×N tensor (dequantised when packed)."""
-    if isinstance(b, PackedOperand):
-        w = dequantize_reference(b.factor)
-        return w.t() if b.trans else w
-    return b
-
-
-def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` in their common dtype; mixed dtypes are promoted (a bf16 · b fp32 → fp32)."""
-    dt = torch.promote_types(a.dtype, b.dtype)
-    return a.to(dt) @ b.to(dt)
-
-
-def gemm_2k_reference(a1, b1, a2=None, b2=None, alpha1=1.0, alpha2=1.0, bias=None, out_dtype=None):
-    """``α₁·A₁B₁ + α₂·A₂B₂ + bias`` in plain torch, summed in fp32 and cast once."""
-    acc = alpha1 * _mm(a1, dense(b1)).float()
-    if a2 is not None:
-        acc = acc + alpha2 * _mm(a2, dense(b2)).float()
-    if bias is not None:
-        acc = acc + bias.float()
-    return acc.to(out_dtype or a1.dtype)
-
-
-def gemm_2n_reference(a, b1, b2, alpha2=1.0, out_dtypes=None):
-    """``(A·B₁, α₂·A·B₂)`` in plain torch."""
-    d1, d2 = out_dtypes or (a.dtype, a.dtype)
-    return _mm(a, dense(b1)).to(d1), (alpha2 * _mm(a, dense(b2)).float()).to(d2)
 
 
 def _check_k(name: str, a: torch.Tensor, b: Right) -> None:

@@ -21,33 +21,13 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from .gemm import QUANT_MODES, PackedOperand, gemm_2k, gemm_2n, use_triton
-from .quant import FORMATS, GROUP_SIZES, PackedFactor, dequantize_reference
+from .gemm import gemm_2k, gemm_2n, use_triton
+from .quant import QUANT_MODES, PackedFactor, PackedOperand
 
 Factor = Union[torch.Tensor, PackedFactor]
 _ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def lowrank_lora_reference(x, u, v, lora_a=None, lora_b=None, scaling=1.0, bias=None):
-    """``x vᵀ uᵀ + s·x Aᵀ Bᵀ + b`` in plain torch (A: ρ×in, B: out×ρ, PEFT shapes).
-
-    The LoRA branch runs in the adapter's dtype (as PEFT does) and is cast back to x's;
-    packed factors are dequantised first.
-    """
-    u, v = (dequantize_reference(f).to(x.dtype) if isinstance(f, PackedFactor) else f for f in (u, v))
-    y = F.linear(F.linear(x, v), u, bias)
-    if lora_a is not None:
-        y = y + scaling * F.linear(F.linear(x.to(lora_a.dtype), lora_a), lora_b).to(y.dtype)
-    return y
-
-
-def dense_lora_reference(x, weight, lora_a, lora_b, scaling=1.0, bias=None):
-    """``x Wᵀ + s·x Aᵀ Bᵀ + b`` in plain torch."""
-    y = F.linear(x, weight, bias)
-    return y + scaling * F.linear(F.linear(x.to(lora_a.dtype), lora_a), lora_b).to(y.dtype)
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -62,35 +42,8 @@ def _autocast(x: torch.Tensor, *ts):
     return tuple(cast(t) for t in (x, *ts))
 
 
-def _check_packed(op: str, name: str, p: PackedFactor) -> None:
-    """The ops/quant.py layout, so the kernels never read outside the packed tensors."""
-    if p.fmt not in FORMATS:
-        raise ValueError(f"{op}: {name}.fmt must be one of {FORMATS}, got {p.fmt!r}")
-    n, k = p.shape
-    if p.fmt == "int8":
-        want = {"qweight": (torch.int8, (n, k)), "scale": (None, (n, 1))}
-    else:
-        if p.group_size not in GROUP_SIZES:
-            raise ValueError(f"{op}: {name}.group_size must be one of {GROUP_SIZES} for int4, got {p.group_size}")
-        kp = -(-k // p.group_size) * p.group_size
-        groups = (None, (n, kp // p.group_size))
-        want = {"qweight": (torch.uint8, (n, kp // 2)), "scale": groups, "offset": groups}
-    for field, (dtype, shape) in want.items():
-        t = getattr(p, field)
-        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or (dtype is not None and t.dtype != dtype):
-            raise ValueError(f"{op}: {name}.{field} must be a {shape} {dtype or 'float'} tensor for {p.fmt} "
-                             f"(ops/quant.py layout), got {getattr(t, 'dtype', None)} {tuple(getattr(t, 'shape', ()))}")
-        if t.device != p.qweight.device:
-            raise ValueError(f"{op}: {name}.{field} is on {t.device} but {name}.qweight on {p.qweight.device}")
-    if not p.scale.is_floating_point() or (p.offset is not None and p.offset.dtype != p.scale.dtype):
-        raise ValueError(f"{op}: {name}.scale (and offset) must be floating with one dtype, got {p.scale.dtype}")
-
-
 def _check_2d(op: str, name: str, t, shape: tuple[int, int], x: torch.Tensor) -> None:
-    if isinstance(t, PackedFactor):
-        _check_packed(op, name, t)
-        got, dev = tuple(t.shape), t.device
-    elif isinstance(t, torch.Tensor):
+    if isinstance(t, (PackedFactor, torch.Tensor)):  # a PackedFactor checks its layout when it is made
         got, dev = tuple(t.shape), t.device
     else:
         raise TypeError(f"{op}: {name} must be a torch.Tensor{' or PackedFactor' if name in 'uv' else ''}, got {type(t).__name__}")

@@ -29,6 +29,7 @@ Quantisation (all implementations agree bit for bit; arithmetic in fp32):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -43,11 +44,16 @@ _GRID_TOP = {"int8": 127, "int4": 15}
 _SAME_SIZE_INT = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling of ``a / b`` for integers (host side; ``triton.cdiv`` costs microseconds a call)."""
+    return -(-a // b)
+
+
 def packed_shapes(n: int, k: int, fmt: str, group_size: int = 128) -> dict[str, tuple[int, int]]:
     """Shapes of ``qweight``, ``scale`` (and ``offset`` for int4) for an N×K factor."""
     if fmt == "int8":
         return {"qweight": (n, k), "scale": (n, 1)}
-    kp = -(-k // group_size) * group_size
+    kp = cdiv(k, group_size) * group_size
     return {"qweight": (n, kp // 2), "scale": (n, kp // group_size), "offset": (n, kp // group_size)}
 
 
@@ -55,9 +61,10 @@ def qweight_dtype(fmt: str) -> torch.dtype:
     return torch.int8 if fmt == "int8" else torch.uint8
 
 
-@dataclass
+@dataclass(frozen=True)
 class PackedFactor:
-    """A quantised N×K factor in the layout above (checked on construction)."""
+    """A quantised N×K factor in the layout above (checked on construction; immutable, so it
+    stays valid: make a new one with ``dataclasses.replace``)."""
 
     qweight: torch.Tensor
     scale: torch.Tensor
@@ -90,6 +97,25 @@ class PackedFactor:
     @property
     def device(self) -> torch.device:
         return self.qweight.device
+
+
+# kernel constexpr for a packed right operand (0: a float tensor)
+QUANT_MODES = {"int8": 1, "int4": 2}
+
+
+class PackedOperand(NamedTuple):
+    """A packed factor ``F`` (N_f×K_f) used as the K×N right operand ``Fᵀ`` (``trans``) or ``F``."""
+
+    factor: PackedFactor
+    trans: bool
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n_f, k_f = self.factor.shape
+        return (k_f, n_f) if self.trans else (n_f, k_f)
+
+
+Right = Union[torch.Tensor, PackedOperand]
 
 
 def check_format(fmt: str, group_size: int) -> None:

@@ -2,7 +2,6 @@
 non-reentrant checkpointing, and a few LoRA steps on a tiny Llama emulator."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 from torch import nn
@@ -10,6 +9,7 @@ from torch.utils.checkpoint import checkpoint
 
 from emloc_kernels import LowRankLinear, ops
 from emloc_kernels.ops import lowrank_lora_reference
+
 from kernel_utils import DEVICES, rel_err, strided, tol
 
 
@@ -23,6 +23,7 @@ def _small(device, dtype=torch.float32, lora_dtype=torch.float32, seed=0):
     return x.requires_grad_(), u, v, a, b, bias
 
 
+@pytest.mark.no_launch  # on CPU: the registration is checked with the torch reference
 @pytest.mark.parametrize("device", DEVICES)
 def test_custom_ops_pass_opcheck(device, monkeypatch):
     """Schema, fake (meta) functions and autograd registration agree with the real ops."""
@@ -36,6 +37,7 @@ def test_custom_ops_pass_opcheck(device, monkeypatch):
     torch.library.opcheck(torch.ops.emloc.dense_lora_fwd.default, (x2, w, a, b, 0.5, bias))
 
 
+@pytest.mark.no_launch  # on CPU: tracing is checked with the torch reference
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_fullgraph(device, monkeypatch):
     """fullgraph tracing through the custom ops, forward and backward; on CPU with the

@@ -2,11 +2,14 @@
 tile loop; the expected result is dequantize_reference followed by the fp64 float reference."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from emloc_kernels import ops
 from emloc_kernels.ops.quant import PackedFactor, dequantize_reference
+
 from kernel_utils import DEVICES, rel_err, tol
 
 
@@ -64,12 +67,16 @@ def test_packed_factors_match_dequantised_reference(device, case):
         assert rel_err(gv, wv) < tol(dt, device), name
 
 
+def test_packed_factor_is_frozen():
+    v = random_packed(8, 16, "int8", 0, torch.float32, torch.Generator().manual_seed(0))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        v.fmt = "int3"
+
+
 def test_packed_factor_bad_format_is_named():
-    g = torch.Generator().manual_seed(0)
-    v = random_packed(8, 16, "int8", 0, torch.float32, g)
-    v.fmt = "int3"
-    with pytest.raises(ValueError, match=r"v.fmt must be one of \('int8', 'int4'\)"):
-        ops.lowrank_lora(torch.randn(2, 16), torch.randn(4, 8), v)
+    v = random_packed(8, 16, "int8", 0, torch.float32, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"format must be one of \('int8', 'int4'\), got 'int3'"):
+        dataclasses.replace(v, fmt="int3")
 
 
 @pytest.mark.cuda
@@ -90,14 +97,14 @@ def test_packed_gpu_launch_classes(m, fmt, group):
 @pytest.mark.parametrize(
     "field, value, match",
     [
-        ("qweight", lambda p: p.qweight[:, :-1], r"v.qweight must be a \(8, 64\) torch.uint8 tensor"),
-        ("scale", lambda p: p.scale[:, :1], r"v.scale must be a \(8, 2\) float tensor"),
-        ("offset", lambda p: None, r"v.offset must be a \(8, 2\) float tensor"),
-        ("group_size", lambda p: 32, r"v.group_size must be one of \(64, 128\)"),
+        ("qweight", lambda p: p.qweight[:, :-1], r"qweight of a int4 8×100 factor .* must be torch.uint8 \(8, 64\)"),
+        ("scale", lambda p: p.scale[:, :1], r"scale of a int4 8×100 factor .* must be torch.float32 \(8, 2\)"),
+        ("offset", lambda p: None, r"offset must be a tensor for int4"),
+        ("group_size", lambda p: 32, r"group_size must be one of \(64, 128\)"),
     ],
 )
 def test_packed_layout_errors_are_named(field, value, match):
+    """A factor is checked when it is made (it is immutable), so the kernels never see a bad layout."""
     v = random_packed(8, 100, "int4", 64, torch.float32, torch.Generator().manual_seed(0))
-    setattr(v, field, value(v))
     with pytest.raises(ValueError, match=match):
-        ops.lowrank_lora(torch.randn(2, 100), torch.randn(4, 8), v)
+        dataclasses.replace(v, **{field: value(v)})

@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..conventions import padding
 
 
 def read_jsonl(path: str | os.PathLike, what: str) -> list[dict]:
@@ -43,7 +46,7 @@ class LabelTask:
     max_length: int = 256
 
     @classmethod
-    def create(cls, tokenizer, prompt: str, labels: list[str], max_length: int = 256) -> "LabelTask":
+    def create(cls, tokenizer: Any, prompt: str, labels: list[str], max_length: int = 256) -> "LabelTask":
         if "{text}" not in prompt:
             raise ValueError(f"prompt must contain the placeholder {{text}}, got {prompt!r}")
         labels = sorted(set(labels))
@@ -56,16 +59,9 @@ class LabelTask:
 
     def encode(self, rows: list[dict], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """Left-padded prompts, so every example's next token is at the last position."""
-        tok = self.tokenizer
-        side, pad = tok.padding_side, tok.pad_token
-        try:
-            tok.padding_side = "left"
-            if pad is None:
-                tok.pad_token = tok.eos_token
+        with padding(self.tokenizer, "left") as tok:
             enc = tok([self.prompt.format(text=r["text"]) for r in rows], return_tensors="pt", padding=True,
                       truncation=True, max_length=self.max_length)
-        finally:
-            tok.padding_side, tok.pad_token = side, pad
         mask = enc["attention_mask"]
         batch = {
             "input_ids": enc["input_ids"],
@@ -94,7 +90,8 @@ def loss_on(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, task: LabelTask, rows: list[dict], batch_size: int = 32, device=None) -> float:
+def accuracy(model: nn.Module, task: LabelTask, rows: list[dict], batch_size: int = 32,
+             device: torch.device | str | None = None) -> float:
     """Fraction of ``rows`` whose label's first token out-scores the other labels'."""
     was_training = model.training
     model.eval()

@@ -5,7 +5,7 @@ CPU: peak RSS above the process's RSS before the model is loaded (``/proc/self/s
 peak reset through ``/proc/self/clear_refs``).  The child runs with a fixed glibc mmap
 threshold, so freed tensors go back to the OS and RSS follows live memory rather than the
 allocator's retained heap (which otherwise depends on the order of frees).  CUDA: ``torch.cuda.max_memory_allocated``.
-Run as ``python -m emloc_kernels.memory {inference,finetune} ...``; prints one JSON line.
+Run as ``python -m emloc_kernels.recipe.memory {inference,finetune} ...``; prints one JSON line.
 """
 from __future__ import annotations
 
@@ -50,25 +50,26 @@ class PeakMeter:
 
 
 def measure(kind: str, model_dir: str, batch_file: str, device: str, dtype: str, rank: int, alpha: float, lr: float) -> int:
-    from . import finetune as ft
-    from .emulator.io import METADATA_FILE, load_emulator
+    from ..conventions import EMULATOR_METADATA
+    from ..emulator.io import load_emulator
+    from .models import attach_lora, load_model, load_tokenizer
     from .task import LabelTask, loss_on, next_token_logits
 
     dev = torch.device(device)
     spec = json.loads(Path(batch_file).read_text())
     meter = PeakMeter(dev)
-    if (Path(model_dir) / METADATA_FILE).exists():  # an emulator
-        model, tokenizer = load_emulator(model_dir, device=dev), ft.load_tokenizer(spec["tokenizer"])
+    if (Path(model_dir) / EMULATOR_METADATA).exists():  # an emulator
+        model, tokenizer = load_emulator(model_dir, device=dev), load_tokenizer(spec["tokenizer"])
     else:
-        model, tokenizer = ft.load_model(model_dir, dev, getattr(torch, dtype))
+        model, tokenizer = load_model(model_dir, dev, getattr(torch, dtype))
     task = LabelTask.create(tokenizer, spec["prompt"], spec["labels"], spec["max_length"])
     batch = task.encode(spec["rows"], dev)
     if kind == "inference":
         with torch.no_grad():
             next_token_logits(model, batch)
     else:
-        peft_model = ft.attach_lora(model, rank, alpha, seed=0)
-        peft_model.train()  # gradient checkpointing acts in training mode only, as in ft.train
+        peft_model = attach_lora(model, rank, alpha, seed=0)
+        peft_model.train()  # gradient checkpointing acts in training mode only, as in finetune.train
         opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
         for _ in range(2):  # the second step runs with the optimiser state allocated
             loss_on(peft_model, batch).backward()
@@ -80,7 +81,7 @@ def measure(kind: str, model_dir: str, batch_file: str, device: str, dtype: str,
 def peak_in_fresh_process(kind: str, model_dir: str | Path, batch_file: str | Path, *, device: str, dtype: str,
                           rank: int = 8, alpha: float = 8.0, lr: float = 1e-3) -> int:
     """Run :func:`measure` in a new Python process and return its peak bytes."""
-    cmd = [sys.executable, "-m", "emloc_kernels.memory", kind, str(model_dir), str(batch_file), "--device", device,
+    cmd = [sys.executable, "-m", "emloc_kernels.recipe.memory", kind, str(model_dir), str(batch_file), "--device", device,
            "--dtype", dtype, "--rank", str(rank), "--alpha", str(alpha), "--lr", str(lr)]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)

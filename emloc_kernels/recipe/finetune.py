@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,29 +16,46 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..conventions import refuse_existing
+from ..correction import correct_adapter
+from ..emulator import build_emulator, save_emulator
+from ..files import write_dir_atomically
+from ..transfer import correct_adapter_aware, transfer_adapter
 from . import demo
-from .correction import correct_adapter
-from .emulator import build_emulator, save_emulator
 from .memory import peak_in_fresh_process
+from .models import attach_lora, load_model, load_tokenizer
 from .task import LabelTask, accuracy, loss_on, read_jsonl
 
 logger = logging.getLogger(__name__)
-CLAMP_VARIANTS = {"uncorrected": "skip", "L=1": 1.0, "L=3": 3.0, "unclamped": None}
+# how a LoRA trained on the emulator becomes one for the original: (method, parameter)
+#   none: as trained; paper: the paper's correction with clamp L (None: unclamped);
+#   aware: activation-aware correction with λ; stream: layer-streamed transfer with λ
+TRANSFERS = {
+    "uncorrected": ("none", None),
+    "L=1": ("paper", 1.0),
+    "L=3": ("paper", 3.0),
+    "unclamped": ("paper", None),
+    "aware:1": ("aware", 1.0),
+    "stream:0": ("stream", 0.0),
+    "stream:0.5": ("stream", 0.5),
+}
+PAPER_TRANSFERS = ("uncorrected", "L=1", "L=3", "unclamped")
 
 
 @dataclass
 class FinetuneSettings:
     model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
-    data: str | None = None  # None: Rotten Tomatoes (embedded)
+    data: str | None = None  # None: the embedded task's data
     eval_data: str | None = None
-    prompt: str = demo.PROMPT
+    prompt: str | None = None  # None: the task's prompt (Rotten Tomatoes' with --data)
     ratio: float = 0.4
     lora_rank: int = 8
     lora_alpha: float | None = None  # None: = lora_rank (scaling 1)
     steps: int = 120
     batch_size: int = 8
     lr: float = 1e-3
-    clamp: str = "auto"  # auto | uncorrected | unclamped | a number L
+    transfer: str = "auto"  # auto (chosen on validation) | paper (the paper's clamps) | a TRANSFERS name, L, aware:λ, stream:λ
+    clamp: str | None = None  # the former name of --transfer, still accepted
     seed: int = 0
     out: str = "runs/finetune"
     calibration_samples: int = 64
@@ -52,34 +67,24 @@ class FinetuneSettings:
     max_length: int = 256
     overwrite: bool = False
     progress: bool = True
+    # stage-1 options of build_emulator (see its docstring)
+    propagate: bool = False
+    shrinkage: float | str = 0.0
+    allocate: str = "uniform"
+    upper_bound: bool = False  # also train LoRA on the original: report lora_original and recovery
+    task: str | None = None  # an embedded task (demo.TASKS); None: Rotten Tomatoes
+
+    def __post_init__(self):
+        if self.task is not None and (self.data is not None or self.eval_data is not None):
+            raise ValueError(f"--task {self.task} and --data/--eval-data exclude each other: "
+                             "--task runs embedded data, --data your own")
+        if self.prompt is None:
+            self.prompt = demo.get_task(self.task).prompt
+        else:
+            demo.get_task(self.task)  # an unknown name fails here, before any work
 
 
-def load_tokenizer(path: str | Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
-
-
-def load_model(path: str | Path, device: torch.device, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    model.eval()
-    return model, load_tokenizer(path)
-
-
-def attach_lora(model, rank: int, alpha: float, seed: int):
-    """PEFT LoRA on every linear, lean for memory: non-reentrant gradient checkpointing."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    model.config.use_cache = False
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
-
-
-def train(model, task: LabelTask, rows: list[dict], *, steps: int, batch_size: int, lr: float, seed: int,
+def train(model: torch.nn.Module, task: LabelTask, rows: list[dict], *, steps: int, batch_size: int, lr: float, seed: int,
           device: torch.device, progress: bool = True) -> list[float]:
     """Plain AdamW loop over shuffled batches; returns the loss per step."""
     order = random.Random(seed)
@@ -102,25 +107,42 @@ def train(model, task: LabelTask, rows: list[dict], *, steps: int, batch_size: i
     return losses
 
 
-def _variants(clamp: str) -> dict[str, object]:
-    if clamp == "auto":
-        return dict(CLAMP_VARIANTS)
-    if clamp in ("uncorrected", "unclamped"):
-        return {clamp: CLAMP_VARIANTS[clamp]}
+def transfer_variants(choice: str) -> dict[str, tuple[str, float | None]]:
+    """The transfers a run evaluates: ``auto`` all of :data:`TRANSFERS`, ``paper`` the paper's
+    clamps and the uncorrected adapter, else one: a name, a clamp bound ``L``, ``aware:λ`` or
+    ``stream:λ``."""
+    if choice == "auto":
+        return dict(TRANSFERS)
+    if choice == "paper":
+        return {n: TRANSFERS[n] for n in PAPER_TRANSFERS}
+    if choice in TRANSFERS:
+        return {choice: TRANSFERS[choice]}
+    method, _, value = choice.rpartition(":")
+    allowed = f"auto, paper, {', '.join(TRANSFERS)}, a clamp bound L > 0, aware:λ or stream:λ"
     try:
-        value = float(clamp)
+        number = float(value)
     except ValueError:
-        raise ValueError(f"clamp must be auto, uncorrected, unclamped or a positive number, got {clamp!r}") from None
-    if value <= 0:
-        raise ValueError(f"clamp must be a positive number, got {clamp!r}")
-    return {f"L={value:g}": value}
+        raise ValueError(f"transfer (or clamp) must be one of {allowed}; got {choice!r}") from None
+    if method == "" and number > 0:
+        return {f"L={number:g}": ("paper", number)}
+    if method in ("aware", "stream") and 0 <= number <= 1:
+        return {f"{method}:{number:g}": (method, number)}
+    raise ValueError(f"transfer (or clamp) must be one of {allowed} (0 ≤ λ ≤ 1); got {choice!r}")
+
+
+def _variant_dir(name: str) -> str:
+    if name == "uncorrected":
+        return "adapter"
+    if name.startswith("L=") or name == "unclamped":
+        return f"corrected-{name.replace('=', '')}"
+    return name.replace(":", "-")
 
 
 def _data(s: FinetuneSettings) -> tuple[list[dict], list[dict]]:
     if s.data is None and s.eval_data is None:
-        return demo.rotten_tomatoes(seed=0)
+        return demo.get_task(s.task).load(seed=0)
     if s.data is None or s.eval_data is None:
-        raise ValueError("give both --data and --eval-data (or neither, for the embedded Rotten Tomatoes task)")
+        raise ValueError("give both --data and --eval-data (or neither, for an embedded task)")
     return read_jsonl(s.data, "--data"), read_jsonl(s.eval_data, "--eval-data")
 
 
@@ -137,8 +159,12 @@ def format_table(report: dict) -> str:
         mark = " ← delivered" if name == report["chosen"] else ""
         val = f"{v['validation']:.3f}" if v.get("validation") is not None else "–"
         rows.append((label + mark, v["test"], val))
+    if acc.get("lora_original") is not None:
+        rows.append(("original + LoRA trained on it (upper bound)", acc["lora_original"], ""))
     lines = ["| model | test accuracy | validation accuracy |", "|---|---|---|"]
     lines += [f"| {name} | {a:.3f} | {val} |" for name, a, val in rows]
+    if acc.get("recovery") is not None:
+        lines += ["", f"recovery (delivered − zero-shot) / (upper bound − zero-shot): {acc['recovery']:.2f}"]
     mem = report["memory"]
     lines += ["", "| peak memory (same batch) | bytes |", "|---|---|",
               f"| original, inference | {_mib(mem['inference'])} |",
@@ -176,34 +202,53 @@ def calibration_texts(s: FinetuneSettings, train_rows: list[dict]) -> list[str]:
     return [s.prompt.format(text=r["text"]) + " " + r["label"] for r in train_rows[: s.calibration_samples]]
 
 
+def calibration_set(s: FinetuneSettings) -> tuple[Path, list[str]]:
+    """The model path and the calibration texts a run with ``s`` builds its emulator from."""
+    model_path, _, train_rows, _, _ = prepare(s)
+    return model_path, calibration_texts(s, train_rows)
+
+
+@dataclass
+class Run:
+    """What a run works with, derived once from its settings (checked on creation)."""
+
+    settings: FinetuneSettings
+    model_path: Path
+    task: LabelTask
+    train_rows: list[dict]
+    val_rows: list[dict]
+    test_rows: list[dict]
+    device: torch.device
+    dtype: torch.dtype
+    alpha: float
+    variants: dict[str, tuple[str, float | None]]
+
+    @classmethod
+    def create(cls, s: FinetuneSettings) -> "Run":
+        if not 0 < s.ratio < 1:
+            raise ValueError(f"--ratio must be in (0, 1), got {s.ratio}")
+        variants = transfer_variants(s.clamp if s.clamp is not None else s.transfer)
+        device, dtype = device_and_dtype(s)
+        alpha = float(s.lora_alpha if s.lora_alpha is not None else s.lora_rank)
+        model_path, task, train_rows, val_rows, test_rows = prepare(s)
+        return cls(s, model_path, task, train_rows, val_rows, test_rows, device, dtype, alpha, variants)
+
+
 def run(s: FinetuneSettings) -> dict:
-    """Run the whole job; writes ``s.out`` and returns the report."""
-    out = Path(s.out)
-    if out.exists() and not s.overwrite:
-        raise FileExistsError(f"--out {out} exists; choose another directory or pass --overwrite")
-    if not 0 < s.ratio < 1:
-        raise ValueError(f"--ratio must be in (0, 1), got {s.ratio}")
-    variants = _variants(s.clamp)
-    device, dtype = device_and_dtype(s)
-    alpha = float(s.lora_alpha if s.lora_alpha is not None else s.lora_rank)
-    model_path, task, train_rows, val_rows, test_rows = prepare(s)
-    # everything is written aside and renamed at the end: a failed run leaves no half-filled --out
-    work = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    try:
-        report = _run(s, task, model_path, work, device, dtype, alpha, variants, train_rows, val_rows, test_rows)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    work.rename(out)
+    """Run the whole job; writes ``s.out`` and returns the report.
+
+    Everything is written aside and renamed at the end: a failed run leaves no half-filled
+    ``--out``, and an existing one is replaced (``--overwrite``) only by a finished run."""
+    out = refuse_existing(s.out, s.overwrite)
+    r = Run.create(s)
+    report: dict = {}
+    write_dir_atomically(out, lambda work: report.update(_run(r, work)), overwrite=s.overwrite)
     return report
 
 
-def _run(s, task, model_path, out, device, dtype, alpha, variants, train_rows, val_rows, test_rows) -> dict:
+def _run(r: Run, out: Path) -> dict:
+    s, task, model_path, device, dtype = r.settings, r.task, r.model_path, r.device, r.dtype
+    alpha, variants, train_rows, val_rows, test_rows = r.alpha, r.variants, r.train_rows, r.val_rows, r.test_rows
     timings: dict[str, float] = {}
 
     def timed(key, fn, *args, **kw):
@@ -225,7 +270,8 @@ def _run(s, task, model_path, out, device, dtype, alpha, variants, train_rows, v
     calib = calibration_texts(s, train_rows)
     original_bytes = tensor_bytes(original)
     emulator = timed("build_emulator", build_emulator, original, calib, s.ratio, tokenizer=task.tokenizer,
-                     device=device, progress=s.progress, quant=s.quant, group_size=s.group_size)
+                     device=device, progress=s.progress, quant=s.quant, group_size=s.group_size,
+                     propagate=s.propagate, shrinkage=s.shrinkage, allocate=s.allocate)
     sizes = weight_sizes(emulator, original_bytes)
     del original
     save_emulator(emulator, out / "emulator")
@@ -243,13 +289,15 @@ def _run(s, task, model_path, out, device, dtype, alpha, variants, train_rows, v
 
     original, _ = load_model(model_path, device, dtype)
     dirs = {}
-    for name, clamp in variants.items():
-        if clamp == "skip":
-            dirs[name] = out / "adapter"
-        else:
-            dirs[name] = out / f"corrected-{name.replace('=', '')}"
+    for name, (method, param) in variants.items():
+        dirs[name] = out / _variant_dir(name)
+        if method == "paper":  # reads the original one module at a time from its files
             timed(f"correct_{name}", correct_adapter, out / "adapter", out / "emulator", model_path, dirs[name],
-                  clamp=clamp, progress=False)
+                  clamp=param, progress=False)
+        elif method in ("aware", "stream"):  # forward passes of the original, one block at a time
+            fn = correct_adapter_aware if method == "aware" else transfer_adapter
+            timed(f"transfer_{name}", fn, out / "adapter", out / "emulator", original, calib, dirs[name], lam=param,
+                  tokenizer=task.tokenizer, device=device, progress=False)
     results: dict[str, dict] = {}
     peft_model = None
     for name, d in dirs.items():
@@ -272,12 +320,20 @@ def _run(s, task, model_path, out, device, dtype, alpha, variants, train_rows, v
         acc["uncorrected"] = accuracy(peft_model, task, test_rows)
     acc["corrected"] = results[chosen]["test"]
     del peft_model, original
+    if s.upper_bound:
+        acc["lora_original"] = timed("train_original", lora_on_original, s, model_path, task, train_rows, test_rows,
+                                     device, dtype, alpha)
+        acc["recovery"] = recovery(acc["corrected"], acc["zero_shot"], acc["lora_original"])
 
     mem = {
         "inference": peak_in_fresh_process("inference", model_path, spec, device=str(device), dtype=str(dtype).split(".")[-1]),
         "finetune": peak_in_fresh_process("finetune", out / "emulator", spec, device=str(device),
                                           dtype=str(dtype).split(".")[-1], rank=s.lora_rank, alpha=alpha, lr=s.lr),
     }
+    if s.upper_bound:
+        mem["finetune_original"] = peak_in_fresh_process("finetune", model_path, spec, device=str(device),
+                                                         dtype=str(dtype).split(".")[-1], rank=s.lora_rank,
+                                                         alpha=alpha, lr=s.lr)
     report = {
         **acc,
         "peak_mem_inference": mem["inference"],
@@ -299,13 +355,28 @@ def _run(s, task, model_path, out, device, dtype, alpha, variants, train_rows, v
     return report
 
 
-def tensor_bytes(model) -> int:
+def lora_on_original(s: FinetuneSettings, model_path: Path, task: LabelTask, train_rows: list[dict],
+                     test_rows: list[dict], device: torch.device, dtype: torch.dtype, alpha: float) -> float:
+    """The upper bound: the same LoRA training on the original model; its test accuracy."""
+    model, _ = load_model(model_path, device, dtype)
+    peft_model = attach_lora(model, s.lora_rank, alpha, s.seed)
+    train(peft_model, task, train_rows, steps=s.steps, batch_size=s.batch_size, lr=s.lr, seed=s.seed, device=device,
+          progress=s.progress)
+    return accuracy(peft_model, task, test_rows)
+
+
+def recovery(delivered: float, zero_shot: float, upper: float) -> float | None:
+    """Share of the gain of LoRA on the original that the delivered adapter keeps."""
+    return None if upper == zero_shot else (delivered - zero_shot) / (upper - zero_shot)
+
+
+def tensor_bytes(model: torch.nn.Module) -> int:
     """Bytes of all parameters and buffers (shared tensors once)."""
     seen = {t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}
     return sum(seen.values())
 
 
-def weight_sizes(emulator, original_bytes: int) -> dict[str, int]:
+def weight_sizes(emulator: torch.nn.Module, original_bytes: int) -> dict[str, int]:
     """Bytes of the emulated linears against the original's (as stored, and in fp16), and of
     the whole emulator against the whole original."""
 
@@ -319,4 +390,4 @@ def weight_sizes(emulator, original_bytes: int) -> dict[str, int]:
 
 
 def _key(name: str) -> str:
-    return name.replace("=", "").replace(".", "_")
+    return name.replace("=", "").replace(".", "_").replace(":", "_")

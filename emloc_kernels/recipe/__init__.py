@@ -1,0 +1,9 @@
+"""The main job, an application of the library: the whole EMLoC method on one classification
+task (``emloc finetune``).
+
+- :mod:`.finetune`  the run: emulator, LoRA training, correction variants, report
+- :mod:`.task`      label-word classification with a causal LM (encode, loss, accuracy)
+- :mod:`.models`    model/tokenizer loading and the recipe's LoRA attachment (a leaf)
+- :mod:`.memory`    peak memory of inference and fine-tuning, each in a fresh process
+- :mod:`.demo`      the embedded default material (SmolLM2-135M-Instruct, Rotten Tomatoes)
+"""
