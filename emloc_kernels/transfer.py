@@ -36,8 +36,9 @@ import contextlib
 import json
 import math
 import re
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Union
+from typing import Any
 
 import torch
 from peft import PeftModel
@@ -46,30 +47,30 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
+from .conventions import load_model, out_in_weight
 from .correction import (
+    _KEY_PREFIX,
+    _LORA_A,
+    _LORA_B,
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     PathLike,
     _check_out_dir,
     _Emulator,
     _is_path,
-    _KEY_PREFIX,
     _load_adapter,
-    _LORA_A,
-    _LORA_B,
     _lora_paths,
     _Original,
     lora_scaling,
 )
-from .conventions import load_model, out_in_weight
 from .emulator.build import Grams, InputRecorder
 from .emulator.calibration import as_batches, capture_block_inputs, find_blocks, to_device, token_mask
 from .files import write_dir_atomically
 from .modules import LowRankLinear
 
-__all__ = ["correct_lora_aware", "collect_grams", "correct_adapter_aware", "transfer_adapter", "reduced_rank_lora"]
+__all__ = ["collect_grams", "correct_adapter_aware", "correct_lora_aware", "reduced_rank_lora", "transfer_adapter"]
 
-Lam = Union[float, Mapping[str, float]]
+Lam = float | Mapping[str, float]
 AWARE_REPORT = "correction_report.json"
 TRANSFER_REPORT = "transfer_report.json"
 
@@ -393,7 +394,7 @@ def correct_adapter_aware(
     out_config = _out_config(config, orig.name or emu.metadata.get("original_model", ""), conv1d_seen)
     lora_total = math.sqrt(sum(m["lora_norm"] ** 2 for m in modules.values()))
     applied_total = math.sqrt(sum(m["applied_norm"] ** 2 for m in modules.values()))
-    report = {"original": out_config["base_model_name_or_path"], "method": "activation_aware", "lam": lam, "mu": mu,
+    report = {"original": out_config["base_model_name_or_path"], "method": "activation_aware", "lam": dict(lam) if isinstance(lam, Mapping) else lam, "mu": mu,
               "modules": modules, "unchanged": unchanged,
               "totals": {"modules": len(modules), "lora_norm": lora_total, "applied_norm": applied_total,
                          "applied_ratio": applied_total / lora_total if lora_total > 0 else None}}
@@ -483,7 +484,7 @@ def _masked_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return rows.reshape(-1, x.shape[-1])
 
 
-def _input_groups(stream: "_Stream", i: int, linears: Mapping[str, nn.Module]) -> list[list[str]]:
+def _input_groups(stream: _Stream, i: int, linears: Mapping[str, nn.Module]) -> list[list[str]]:
     """The linears of block ``i`` in execution order, grouped by the input tensor they share
     (q/k/v, o, gate/up, down for a Llama), from one forward of the first batch."""
     groups: dict[tuple, list[str]] = {}
@@ -512,7 +513,7 @@ def _input_groups(stream: "_Stream", i: int, linears: Mapping[str, nn.Module]) -
     return list(groups.values())
 
 
-def _capture(stream: "_Stream", i: int, b: int, linears: list[nn.Module], mask: torch.Tensor | None) -> torch.Tensor:
+def _capture(stream: _Stream, i: int, b: int, linears: list[nn.Module], mask: torch.Tensor | None) -> torch.Tensor:
     """The rows entering the first of ``linears`` (which share one input) that runs in block
     ``i`` on batch ``b``; the forward stops there, so only the part of the block before it runs."""
     rows: list[torch.Tensor] = []
@@ -623,7 +624,7 @@ def transfer_adapter(
     tokens = sum(int(m.sum()) if m is not None else b["input_ids"].numel() for m, b in zip(masks, batches))
     target = sum(m["target_norm"] ** 2 for m in modules.values())
     residual = sum(m["residual_norm"] ** 2 for m in modules.values())
-    report = {"original": name, "method": "layer_streamed", "lam": lam, "ridge": ridge,
+    report = {"original": name, "method": "layer_streamed", "lam": dict(lam) if isinstance(lam, Mapping) else lam, "ridge": ridge,
               "calibration": {"samples": sum(b["input_ids"].shape[0] for b in batches), "tokens": tokens},
               "modules": modules, "unchanged": [p for p in paths if p not in new],
               "totals": {"modules": len(modules), "relative_residual": residual / target if target > 0 else None}}

@@ -23,10 +23,10 @@ from emloc_kernels.transfer import (
     transfer_adapter,
 )
 
-LLAMA = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             vocab_size=101, max_position_embeddings=64)
+LLAMA = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "vocab_size": 101, "max_position_embeddings": 64}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-LORA = dict(r=4, lora_alpha=8, target_modules=TARGETS)
+LORA = {"r": 4, "lora_alpha": 8, "target_modules": TARGETS}
 
 
 def make_original() -> nn.Module:
@@ -91,7 +91,7 @@ def perfect(tmp_path_factory):
     emulator = copy.deepcopy(original)
     peft_model = make_lora(emulator)
     peft_model.save_pretrained(root / "adapter")
-    return dict(root=root, original=original, emulator=emulator, peft_model=peft_model)
+    return {"root": root, "original": original, "emulator": emulator, "peft_model": peft_model}
 
 
 # --------------------------------------------------------------------------- (a) activation-aware correction
@@ -289,3 +289,47 @@ def test_transfer_argument_errors(perfect, tmp_path):
     with pytest.raises(FileExistsError):
         transfer_adapter(perfect["root"] / "adapter", perfect["emulator"], perfect["original"], calibration(1),
                          perfect["root"] / "adapter", progress=False)
+
+
+def test_transfer_ignores_padding(tmp_path):
+    """A right-padded row gives the same transfer as the same tokens unpadded in their own batch."""
+    original = make_original()
+    emulator = make_emulator(original, rank=40)
+    make_lora(emulator).save_pretrained(tmp_path / "adapter")
+    padded = calibration()
+    first = padded[0]
+    length = int(first["attention_mask"][1].sum())
+    unpadded = [{"input_ids": first["input_ids"][:1]}, {"input_ids": first["input_ids"][1:, :length]}, *padded[1:]]
+    for name, batches in (("padded", padded), ("unpadded", unpadded)):
+        transfer_adapter(tmp_path / "adapter", emulator, original, batches, tmp_path / name, progress=False)
+    got, want = products(tmp_path / "padded"), products(tmp_path / "unpadded")
+    for path in want:
+        assert rel(got[path], want[path]) < 1e-4, path
+
+
+def test_transfer_handles_conv1d_originals(tmp_path):
+    """GPT-2 stores its linears as Conv1D (in×out): with a perfect emulator the LoRA comes back,
+    and the adapter loads on the original with fan_in_fan_out set."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    original = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, n_inner=48, vocab_size=101, n_positions=64)).eval()
+    peft_model = get_peft_model(copy.deepcopy(original), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],
+                                                                   fan_in_fan_out=True))
+    generator = torch.Generator().manual_seed(3)
+    for name, p in peft_model.named_parameters():
+        if "lora_" in name:
+            p.data = torch.randn(p.shape, generator=generator) * (0.3 if "lora_A" in name else 0.05)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    transfer_adapter(tmp_path / "adapter", copy.deepcopy(original), original, calibration(), tmp_path / "out",
+                     ridge=0.0, progress=False)
+    got, want = products(tmp_path / "out"), products(tmp_path / "adapter")
+    assert len(want) == 8
+    # c_attn and c_fc read a LayerNorm output, which has zero mean over features: no data can
+    # pin down the LoRA along the all-ones direction, so compare on the centred inputs
+    centre = torch.eye(32, dtype=torch.float64) - 1 / 32
+    for path in want:
+        proj = centre if path.endswith(("c_attn", "c_fc")) else torch.eye(got[path].shape[1], dtype=torch.float64)
+        assert rel(got[path] @ proj, want[path] @ proj) < 1e-4, path
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    PeftModel.from_pretrained(original, str(tmp_path / "out"))
