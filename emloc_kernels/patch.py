@@ -1,11 +1,11 @@
 """PEFT integration: our module types are registered automatically; the fused path for plain
 ``nn.Linear`` layers is an explicit, reversible switch.
 
-* :func:`register_peft` (called on ``import emloc_kernels``) makes every ``LoraConfig`` map
-  :class:`LowRankLinear` (and its quantised form) to :class:`LowRankLoraLinear` through PEFT's
-  own extension point ``LoraConfig._register_custom_module``: PEFT has no other way to wrap
-  the emulator's layers, and nothing that is not ours changes.  A mapping the user registered
-  for these types wins.
+* :func:`register_peft` (called on ``import emloc_kernels``) has PEFT map :class:`LowRankLinear`
+  (and its quantised form) to :class:`LowRankLoraLinear` on each ``LoraConfig`` it builds
+  layers from, through PEFT's own extension point ``LoraConfig._register_custom_module``:
+  PEFT could not wrap the emulator's layers otherwise, and nothing that is not ours changes.
+  A mapping the user registered for these types wins.
 * :func:`apply_fused_lora` / :func:`remove_fused_lora` switch PEFT's LoRA layers around plain
   ``nn.Linear`` modules of one model to the fused forward and back.
 """
