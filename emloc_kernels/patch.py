@@ -44,12 +44,12 @@ def register_peft() -> None:
     def create_new_module(lora_config: LoraConfig, adapter_name: str, target: nn.Module, **kwargs: Any) -> nn.Module:
         return _PEFT_CREATE(register_custom_modules(lora_config), adapter_name, target, **kwargs)
 
-    LoraModel._create_new_module = staticmethod(create_new_module)
+    LoraModel._create_new_module = staticmethod(create_new_module)  # type: ignore[method-assign]
 
 
 def unregister_peft() -> None:
     """Undo :func:`register_peft`: PEFT's own layer creation, as before the import."""
-    LoraModel._create_new_module = staticmethod(_PEFT_CREATE)
+    LoraModel._create_new_module = staticmethod(_PEFT_CREATE)  # type: ignore[method-assign]
 
 
 def apply_fused_lora(model: nn.Module) -> int:
@@ -71,6 +71,6 @@ def remove_fused_lora(model: nn.Module) -> int:
     switched = 0
     for m in model.modules():
         if type(m) is DenseLoraLinear:
-            m.__class__ = PeftLoraLinear
+            m.__class__ = PeftLoraLinear  # type: ignore[assignment]
             switched += 1
     return switched
