@@ -86,13 +86,14 @@ def _shrinkage(text: str) -> float | str:
     return text if text == "auto" else float(text)
 
 
-def _build_options(p: argparse.ArgumentParser) -> None:
+def _build_options(p: argparse.ArgumentParser, allocate: str) -> None:
     p.add_argument("--propagate", action="store_true", help="fit each block on the emulator's own inputs to the "
                    "original's outputs, so later blocks compensate earlier ones (error-propagating build)")
     p.add_argument("--shrinkage", type=_shrinkage, default=0.0, help="relative ridge γ on the calibration Gram "
                    "matrices, or 'auto' to choose it on held-out calibration samples (default 0)")
-    p.add_argument("--allocate", default="uniform", choices=["uniform", "block"], help="uniform: every linear keeps "
-                   "its ratio; block: the same parameters per block, spent where the spectra remove most error")
+    p.add_argument("--allocate", default=allocate, choices=["uniform", "block"], help="uniform: every linear keeps "
+                   f"its ratio; block: the same parameters per block, spent where the spectra remove most error "
+                   f"(default {allocate})")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -114,7 +115,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--quant", default=None, choices=["int8", "int4"], help="quantise the emulator's factors")
     b.add_argument("--group-size", type=int, default=128, choices=[64, 128], help="int4 group size (default 128)")
     b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    _build_options(b)
+    _build_options(b, "uniform")
     b.set_defaults(func=cmd_build)
 
     f = sub.add_parser("finetune", help="the whole method on a classification task (default: SmolLM2 on Rotten Tomatoes)")
@@ -129,8 +130,9 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--steps", type=int, default=120, help="training steps (default 120)")
     f.add_argument("--batch-size", type=int, default=8, help="training batch size (default 8)")
     f.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
-    f.add_argument("--transfer", default="auto", help="how the LoRA is carried to the original: auto (every method, "
-                   "chosen on validation data), paper (the paper's clamps and uncorrected), uncorrected, unclamped, "
+    f.add_argument("--transfer", default="paper", help="how the LoRA is carried to the original, chosen on validation "
+                   "data: paper (default: uncorrected and the paper's clamps L=1, L=3, unclamped), auto (those and the "
+                   "activation-aware and layer-streamed transfers), uncorrected, unclamped, "
                    "a clamp bound L, aware:λ (activation-aware correction) or stream:λ (layer-streamed transfer)")
     f.add_argument("--clamp", default=None, help="former name of --transfer (same values)")
     f.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -145,7 +147,7 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     f.add_argument("--upper-bound", action="store_true", help="also train LoRA on the original and report its "
                    "accuracy (lora_original) and the share of its gain the delivered adapter keeps (recovery)")
-    _build_options(f)
+    _build_options(f, "block")
     f.set_defaults(func=cmd_finetune)
 
     c = sub.add_parser("correct", help="stage 3: correct an adapter trained on the emulator for the original model")

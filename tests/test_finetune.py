@@ -41,7 +41,7 @@ def run(material, out, *extra):
 
 
 def test_finetune_smoke_writes_report_and_adapters(material, tmp_path, capsys):
-    report = run(material, tmp_path / "run")
+    report = run(material, tmp_path / "run", "--transfer", "auto")
     table = capsys.readouterr().out
     assert "original, zero-shot" in table and "← delivered" in table and "peak memory" in table
     # the peaks hold at least the weights that were loaded after the baseline
@@ -79,7 +79,7 @@ def test_same_seed_same_numbers(material, tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--clamp", "sometimes"], "clamp\) must be one of"),
+    (["--clamp", "sometimes"], r"clamp\) must be one of"),
     (["--transfer", "stream:2"], "0 ≤ λ ≤ 1"),
     (["--prompt", "no placeholder"], "placeholder"),
     (["--ratio", "1.5"], "ratio"),
