@@ -24,11 +24,11 @@ test: install
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/kernels
 	$(PY) tests/mutation_smoke.py
 
-# lint and import order (ruff, configured in pyproject.toml); the formatter's check joins
-# once the tree has been formatted in one go
+# lint, import order and format (ruff, configured in pyproject.toml)
 lint:
 	$(PIP) install -q "ruff>=0.6"
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 # mypy on the files listed in pyproject.toml (about a minute on a cold cache)
 typecheck:

@@ -5,6 +5,7 @@ them into ``emloc_kernels/csrc/`` so that an installed (non-editable) package or
 carries them.  The extension itself is compiled on first use (``emloc_kernels/ext.py``), so
 installing needs no compiler or GPU.
 """
+
 from pathlib import Path
 
 from setuptools import setup

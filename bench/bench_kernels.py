@@ -4,6 +4,7 @@ Small sizes so CI can smoke it on CPU (where the ops take the torch reference pa
 ``PYTHONPATH=. python3 -m pytest bench/bench_kernels.py -q``; on a GPU the ``cuda``
 cases time the Triton kernels (bench/gpu_check.sh is the full GPU benchmark).
 """
+
 from __future__ import annotations
 
 import pytest

@@ -7,6 +7,7 @@ zero-shot accuracy.  Fast enough to compare many build options before paying for
 
     python bench/emulator_fidelity.py --setting plain --setting "propagate,shrinkage=auto" --samples 64
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,8 +77,15 @@ def main() -> None:
         for setting in args.setting:
             model, _ = load_model(model_path, torch.device("cpu"), torch.float32)
             t = time.perf_counter()
-            build_emulator(model, calib, args.ratio, tokenizer=task.tokenizer, progress=False, quant=args.quant,
-                           **parse_setting(setting))
+            build_emulator(
+                model,
+                calib,
+                args.ratio,
+                tokenizer=task.tokenizer,
+                progress=False,
+                quant=args.quant,
+                **parse_setting(setting),
+            )
             seconds = time.perf_counter() - t
             kl = loss = n = 0.0
             for (ids, ref), (_, emu) in zip(reference, logits_on(model, task, texts)):
@@ -87,12 +95,18 @@ def main() -> None:
             infos = model.emloc_metadata["modules"].values()
             held = [i["heldout_error"] for i in infos if i.get("heldout_error") is not None]
             row = {
-                "setting": setting, "samples": samples, "ratio": args.ratio, "quant": args.quant or "",
-                "tokens": model.emloc_metadata["calibration"]["tokens"], "build_s": round(seconds, 1),
+                "setting": setting,
+                "samples": samples,
+                "ratio": args.ratio,
+                "quant": args.quant or "",
+                "tokens": model.emloc_metadata["calibration"]["tokens"],
+                "build_s": round(seconds, 1),
                 "calibration_error": round(sum(i["calibration_error"] for i in infos) / len(infos), 4),
                 "heldout_error": round(sum(held) / len(held), 4) if held else "",
-                "kl_to_original": round(kl / n, 4), "emulator_loss": round(loss / n, 4),
-                "emulator_val_acc": round(accuracy(model, task, val_rows), 3), "original_val_acc": round(zero_shot, 3),
+                "kl_to_original": round(kl / n, 4),
+                "emulator_loss": round(loss / n, 4),
+                "emulator_val_acc": round(accuracy(model, task, val_rows), 3),
+                "original_val_acc": round(zero_shot, 3),
                 "params": sum(i["rank"] * (i["in_features"] + i["out_features"]) for i in infos),
             }
             print(json.dumps(row), flush=True)

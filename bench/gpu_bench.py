@@ -25,6 +25,7 @@ the unquantised emulator at decode.
 a wall-clock timer, to check the script end to end.  Results: ``$OUT`` (default ./out)
 gpu_bench.csv / gpu_bench.json; the markdown summary is printed last.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -116,7 +117,7 @@ class Bench:
         a, b = self.rand(n, n), self.rand(n, n)
         ms = self.time_ms(lambda: a @ b)
         tflops = 2 * n**3 / ms / 1e9
-        nbytes = (2**22 if self.dry else 2**30)
+        nbytes = 2**22 if self.dry else 2**30
         src = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         dst = torch.empty_like(src)
         ms = self.time_ms(lambda: dst.copy_(src))
@@ -159,14 +160,22 @@ def run_case(b: Bench, kind: str, m: int, n_in: int, n_out: int, peaks: dict) ->
     providers = {
         "a_dense_peft": (lambda x: F.linear(x, w) + lora(x), 2 * dense_el, 2 * m * dense_el),
         "b_lowrank_peft": (lambda x: F.linear(F.linear(x, v), u) + lora(x), 2 * lowrank_el, 2 * m * lowrank_el),
-        "c_fused_lowrank": (lambda x: ops.lowrank_lora(x, u, v, lora_a, lora_b, SCALING), 2 * lowrank_el, 2 * m * lowrank_el),
+        "c_fused_lowrank": (
+            lambda x: ops.lowrank_lora(x, u, v, lora_a, lora_b, SCALING),
+            2 * lowrank_el,
+            2 * m * lowrank_el,
+        ),
         "d_fused_dense": (lambda x: ops.dense_lora(x, w, lora_a, lora_b, SCALING), 2 * dense_el, 2 * m * dense_el),
     }
     if kind == "decode":
         for fmt, g in (("int8", 0), ("int4", 64), ("int4", 128)):
             pu, pv = random_packed(n_out, r, fmt, g, b.device), random_packed(r, n_in, fmt, g, b.device)
             fn = (lambda pu, pv: lambda x: ops.lowrank_lora(x, pu, pv, lora_a, lora_b, SCALING))(pu, pv)
-            providers[f"c_fused_{fmt}" + (f"_g{g}" if g else "")] = (fn, packed_bytes(pu) + packed_bytes(pv), 2 * m * lowrank_el)
+            providers[f"c_fused_{fmt}" + (f"_g{g}" if g else "")] = (
+                fn,
+                packed_bytes(pu) + packed_bytes(pv),
+                2 * m * lowrank_el,
+            )
     rows, outputs = [], {}
     lora_flops = 2 * m * lora_el
     for name, (fn, weight_bytes, main_flops) in providers.items():
@@ -225,7 +234,9 @@ def fused_passes(b: Bench, x, u, v, lora_a, lora_b, dy) -> dict:
     a, bb = lora_a.detach(), lora_b.detach()
     fwd = lambda: torch.ops.emloc.lowrank_lora_fwd(x, u, None, None, v, None, None, a, bb, SCALING, None, [0] * 4)  # noqa: E731
     t_a = fwd()[1]
-    bwd = lambda: torch.ops.emloc.lowrank_lora_bwd(dy, x, t_a, u, None, None, v, None, None, a, bb, SCALING, [0] * 4, True)  # noqa: E731
+    bwd = lambda: torch.ops.emloc.lowrank_lora_bwd(
+        dy, x, t_a, u, None, None, v, None, None, a, bb, SCALING, [0] * 4, True
+    )  # noqa: E731
     out = {}
     for key, fn in (("fwd_op", fwd), ("bwd_op", bwd)):
         try:
@@ -246,37 +257,60 @@ def _get(rows, case, provider, key):
 
 def summary(rows: list[dict], peaks: dict, tests: str) -> str:
     f = lambda v, d=2: "err" if v != v else f"{v:.{d}f}"  # noqa: E731
-    lines = [f"kernel tests: {tests}; measured peaks: bf16 matmul {peaks['matmul_tflops']:.0f} TFLOP/s, "
-             f"copy {peaks['copy_gbps']:.0f} GB/s", "",
-             "| training (fwd+bwd ms) | (a) dense | (b) low-rank | (c) fused | b/c (≥1.3) | c/a (≤0.55) | c % matmul peak (≥70) | c/b peak mem |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"kernel tests: {tests}; measured peaks: bf16 matmul {peaks['matmul_tflops']:.0f} TFLOP/s, "
+        f"copy {peaks['copy_gbps']:.0f} GB/s",
+        "",
+        "| training (fwd+bwd ms) | (a) dense | (b) low-rank | (c) fused | b/c (≥1.3) | c/a (≤0.55) | c % matmul peak (≥70) | c/b peak mem |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     cases = sorted({(r["kind"], r["M"], r["in"], r["out"]) for r in rows})
     for case in [c for c in cases if c[0] == "train"]:
         a, bb, c = (_get(rows, case, p, "fwd_bwd_ms") for p in ("a_dense_peft", "b_lowrank_peft", "c_fused_lowrank"))
         mem = _get(rows, case, "c_fused_lowrank", "peak_mib") / _get(rows, case, "b_lowrank_peft", "peak_mib")
         pct = _get(rows, case, "c_fused_lowrank", "pct_matmul_peak")
-        lines.append(f"| M={case[1]} {case[2]}→{case[3]} | {f(a)} | {f(bb)} | {f(c)} | {f(bb / c)} | {f(c / a)} | {f(pct, 0)} | {f(mem)} |")
-    lines += ["", "| fused passes (ms: eager / graph; host µs) | fwd | bwd | fwd+bwd host µs (c) |", "|---|---|---|---|"]
+        lines.append(
+            f"| M={case[1]} {case[2]}→{case[3]} | {f(a)} | {f(bb)} | {f(c)} | {f(bb / c)} | {f(c / a)} | {f(pct, 0)} | {f(mem)} |"
+        )
+    lines += [
+        "",
+        "| fused passes (ms: eager / graph; host µs) | fwd | bwd | fwd+bwd host µs (c) |",
+        "|---|---|---|---|",
+    ]
     for case in [c for c in cases if c[0] == "train"]:
-        cell = lambda p: (f"{f(_get(rows, case, 'c_fused_lowrank', p + '_ms'), 3)} / "  # noqa: E731
-                          f"{f(_get(rows, case, 'c_fused_lowrank', p + '_graph_ms'), 3)}; "
-                          f"{f(_get(rows, case, 'c_fused_lowrank', p + '_host_us'), 0)}")
-        lines.append(f"| M={case[1]} {case[2]}→{case[3]} | {cell('fwd_op')} | {cell('bwd_op')} | "
-                     f"{f(_get(rows, case, 'c_fused_lowrank', 'fwd_bwd_host_us'), 0)} |")
-    lines += ["", "| decode (fwd µs; eager, and CUDA-graph replay 'g') | (a) dense | (b) low-rank | (c) fused | (c) g | "
-              "c g/floor (≤1.3) | int8 g | int4 g64 g | int4 g128 g | c g / int4g128 g (≥1.8) |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+        cell = lambda p: (
+            f"{f(_get(rows, case, 'c_fused_lowrank', p + '_ms'), 3)} / "  # noqa: E731
+            f"{f(_get(rows, case, 'c_fused_lowrank', p + '_graph_ms'), 3)}; "
+            f"{f(_get(rows, case, 'c_fused_lowrank', p + '_host_us'), 0)}"
+        )
+        lines.append(
+            f"| M={case[1]} {case[2]}→{case[3]} | {cell('fwd_op')} | {cell('bwd_op')} | "
+            f"{f(_get(rows, case, 'c_fused_lowrank', 'fwd_bwd_host_us'), 0)} |"
+        )
+    lines += [
+        "",
+        "| decode (fwd µs; eager, and CUDA-graph replay 'g') | (a) dense | (b) low-rank | (c) fused | (c) g | "
+        "c g/floor (≤1.3) | int8 g | int4 g64 g | int4 g128 g | c g / int4g128 g (≥1.8) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for case in [c for c in cases if c[0] == "decode"]:
         t = {p: 1e3 * _get(rows, case, p, "fwd_ms") for p in ("a_dense_peft", "b_lowrank_peft", "c_fused_lowrank")}
-        g = {p: 1e3 * _get(rows, case, p, "fwd_graph_ms") for p in ("c_fused_lowrank", "c_fused_int8",
-                                                                   "c_fused_int4_g64", "c_fused_int4_g128")}
+        g = {
+            p: 1e3 * _get(rows, case, p, "fwd_graph_ms")
+            for p in ("c_fused_lowrank", "c_fused_int8", "c_fused_int4_g64", "c_fused_int4_g128")
+        }
         floor = _get(rows, case, "c_fused_lowrank", "fwd_graph_vs_weight_floor")
-        lines.append(f"| M={case[1]} {case[2]}→{case[3]} | {f(t['a_dense_peft'], 1)} | {f(t['b_lowrank_peft'], 1)} | "
-                     f"{f(t['c_fused_lowrank'], 1)} | {f(g['c_fused_lowrank'], 1)} | {f(floor)} | {f(g['c_fused_int8'], 1)} | "
-                     f"{f(g['c_fused_int4_g64'], 1)} | {f(g['c_fused_int4_g128'], 1)} | "
-                     f"{f(g['c_fused_lowrank'] / g['c_fused_int4_g128'])} |")
-    errs = [f"{r['provider']} M={r['M']} out={r['out']}: {r.get('error') or r['graph_error']}"
-            for r in rows if "error" in r or "graph_error" in r]
+        lines.append(
+            f"| M={case[1]} {case[2]}→{case[3]} | {f(t['a_dense_peft'], 1)} | {f(t['b_lowrank_peft'], 1)} | "
+            f"{f(t['c_fused_lowrank'], 1)} | {f(g['c_fused_lowrank'], 1)} | {f(floor)} | {f(g['c_fused_int8'], 1)} | "
+            f"{f(g['c_fused_int4_g64'], 1)} | {f(g['c_fused_int4_g128'], 1)} | "
+            f"{f(g['c_fused_lowrank'] / g['c_fused_int4_g128'])} |"
+        )
+    errs = [
+        f"{r['provider']} M={r['M']} out={r['out']}: {r.get('error') or r['graph_error']}"
+        for r in rows
+        if "error" in r or "graph_error" in r
+    ]
     if errs:
         lines += ["", "errors:"] + [f"- {e}" for e in errs]
     return "\n".join(lines)
@@ -287,8 +321,12 @@ def main() -> None:
     p.add_argument("--dry", action="store_true", default=os.environ.get("GPU_CHECK_DRY", "0") == "1")
     p.add_argument("--out", default=os.environ.get("OUT") or "./out")
     p.add_argument("--tests", default="not run", help="kernel test status to print above the table")
-    p.add_argument("--budget", type=float, default=float("inf"),
-                   help="seconds; cases not started by then are skipped (results so far are kept)")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=float("inf"),
+        help="seconds; cases not started by then are skipped (results so far are kept)",
+    )
     args = p.parse_args()
     t0 = time.monotonic()
     if not args.dry and not torch.cuda.is_available():
@@ -309,8 +347,12 @@ def main() -> None:
     rows, skipped = [], []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cases = [(kind, m, n_in, n_out) for n_in, n_out in layers
-             for kind, ms in (("train", train_m), ("decode", decode_m)) for m in ms]
+    cases = [
+        (kind, m, n_in, n_out)
+        for n_in, n_out in layers
+        for kind, ms in (("train", train_m), ("decode", decode_m))
+        for m in ms
+    ]
     for kind, m, n_in, n_out in cases:
         if time.monotonic() - t0 > args.budget:
             skipped.append(f"{kind} M={m} {n_in}→{n_out}")

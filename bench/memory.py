@@ -7,6 +7,7 @@ the peak of one forward pass over ``--tokens`` tokens are measured.
     PYTHONPATH=. python3 bench/memory.py --model smollm2-135m --ratio 0.4
     PYTHONPATH=. python3 bench/memory.py --model llama3-8b --device cuda --out runs/memory.csv
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,10 +23,24 @@ from emloc_kernels.modules.quantized import QuantLowRankLinear
 
 # (name, in_features, out_features) of the linears in one decoder block
 MODELS = {
-    "smollm2-135m": [("q", 576, 576), ("k", 576, 192), ("v", 576, 192), ("o", 576, 576),
-                     ("gate", 576, 1536), ("up", 576, 1536), ("down", 1536, 576)],
-    "llama3-8b": [("q", 4096, 4096), ("k", 4096, 1024), ("v", 4096, 1024), ("o", 4096, 4096),
-                  ("gate", 4096, 14336), ("up", 4096, 14336), ("down", 14336, 4096)],
+    "smollm2-135m": [
+        ("q", 576, 576),
+        ("k", 576, 192),
+        ("v", 576, 192),
+        ("o", 576, 576),
+        ("gate", 576, 1536),
+        ("up", 576, 1536),
+        ("down", 1536, 576),
+    ],
+    "llama3-8b": [
+        ("q", 4096, 4096),
+        ("k", 4096, 1024),
+        ("v", 4096, 1024),
+        ("o", 4096, 4096),
+        ("gate", 4096, 14336),
+        ("up", 4096, 14336),
+        ("down", 14336, 4096),
+    ],
 }
 VARIANTS = ("dense", "lowrank", "int8", "int4-g128", "int4-g64")
 
@@ -36,8 +51,9 @@ def build(variant: str, in_f: int, out_f: int, rank: int, dtype: torch.dtype, de
     if variant == "lowrank":
         return LowRankLinear(in_f, out_f, rank, bias=False, dtype=dtype, device=device)
     quant, _, group = variant.partition("-g")
-    return QuantLowRankLinear(in_f, out_f, rank, bias=False, quant=quant, group_size=int(group or 128),
-                              dtype=dtype, device=device)
+    return QuantLowRankLinear(
+        in_f, out_f, rank, bias=False, quant=quant, group_size=int(group or 128), dtype=dtype, device=device
+    )
 
 
 def nbytes(m: nn.Module) -> int:
@@ -52,10 +68,16 @@ def cuda_measure(variant: str, in_f: int, out_f: int, rank: int, dtype: torch.dt
     base = torch.cuda.memory_allocated()
     m = build(variant, in_f, out_f, rank, dtype, "cuda")
     if isinstance(m, QuantLowRankLinear):  # realistic codes, not zeros
-        m.load_state_dict(QuantLowRankLinear.from_lowrank(
-            LowRankLinear.from_factors(torch.randn(out_f, rank, dtype=dtype, device="cuda"),
-                                       torch.randn(rank, in_f, dtype=dtype, device="cuda")),
-            m.quant, m.group_size or 128).state_dict())
+        m.load_state_dict(
+            QuantLowRankLinear.from_lowrank(
+                LowRankLinear.from_factors(
+                    torch.randn(out_f, rank, dtype=dtype, device="cuda"),
+                    torch.randn(rank, in_f, dtype=dtype, device="cuda"),
+                ),
+                m.quant,
+                m.group_size or 128,
+            ).state_dict()
+        )
     held = torch.cuda.memory_allocated() - base
     x = torch.randn(tokens, in_f, dtype=dtype, device="cuda")
     torch.cuda.reset_peak_memory_stats()
@@ -84,7 +106,9 @@ def main(argv: list[str] | None = None) -> None:
             totals[variant] += b
             row = {"layer": name, "in": in_f, "out": out_f, "rank": rank, "variant": variant, "bytes": b}
             if args.device == "cuda":
-                row["cuda_allocated"], row["cuda_forward_peak"] = cuda_measure(variant, in_f, out_f, rank, dtype, args.tokens)
+                row["cuda_allocated"], row["cuda_forward_peak"] = cuda_measure(
+                    variant, in_f, out_f, rank, dtype, args.tokens
+                )
             rows.append(row)
     for variant, b in totals.items():
         rows.append({"layer": "block", "variant": variant, "bytes": b, "rank": "", "in": "", "out": ""})

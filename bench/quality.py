@@ -10,6 +10,7 @@ Each setting is one ``emloc finetune`` run under ``--runs`` (kept, and reused wi
 ``(delivered − zero_shot) / (lora_original − zero_shot)``.  About 6–10 minutes per setting on
 2 idle CPU cores.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,9 +21,25 @@ from pathlib import Path
 
 from emloc_kernels.recipe import finetune as ft
 
-COLUMNS = ["task", "setting", "seed", "zero_shot", "emulator", "uncorrected", "delivered", "chosen", "lora_original",
-           "recovery", "peak_mem_inference_mib", "peak_mem_finetune_mib", "peak_mem_lora_original_mib", "linear_bytes_vs_fp16", "emulator_mib",
-           "build_s", "seconds"]
+COLUMNS = [
+    "task",
+    "setting",
+    "seed",
+    "zero_shot",
+    "emulator",
+    "uncorrected",
+    "delivered",
+    "chosen",
+    "lora_original",
+    "recovery",
+    "peak_mem_inference_mib",
+    "peak_mem_finetune_mib",
+    "peak_mem_lora_original_mib",
+    "linear_bytes_vs_fp16",
+    "emulator_mib",
+    "build_s",
+    "seconds",
+]
 
 PLAIN = {}
 NEW = {"propagate": True, "shrinkage": "auto", "allocate": "block"}
@@ -44,16 +61,27 @@ PRESETS = {
 
 def row_of(task: str, name: str, seed: int, r: dict) -> dict:
     b = r["bytes"]
-    return {"task": task, "setting": name, "seed": seed, "zero_shot": r["zero_shot"], "emulator": r["emulator"],
-            "uncorrected": r["uncorrected"], "delivered": r["corrected"], "chosen": r["chosen"],
-            "lora_original": r.get("lora_original"), "recovery": r.get("recovery"),
-            "peak_mem_inference_mib": round(r["peak_mem_inference"] / 2**20),
-            "peak_mem_finetune_mib": round(r["peak_mem_finetune"] / 2**20),
-            "peak_mem_lora_original_mib": round(r["memory"]["finetune_original"] / 2**20)
-            if "finetune_original" in r["memory"] else None,
-            "linear_bytes_vs_fp16": round(b["emulator_linears"] / b["original_linears_fp16"], 4),
-            "emulator_mib": round(b["emulator_total"] / 2**20), "build_s": r["timings_s"].get("build_emulator"),
-            "seconds": round(sum(r["timings_s"].values()))}
+    return {
+        "task": task,
+        "setting": name,
+        "seed": seed,
+        "zero_shot": r["zero_shot"],
+        "emulator": r["emulator"],
+        "uncorrected": r["uncorrected"],
+        "delivered": r["corrected"],
+        "chosen": r["chosen"],
+        "lora_original": r.get("lora_original"),
+        "recovery": r.get("recovery"),
+        "peak_mem_inference_mib": round(r["peak_mem_inference"] / 2**20),
+        "peak_mem_finetune_mib": round(r["peak_mem_finetune"] / 2**20),
+        "peak_mem_lora_original_mib": round(r["memory"]["finetune_original"] / 2**20)
+        if "finetune_original" in r["memory"]
+        else None,
+        "linear_bytes_vs_fp16": round(b["emulator_linears"] / b["original_linears_fp16"], 4),
+        "emulator_mib": round(b["emulator_total"] / 2**20),
+        "build_s": r["timings_s"].get("build_emulator"),
+        "seconds": round(sum(r["timings_s"].values())),
+    }
 
 
 def main() -> None:
@@ -84,14 +112,20 @@ def main() -> None:
         for name, kw in settings.items():
             out = Path(a.runs) / task / f"seed{seed}" / name.replace(" ", "_").replace(",", "")
             done = out / "report.json"
-            r = json.loads(done.read_text()) if a.reuse and done.exists() else ft.run(
-                replace(base, seed=seed, out=str(out), upper_bound=upper is None, **kw))
+            r = (
+                json.loads(done.read_text())
+                if a.reuse and done.exists()
+                else ft.run(replace(base, seed=seed, out=str(out), upper_bound=upper is None, **kw))
+            )
             if "lora_original" in r:
                 upper = {"lora_original": r["lora_original"], "finetune_original": r["memory"]["finetune_original"]}
             elif upper is not None:
-                r = {**r, "lora_original": upper["lora_original"],
-                     "recovery": ft.recovery(r["corrected"], r["zero_shot"], upper["lora_original"]),
-                     "memory": {**r["memory"], "finetune_original": upper["finetune_original"]}}
+                r = {
+                    **r,
+                    "lora_original": upper["lora_original"],
+                    "recovery": ft.recovery(r["corrected"], r["zero_shot"], upper["lora_original"]),
+                    "memory": {**r["memory"], "finetune_original": upper["finetune_original"]},
+                }
             row = row_of(task, name, seed, r)
             print(json.dumps(row), flush=True)
             append_csv(row, csv_path)  # after every setting: a long run keeps what it has
@@ -99,7 +133,11 @@ def main() -> None:
 
 
 def append_csv(row: dict, path: Path) -> None:
-    rows = [r for r in read_csv(path) if (r["task"], r["setting"], str(r["seed"])) != (row["task"], row["setting"], str(row["seed"]))]
+    rows = [
+        r
+        for r in read_csv(path)
+        if (r["task"], r["setting"], str(r["seed"])) != (row["task"], row["setting"], str(row["seed"]))
+    ]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, COLUMNS)
         w.writeheader()
@@ -131,7 +169,9 @@ def plot(rows: list[dict], path: Path) -> None:
             x = sum(float(r["peak_mem_finetune_mib"]) for r in rs) / len(rs)
             y = sum(float(r["recovery"]) for r in rs) / len(rs)
             ax.scatter(x, y, label=f"{task}: {name} ({len(rs)} seed{'s' if len(rs) > 1 else ''})")
-    upper = [float(r["peak_mem_lora_original_mib"]) for r in rows if r.get("peak_mem_lora_original_mib") not in ("", None)]
+    upper = [
+        float(r["peak_mem_lora_original_mib"]) for r in rows if r.get("peak_mem_lora_original_mib") not in ("", None)
+    ]
     if upper:
         ax.scatter(sum(upper) / len(upper), 1.0, marker="*", s=150, color="k", label="LoRA on the original")
     inference = [float(r["peak_mem_inference_mib"]) for r in rows]

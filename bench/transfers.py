@@ -6,6 +6,7 @@ adapter, scored on the original with the run's own validation and test splits.
 Appends one row per run and method to ``bench/results/transfers.csv`` as soon as it exists, so
 a method can be compared without retraining.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,13 +58,28 @@ def main() -> None:
                     correct_adapter(run / "adapter", run / "emulator", model_path, target, clamp=param, progress=False)
                 elif method in ("aware", "stream") and not target.exists():
                     fn = correct_adapter_aware if method == "aware" else transfer_adapter
-                    fn(run / "adapter", run / "emulator", original, calib, target, lam=param, tokenizer=task.tokenizer,
-                       device=device, progress=True)
+                    fn(
+                        run / "adapter",
+                        run / "emulator",
+                        original,
+                        calib,
+                        target,
+                        lam=param,
+                        tokenizer=task.tokenizer,
+                        device=device,
+                        progress=True,
+                    )
                 seconds = time.perf_counter() - start
                 model = PeftModel.from_pretrained(original, target)
-                row = {"run": str(run), "transfer": name, "validation": accuracy(model, task, val_rows),
-                       "test": accuracy(model, task, test_rows), "zero_shot": report["zero_shot"],
-                       "lora_original": upper, "seconds": round(seconds, 1)}
+                row = {
+                    "run": str(run),
+                    "transfer": name,
+                    "validation": accuracy(model, task, val_rows),
+                    "test": accuracy(model, task, test_rows),
+                    "zero_shot": report["zero_shot"],
+                    "lora_original": upper,
+                    "seconds": round(seconds, 1),
+                }
                 row["recovery"] = None if upper is None else recovery(row["test"], report["zero_shot"], upper)
                 print(json.dumps(row), flush=True)
                 new = not a.out.exists()

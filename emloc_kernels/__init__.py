@@ -7,6 +7,7 @@ Stage 1 builds a low-rank *emulator* (:func:`build_emulator`), stage 2 trains Lo
 PEFT's LoRA layers around plain ``nn.Linear`` modules of a model to the fused kernels
 (:func:`remove_fused_lora` switches them back); importing changes nothing for them.
 """
+
 from . import ops
 from ._version import __version__
 from .correction import correct_adapter, merge_adapter
@@ -18,6 +19,17 @@ from .patch import apply_fused_lora, register_peft, remove_fused_lora
 register_peft()
 
 __all__ = [
-    "__version__", "ops", "LowRankLinear", "QuantLowRankLinear", "build_emulator", "save_emulator", "load_emulator",
-    "add_lora", "save_lora", "correct_adapter", "merge_adapter", "apply_fused_lora", "remove_fused_lora",
+    "__version__",
+    "ops",
+    "LowRankLinear",
+    "QuantLowRankLinear",
+    "build_emulator",
+    "save_emulator",
+    "load_emulator",
+    "add_lora",
+    "save_lora",
+    "correct_adapter",
+    "merge_adapter",
+    "apply_fused_lora",
+    "remove_fused_lora",
 ]

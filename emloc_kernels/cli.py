@@ -1,4 +1,5 @@
 """``emloc``: the command line of the three EMLoC stages and the main job."""
+
 from __future__ import annotations
 
 import argparse
@@ -43,15 +44,26 @@ def cmd_build(a: argparse.Namespace) -> None:
     texts = demo_texts if a.data == "demo" else _texts(a.data, a.samples)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, a.dtype))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    emulator = build_emulator(model, texts, _ratio(a.ratio), tokenizer=tokenizer, device=a.device, quant=a.quant,
-                              group_size=a.group_size, propagate=a.propagate, shrinkage=a.shrinkage,
-                              allocate=a.allocate)
+    emulator = build_emulator(
+        model,
+        texts,
+        _ratio(a.ratio),
+        tokenizer=tokenizer,
+        device=a.device,
+        quant=a.quant,
+        group_size=a.group_size,
+        propagate=a.propagate,
+        shrinkage=a.shrinkage,
+        allocate=a.allocate,
+    )
     save_emulator(emulator, out, overwrite=a.overwrite)
     modules = emulator.emloc_metadata["modules"]
     kept = sum(m["rank"] * (m["in_features"] + m["out_features"]) for m in modules.values())
     dense = sum(m["in_features"] * m["out_features"] for m in modules.values())
-    print(f"emulator of {len(modules)} linears written to {out} in {time.perf_counter() - start:.1f} s: "
-          f"{kept / 1e6:.1f}M of {dense / 1e6:.1f}M linear parameters ({kept / dense:.1%})")
+    print(
+        f"emulator of {len(modules)} linears written to {out} in {time.perf_counter() - start:.1f} s: "
+        f"{kept / 1e6:.1f}M of {dense / 1e6:.1f}M linear parameters ({kept / dense:.1%})"
+    )
 
 
 def cmd_finetune(a: argparse.Namespace) -> None:
@@ -87,28 +99,52 @@ def _shrinkage(text: str) -> float | str:
 
 
 def _build_options(p: argparse.ArgumentParser, allocate: str) -> None:
-    p.add_argument("--propagate", action="store_true", help="fit each block on the emulator's own inputs to the "
-                   "original's outputs, so later blocks compensate earlier ones (error-propagating build)")
-    p.add_argument("--shrinkage", type=_shrinkage, default=0.0, help="relative ridge γ on the calibration Gram "
-                   "matrices, or 'auto' to choose it on held-out calibration samples (default 0)")
-    p.add_argument("--allocate", default=allocate, choices=["uniform", "block"], help="uniform: every linear keeps "
-                   f"its ratio; block: the same parameters per block, spent where the spectra remove most error "
-                   f"(default {allocate})")
+    p.add_argument(
+        "--propagate",
+        action="store_true",
+        help="fit each block on the emulator's own inputs to the "
+        "original's outputs, so later blocks compensate earlier ones (error-propagating build)",
+    )
+    p.add_argument(
+        "--shrinkage",
+        type=_shrinkage,
+        default=0.0,
+        help="relative ridge γ on the calibration Gram "
+        "matrices, or 'auto' to choose it on held-out calibration samples (default 0)",
+    )
+    p.add_argument(
+        "--allocate",
+        default=allocate,
+        choices=["uniform", "block"],
+        help="uniform: every linear keeps "
+        f"its ratio; block: the same parameters per block, spent where the spectra remove most error "
+        f"(default {allocate})",
+    )
 
 
 def parser() -> argparse.ArgumentParser:
     from .recipe.demo import DEFAULT_TASK, TASKS  # stdlib only
 
-    p = argparse.ArgumentParser(prog="emloc", description="EMLoC: fine-tune a model inside the memory its inference needs.")
+    p = argparse.ArgumentParser(
+        prog="emloc", description="EMLoC: fine-tune a model inside the memory its inference needs."
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("build", help="stage 1: build a low-rank emulator of a model from calibration data")
     b.add_argument("model", help="transformers model directory, or 'demo' for the embedded SmolLM2-135M-Instruct")
-    b.add_argument("--data", required=True, help="calibration samples: .jsonl with a 'text' field, one sample per line "
-                   "of a text file, or 'demo' for Rotten Tomatoes training reviews in the finetune prompt")
+    b.add_argument(
+        "--data",
+        required=True,
+        help="calibration samples: .jsonl with a 'text' field, one sample per line "
+        "of a text file, or 'demo' for Rotten Tomatoes training reviews in the finetune prompt",
+    )
     b.add_argument("--samples", type=int, default=64, help="number of calibration samples used (default 64)")
-    b.add_argument("--ratio", default="0.4", help="fraction of each linear's parameters kept, in (0, 1); "
-                   "or regex=ratio pairs such as 'mlp=0.3,self_attn=0.5' (default 0.4)")
+    b.add_argument(
+        "--ratio",
+        default="0.4",
+        help="fraction of each linear's parameters kept, in (0, 1); "
+        "or regex=ratio pairs such as 'mlp=0.3,self_attn=0.5' (default 0.4)",
+    )
     b.add_argument("--out", required=True, help="new directory for the emulator (refused if it exists)")
     b.add_argument("--device", default=None, help="where blocks are processed, e.g. cuda (default: where the model is)")
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
@@ -118,26 +154,44 @@ def parser() -> argparse.ArgumentParser:
     _build_options(b, "uniform")
     b.set_defaults(func=cmd_build)
 
-    f = sub.add_parser("finetune", help="the whole method on a classification task (default: SmolLM2 on Rotten Tomatoes)")
+    f = sub.add_parser(
+        "finetune", help="the whole method on a classification task (default: SmolLM2 on Rotten Tomatoes)"
+    )
     f.add_argument("--model", default=None, help="causal LM directory (default: the embedded SmolLM2-135M-Instruct)")
-    f.add_argument("--task", default=None, choices=list(TASKS), help="embedded task: "
-                   + "; ".join(f"{t.name}: {t.description}" for t in TASKS.values()) + f" (default {DEFAULT_TASK})")
-    f.add_argument("--data", default=None, help='training .jsonl, lines {"text": ..., "label": ...} (instead of --task)')
+    f.add_argument(
+        "--task",
+        default=None,
+        choices=list(TASKS),
+        help="embedded task: "
+        + "; ".join(f"{t.name}: {t.description}" for t in TASKS.values())
+        + f" (default {DEFAULT_TASK})",
+    )
+    f.add_argument(
+        "--data", default=None, help='training .jsonl, lines {"text": ..., "label": ...} (instead of --task)'
+    )
     f.add_argument("--eval-data", default=None, help="held-out .jsonl in the same format (needed with --data)")
-    f.add_argument("--prompt", default=None, help="template with {text}; the label is the next word (default: the task's)")
+    f.add_argument(
+        "--prompt", default=None, help="template with {text}; the label is the next word (default: the task's)"
+    )
     f.add_argument("--ratio", type=float, default=0.4, help="emulator ratio in (0, 1) (default 0.4)")
     f.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (default 8; alpha = rank)")
     f.add_argument("--steps", type=int, default=120, help="training steps (default 120)")
     f.add_argument("--batch-size", type=int, default=8, help="training batch size (default 8)")
     f.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
-    f.add_argument("--transfer", default="paper", help="how the LoRA is carried to the original, chosen on validation "
-                   "data: paper (default: uncorrected and the paper's clamps L=1, L=3, unclamped), auto (those and the "
-                   "activation-aware and layer-streamed transfers), uncorrected, unclamped, "
-                   "a clamp bound L, aware:λ (activation-aware correction) or stream:λ (layer-streamed transfer)")
+    f.add_argument(
+        "--transfer",
+        default="paper",
+        help="how the LoRA is carried to the original, chosen on validation "
+        "data: paper (default: uncorrected and the paper's clamps L=1, L=3, unclamped), auto (those and the "
+        "activation-aware and layer-streamed transfers), uncorrected, unclamped, "
+        "a clamp bound L, aware:λ (activation-aware correction) or stream:λ (layer-streamed transfer)",
+    )
     f.add_argument("--clamp", default=None, help="former name of --transfer (same values)")
     f.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     f.add_argument("--calibration-samples", type=int, default=64, help="emulator calibration samples (default 64)")
-    f.add_argument("--validation-samples", type=int, default=200, help="training examples held out to choose the transfer")
+    f.add_argument(
+        "--validation-samples", type=int, default=200, help="training examples held out to choose the transfer"
+    )
     f.add_argument("--eval-samples", type=int, default=None, help="use only the first N evaluation examples")
     f.add_argument("--quant", default=None, choices=["int8", "int4"], help="quantise the emulator's factors")
     f.add_argument("--group-size", type=int, default=128, choices=[64, 128], help="int4 group size (default 128)")
@@ -145,8 +199,12 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--out", default="runs/finetune", help="new output directory (default runs/finetune)")
     f.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     f.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
-    f.add_argument("--upper-bound", action="store_true", help="also train LoRA on the original and report its "
-                   "accuracy (lora_original) and the share of its gain the delivered adapter keeps (recovery)")
+    f.add_argument(
+        "--upper-bound",
+        action="store_true",
+        help="also train LoRA on the original and report its "
+        "accuracy (lora_original) and the share of its gain the delivered adapter keeps (recovery)",
+    )
     _build_options(f, "block")
     f.set_defaults(func=cmd_finetune)
 

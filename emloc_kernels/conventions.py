@@ -3,6 +3,7 @@ emulator's metadata file, replacing a submodule, the out×in weight of a transfo
 ``Conv1D``, padding a tokenizer without changing it, loading a model from a directory, and
 refusing an existing output directory.
 """
+
 from __future__ import annotations
 
 import os
@@ -60,7 +61,9 @@ def load_model(directory: PathLike, **kwargs: Any) -> nn.Module:
     architectures = transformers.AutoConfig.from_pretrained(directory).architectures or []
     cls = getattr(transformers, architectures[0], None) if architectures else None
     if cls is None:
-        raise ValueError(f"config.json in {directory} names no transformers model class (architectures={architectures})")
+        raise ValueError(
+            f"config.json in {directory} names no transformers model class (architectures={architectures})"
+        )
     return cls.from_pretrained(directory, **kwargs)
 
 

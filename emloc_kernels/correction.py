@@ -16,6 +16,7 @@ makes the result independent of TF32/reduced-precision matmul flags a trainer ma
 without touching those global flags.  The result is written to a new directory through a
 temporary sibling so that a failure leaves nothing half-written.
 """
+
 from __future__ import annotations
 
 import json
@@ -215,7 +216,9 @@ class _Emulator:
             self.checkpoint = _Checkpoint(Path(emulator), "emulator")
             meta = self.checkpoint.directory / EMULATOR_METADATA
             if not meta.is_file():
-                raise FileNotFoundError(f"emulator directory {emulator} has no {EMULATOR_METADATA}; is it an EMLoC emulator?")
+                raise FileNotFoundError(
+                    f"emulator directory {emulator} has no {EMULATOR_METADATA}; is it an EMLoC emulator?"
+                )
             self.metadata = json.loads(meta.read_text())
         elif isinstance(emulator, nn.Module):
             self.model = _unwrap(emulator)
@@ -233,13 +236,14 @@ class _Emulator:
         if hasattr(self, "checkpoint"):
             return self.checkpoint.find(path + ".weight") is not None and self.checkpoint.find(path + ".u") is None
         return isinstance(_submodule(self.model, path), LINEAR_TYPES) and not isinstance(
-            _submodule(self.model, path), LowRankLinear)
+            _submodule(self.model, path), LowRankLinear
+        )
 
     def weight(self, path: str) -> torch.Tensor:
         if hasattr(self, "checkpoint"):
             prefix = path + "."
-            keys = [k for k in self.checkpoint.files if k.startswith(prefix) and "." not in k[len(prefix):]]
-            state = {k[len(prefix):]: self.checkpoint.get(k) for k in keys}
+            keys = [k for k in self.checkpoint.files if k.startswith(prefix) and "." not in k[len(prefix) :]]
+            state = {k[len(prefix) :]: self.checkpoint.get(k) for k in keys}
         else:
             module = _submodule(self.model, path)
             state = {} if module is None else module.state_dict()
@@ -270,7 +274,9 @@ class _Original:
         if hasattr(self, "checkpoint"):
             key = self.checkpoint.find(path + ".weight")
             if key is None:
-                raise ValueError(f"the adapter targets {path}, but the original ({self.source}) has no tensor {path}.weight")
+                raise ValueError(
+                    f"the adapter targets {path}, but the original ({self.source}) has no tensor {path}.weight"
+                )
             if "transposed" not in info:
                 raise ValueError(
                     f"cannot tell whether the original stores {path} as a Conv1D: the emulator's metadata has no "
@@ -320,7 +326,9 @@ def _load_adapter(adapter: PeftModel | PathLike) -> tuple[dict[str, Any], dict[s
 
 
 def _lora_paths(state: Mapping[str, torch.Tensor]) -> list[str]:
-    paths = sorted(k[len(_KEY_PREFIX) : -len(_LORA_A)] for k in state if k.startswith(_KEY_PREFIX) and k.endswith(_LORA_A))
+    paths = sorted(
+        k[len(_KEY_PREFIX) : -len(_LORA_A)] for k in state if k.startswith(_KEY_PREFIX) and k.endswith(_LORA_A)
+    )
     if not paths:
         raise ValueError("the adapter holds no lora_A/lora_B weights")
     for path in paths:
@@ -417,11 +425,20 @@ def correct_adapter(
     for key in ("lora_norm", "correction_norm", "applied_norm"):
         totals[key] = math.sqrt(sum(m[key] ** 2 for m in modules.values()))
     totals.update(_ratios(totals))
-    report = {"original": out_config["base_model_name_or_path"], "clamp": clamp, "modules": modules, "totals": totals,
-              "unchanged": unchanged}
+    report = {
+        "original": out_config["base_model_name_or_path"],
+        "clamp": clamp,
+        "modules": modules,
+        "totals": totals,
+        "unchanged": unchanged,
+    }
 
     def write(directory: Path) -> None:
-        save_file({k: v.contiguous() for k, v in out_state.items()}, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        save_file(
+            {k: v.contiguous() for k, v in out_state.items()},
+            str(directory / ADAPTER_WEIGHTS),
+            metadata={"format": "pt"},
+        )
         (directory / ADAPTER_CONFIG).write_text(json.dumps(out_config, indent=2, sort_keys=True))
         (directory / REPORT).write_text(json.dumps(report, indent=2))
 

@@ -12,6 +12,7 @@ folder named by a hash of the sources, flags, toolkit and torch version, behind 
 so parallel processes build once. ``EMLOC_DISABLE_EXT=1`` turns the extension off; when it
 cannot be built or loaded the library warns once, saying why, and uses its torch code.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -183,7 +184,11 @@ def build() -> Path:
             from torch.utils import cpp_extension
 
             build_dir.mkdir(exist_ok=True)
-            objects = [str(nvcc_compile(cu, build_dir / f"{cu.stem}.cu.o", home)) for cu in sorted(CSRC.glob("*.cu"))] if home else []
+            objects = (
+                [str(nvcc_compile(cu, build_dir / f"{cu.stem}.cu.o", home)) for cu in sorted(CSRC.glob("*.cu"))]
+                if home
+                else []
+            )
             cpp_extension.load(
                 name=NAME,
                 sources=[str(CSRC / "ext.cpp")],

@@ -1,4 +1,5 @@
 """Writing output directories without ever leaving a half-written one or losing a user's files."""
+
 from __future__ import annotations
 
 import os

@@ -3,6 +3,7 @@
 The adapters it saves are ordinary PEFT LoRA adapters (same keys and config), so they go
 through :func:`emloc_kernels.correct_adapter` and load with ``PeftModel.from_pretrained``.
 """
+
 from __future__ import annotations
 
 import math
@@ -62,8 +63,7 @@ def add_lora(
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     chosen = [
-        n for n, m in model.named_modules()
-        if isinstance(m, nn.Linear) and m is not head and _matches(n, targets)
+        n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head and _matches(n, targets)
     ]
     if not chosen:
         raise ValueError(f"targets {targets!r} match no linear layer of {type(model).__name__}")
@@ -75,7 +75,12 @@ def add_lora(
         p.requires_grad_(False)
     for name in chosen:
         replace_submodule(model, name, LoraLinear(model.get_submodule(name), r, alpha, dropout))
-    model.emloc_lora = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": sorted({n.rsplit(".", 1)[-1] for n in chosen})}
+    model.emloc_lora = {
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in chosen}),
+    }
     return model
 
 
@@ -88,17 +93,24 @@ def save_lora(
         raise ValueError("model has no LoRA from emloc_kernels.add_lora")
     tensors = {
         f"{PEFT_KEY_PREFIX}{name}.{part}.weight": getattr(m, part).weight.detach().contiguous().cpu()
-        for name, m in model.named_modules() if isinstance(m, LoraLinear) for part in ("lora_A", "lora_B")
+        for name, m in model.named_modules()
+        if isinstance(m, LoraLinear)
+        for part in ("lora_A", "lora_B")
     }
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "emloc_metadata", None) or {}, "get", lambda k, d=None: d)(
-            "original_model") or getattr(getattr(model, "config", None), "name_or_path", None)
+            "original_model"
+        ) or getattr(getattr(model, "config", None), "name_or_path", None)
     from peft import LoraConfig
 
     config = LoraConfig(
-        task_type="CAUSAL_LM", base_model_name_or_path=base_model_name_or_path, r=settings["r"],
-        lora_alpha=settings["lora_alpha"], lora_dropout=settings["lora_dropout"],
-        target_modules=settings["target_modules"], inference_mode=True,
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model_name_or_path,
+        r=settings["r"],
+        lora_alpha=settings["lora_alpha"],
+        lora_dropout=settings["lora_dropout"],
+        target_modules=settings["target_modules"],
+        inference_mode=True,
     )
 
     def writer(tmp: Path) -> None:

@@ -9,6 +9,7 @@
 * :func:`apply_fused_lora` / :func:`remove_fused_lora` switch PEFT's LoRA layers around plain
   ``nn.Linear`` modules of one model to the fused forward and back.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -30,6 +30,7 @@ and ``L = s·lora_B′·lora_A′``.  λ = 0 reproduces the LoRA's own effect fr
 inputs; λ = 1 makes original + L reproduce emulator + LoRA, emulator error included.  Only the
 Gram matrices ``X_Sᵀ X_S``, ``X_Tᵀ X_S``, ``X_Tᵀ X_T`` are kept (fp64), never a backward pass.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -111,8 +112,10 @@ def _linear_weight(module: nn.Module, path: str) -> torch.Tensor:
         return module.dense_weight(torch.float64)
     if isinstance(module, (nn.Linear, Conv1D)):
         return out_in_weight(module).detach().double()
-    raise TypeError(f"module {path} is {type(module).__name__}; expected nn.Linear, Conv1D or LowRankLinear "
-                    f"(pass the emulator without its LoRA, or as the PeftModel that holds it)")
+    raise TypeError(
+        f"module {path} is {type(module).__name__}; expected nn.Linear, Conv1D or LowRankLinear "
+        f"(pass the emulator without its LoRA, or as the PeftModel that holds it)"
+    )
 
 
 def _linear_at(model: nn.Module, path: str, role: str) -> nn.Module:
@@ -124,8 +127,10 @@ def _linear_at(model: nn.Module, path: str, role: str) -> nn.Module:
         raise ValueError(f"the adapter targets {path}, which the {role} does not have") from None
     module = module.get_base_layer() if hasattr(module, "get_base_layer") else module
     if not isinstance(module, (nn.Linear, Conv1D)):
-        raise TypeError(f"{role} module {path} is {type(module).__name__}; expected a linear layer "
-                        f"(pass the {role} without LoRA wrappers, or as the PeftModel that holds them)")
+        raise TypeError(
+            f"{role} module {path} is {type(module).__name__}; expected a linear layer "
+            f"(pass the {role} without LoRA wrappers, or as the PeftModel that holds them)"
+        )
     return module
 
 
@@ -169,6 +174,7 @@ def _home(model: nn.Module) -> torch.device:
 
 def _lora_hook(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> Callable:
     """Forward hook adding ``s·x Aᵀ Bᵀ`` to a linear's output (a LoRA without wrapping the module)."""
+
     def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
         x = args[0]
         a, b = lora_a.to(x.device, x.dtype), lora_b.to(x.device, x.dtype)
@@ -177,11 +183,20 @@ def _lora_hook(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> Ca
     return hook
 
 
-def _write_adapter(out_dir: Path, state: Mapping[str, torch.Tensor], config: Mapping[str, Any], report: Mapping[str, Any],
-                   report_name: str, overwrite: bool) -> None:
+def _write_adapter(
+    out_dir: Path,
+    state: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any],
+    report: Mapping[str, Any],
+    report_name: str,
+    overwrite: bool,
+) -> None:
     """The same files as :func:`.correction.correct_adapter` writes, atomically."""
+
     def write(directory: Path) -> None:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        save_file(
+            {k: v.contiguous() for k, v in state.items()}, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"}
+        )
         (directory / ADAPTER_CONFIG).write_text(json.dumps(dict(config), indent=2, sort_keys=True))
         (directory / report_name).write_text(json.dumps(report, indent=2))
 
@@ -220,8 +235,10 @@ def correct_lora_aware(
         raise ValueError(f"lora_a must be ρ×in and lora_b out×ρ; got {tuple(lora_a.shape)} and {tuple(lora_b.shape)}")
     rank, n_in = lora_a.shape
     if tuple(weight_delta.shape) != (lora_b.shape[0], n_in):
-        raise ValueError(f"weight_delta must be out×in = {(lora_b.shape[0], n_in)} to match the LoRA; "
-                         f"got {tuple(weight_delta.shape)}")
+        raise ValueError(
+            f"weight_delta must be out×in = {(lora_b.shape[0], n_in)} to match the LoRA; "
+            f"got {tuple(weight_delta.shape)}"
+        )
     if rank > n_in:
         raise ValueError(f"LoRA rank {rank} exceeds in_features {n_in}")
     if gram is not None and tuple(gram.shape) != (n_in, n_in):
@@ -364,8 +381,13 @@ def correct_adapter_aware(
         raise ValueError(f"the emulator was built from a {emu.architecture}, but the original is a {orig.architecture}")
     blocks_name, _ = find_blocks(orig.model)
     corrected = [p for p in paths if not emu.kept_dense(p) and p.startswith(blocks_name + ".")]
-    grams = collect_grams(model, calibration, corrected, tokenizer=tokenizer, max_length=max_length,
-                          device=device, progress=progress) if corrected else {}
+    grams = (
+        collect_grams(
+            model, calibration, corrected, tokenizer=tokenizer, max_length=max_length, device=device, progress=progress
+        )
+        if corrected
+        else {}
+    )
 
     out_state = dict(state)
     modules: dict[str, dict[str, Any]] = {}
@@ -382,8 +404,10 @@ def correct_adapter_aware(
         w, conv1d = orig.weight(path, info)
         expected = (lora_b.shape[0], lora_a.shape[1])
         if tuple(w.shape) != expected or tuple(w_e.shape) != expected:
-            raise ValueError(f"{path}: the adapter is out×in = {expected}, the emulator {tuple(w_e.shape)}, the original "
-                             f"{tuple(w.shape)}; the adapter, emulator and original must belong to the same model")
+            raise ValueError(
+                f"{path}: the adapter is out×in = {expected}, the emulator {tuple(w_e.shape)}, the original "
+                f"{tuple(w.shape)}; the adapter, emulator and original must belong to the same model"
+            )
         gram = grams[path]
         delta = w.to(gram.device, torch.float64) - w_e.to(gram.device)
         a_o, b_c, stats = correct_lora_aware(lora_a, lora_b, delta, s, gram, lam=lams[path], mu=mu)
@@ -394,10 +418,20 @@ def correct_adapter_aware(
     out_config = _out_config(config, orig.name or emu.metadata.get("original_model", ""), conv1d_seen)
     lora_total = math.sqrt(sum(m["lora_norm"] ** 2 for m in modules.values()))
     applied_total = math.sqrt(sum(m["applied_norm"] ** 2 for m in modules.values()))
-    report = {"original": out_config["base_model_name_or_path"], "method": "activation_aware", "lam": dict(lam) if isinstance(lam, Mapping) else lam, "mu": mu,
-              "modules": modules, "unchanged": unchanged,
-              "totals": {"modules": len(modules), "lora_norm": lora_total, "applied_norm": applied_total,
-                         "applied_ratio": applied_total / lora_total if lora_total > 0 else None}}
+    report = {
+        "original": out_config["base_model_name_or_path"],
+        "method": "activation_aware",
+        "lam": dict(lam) if isinstance(lam, Mapping) else lam,
+        "mu": mu,
+        "modules": modules,
+        "unchanged": unchanged,
+        "totals": {
+            "modules": len(modules),
+            "lora_norm": lora_total,
+            "applied_norm": applied_total,
+            "applied_ratio": applied_total / lora_total if lora_total > 0 else None,
+        },
+    }
     _write_adapter(out_dir, out_state, out_config, report, AWARE_REPORT, overwrite)
     return report
 
@@ -445,8 +479,9 @@ def _ridged_cholesky(gram: torch.Tensor, ridge: float) -> torch.Tensor:
     raise ValueError("the input Gram matrix is not positive definite even with a ridge (NaN or all-zero inputs?)")
 
 
-def _reduced_rank_from_root(target_cross: torch.Tensor, s_chol: torch.Tensor, rank: int,
-                            scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _reduced_rank_from_root(
+    target_cross: torch.Tensor, s_chol: torch.Tensor, rank: int, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # M S = Rᵀ X G⁻¹ S = Rᵀ X S⁻ᵀ: solve S Y = Xᵀ R, then M S = Yᵀ
     m_s = torch.linalg.solve_triangular(s_chol, target_cross.double().T, upper=False).T  # out×in
     u, sigma, v_h = torch.linalg.svd(m_s, full_matrices=False)
@@ -602,14 +637,17 @@ def transfer_adapter(
             lora_a, lora_b = state[_KEY_PREFIX + path + _LORA_A], state[_KEY_PREFIX + path + _LORA_B]
             r, s = lora_scaling(config, path)
             if lora_a.shape[0] != r:
-                raise ValueError(f"{path}: the adapter config gives rank {r}, but its lora_A has rank {lora_a.shape[0]}")
+                raise ValueError(
+                    f"{path}: the adapter config gives rank {r}, but its lora_A has rank {lora_a.shape[0]}"
+                )
             trained[path] = (lora_a, lora_b, s)
         modes = (emu_model.training, orig_model.training)
         emu_model.eval()
         orig_model.eval()
         try:
-            new, modules, conv1d_seen = _stream_blocks(emu_model, orig_model, batches, masks, work, blocks_name, inside,
-                                                       trained, lams, ridge, progress)
+            new, modules, conv1d_seen = _stream_blocks(
+                emu_model, orig_model, batches, masks, work, blocks_name, inside, trained, lams, ridge, progress
+            )
         finally:
             emu_model.train(modes[0])
             orig_model.train(modes[1])
@@ -619,15 +657,24 @@ def transfer_adapter(
         key_a, key_b = _KEY_PREFIX + path + _LORA_A, _KEY_PREFIX + path + _LORA_B
         out_state[key_a] = lora_a.to(state[key_a].dtype).cpu()
         out_state[key_b] = lora_b.to(state[key_b].dtype).cpu()
-    name = str(getattr(orig_model, "name_or_path", "") or (getattr(emu_model, "emloc_metadata", None) or {}).get("original_model", ""))
+    name = str(
+        getattr(orig_model, "name_or_path", "")
+        or (getattr(emu_model, "emloc_metadata", None) or {}).get("original_model", "")
+    )
     out_config = _out_config(config, name, conv1d_seen)
     tokens = sum(int(m.sum()) if m is not None else b["input_ids"].numel() for m, b in zip(masks, batches))
     target = sum(m["target_norm"] ** 2 for m in modules.values())
     residual = sum(m["residual_norm"] ** 2 for m in modules.values())
-    report = {"original": name, "method": "layer_streamed", "lam": dict(lam) if isinstance(lam, Mapping) else lam, "ridge": ridge,
-              "calibration": {"samples": sum(b["input_ids"].shape[0] for b in batches), "tokens": tokens},
-              "modules": modules, "unchanged": [p for p in paths if p not in new],
-              "totals": {"modules": len(modules), "relative_residual": residual / target if target > 0 else None}}
+    report = {
+        "original": name,
+        "method": "layer_streamed",
+        "lam": dict(lam) if isinstance(lam, Mapping) else lam,
+        "ridge": ridge,
+        "calibration": {"samples": sum(b["input_ids"].shape[0] for b in batches), "tokens": tokens},
+        "modules": modules,
+        "unchanged": [p for p in paths if p not in new],
+        "totals": {"modules": len(modules), "relative_residual": residual / target if target > 0 else None},
+    }
     _write_adapter(out_dir, out_state, out_config, report, TRANSFER_REPORT, overwrite)
     return report
 
@@ -695,16 +742,25 @@ def _stream_blocks(
                     cross = k_ts - lam * w_ss  # R_λᵀ X_S
                     new_a, new_b, sigma = _reduced_rank_from_root(cross, s_chol, a.shape[0], s)
                     # ‖R_λ‖² = tr(K G_TT Kᵀ) − 2λ tr(K G_TS Wᵀ) + λ² tr(W G_SS Wᵀ)
-                    target = (torch.sum((k @ g_tt) * k) - 2 * lam * torch.sum(k_ts * w)
-                              + lam ** 2 * torch.sum(w_ss * w)).clamp_min(0).item()
+                    target = (
+                        (torch.sum((k @ g_tt) * k) - 2 * lam * torch.sum(k_ts * w) + lam**2 * torch.sum(w_ss * w))
+                        .clamp_min(0)
+                        .item()
+                    )
                     residual = max(target - float((sigma[: a.shape[0]] ** 2).sum()), 0.0)
                     own = (s * s * torch.sum(((a64 @ g_tt @ a64.T) @ b64.T) * b64.T)).clamp_min(0).item()  # ‖X_T Pᵀ‖²
                     new[p] = (new_a, new_b)
                     # applied at once: the next groups of this block, and the next blocks, see it
                     handles.append(module.register_forward_hook(_lora_hook(new_a.float(), new_b.float(), s)))
-                    modules[p] = {"rank": a.shape[0], "scaling": s, "lam": lam, "target_norm": math.sqrt(target),
-                                  "lora_output_norm": math.sqrt(own), "residual_norm": math.sqrt(residual),
-                                  "relative_residual": residual / target if target > 0 else None}
+                    modules[p] = {
+                        "rank": a.shape[0],
+                        "scaling": s,
+                        "lam": lam,
+                        "target_norm": math.sqrt(target),
+                        "lora_output_norm": math.sqrt(own),
+                        "residual_norm": math.sqrt(residual),
+                        "relative_residual": residual / target if target > 0 else None,
+                    }
             # advance both streams, every new LoRA of this block in place
             for b in range(len(batches)):
                 emu.hidden[b], orig.hidden[b] = emu.run(i, b), orig.run(i, b)

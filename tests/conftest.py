@@ -1,5 +1,6 @@
 """Shared fixtures: the real SmolLM2 material (skipped cleanly when it is not installed) and
 the skip of ``cuda``-marked tests on machines without a GPU."""
+
 from __future__ import annotations
 
 import pytest
@@ -58,8 +59,17 @@ def reviews() -> list[str]:
 
 # Tiny random models of each supported architecture (hidden 64, 2 blocks, odd intermediate
 # sizes): ``(config class, model class, config kwargs)``.
-_DECODER = dict(hidden_size=64, intermediate_size=147, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=101, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+_DECODER = dict(
+    hidden_size=64,
+    intermediate_size=147,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=101,
+    max_position_embeddings=64,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 TINY = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", _DECODER),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", _DECODER),
@@ -67,11 +77,25 @@ TINY = {
     "mistral": ("MistralConfig", "MistralForCausalLM", {**_DECODER, "sliding_window": 8}),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", {**_DECODER, "num_key_value_heads": 1, "head_dim": 16}),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {**_DECODER, "intermediate_size": 139, "pad_token_id": 0}),
-    "gpt2": ("GPT2Config", "GPT2LMHeadModel",
-             dict(n_embd=64, n_layer=2, n_head=4, n_inner=150, vocab_size=101, n_positions=64, bos_token_id=1, eos_token_id=2)),
-    "bert": ("BertConfig", "BertForMaskedLM",
-             dict(hidden_size=64, intermediate_size=139, num_hidden_layers=2, num_attention_heads=4, vocab_size=101,
-                  max_position_embeddings=64)),
+    "gpt2": (
+        "GPT2Config",
+        "GPT2LMHeadModel",
+        dict(
+            n_embd=64, n_layer=2, n_head=4, n_inner=150, vocab_size=101, n_positions=64, bos_token_id=1, eos_token_id=2
+        ),
+    ),
+    "bert": (
+        "BertConfig",
+        "BertForMaskedLM",
+        dict(
+            hidden_size=64,
+            intermediate_size=139,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=101,
+            max_position_embeddings=64,
+        ),
+    ),
 }
 
 

@@ -5,6 +5,7 @@ line is changed there, and the guarding tests run against the copy.  The check f
 mutant survives (its tests pass), if the change no longer applies, or if the tests did not
 run.  ``python tests/mutation_smoke.py`` (part of ``make test``; about a minute).
 """
+
 from __future__ import annotations
 
 import os
@@ -18,16 +19,30 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # (what, file, original text, mutated text, pytest arguments, extra environment)
 MUTANTS = [
-    ("wrong scaling in the fused LoRA path", "emloc_kernels/modules/fused.py",
-     "lora_a, lora_b, scaling, base.bias)", "lora_a, lora_b, 1.5 * scaling, base.bias)",
-     ["tests/test_lora.py", "-k", "fused_layer_matches or plain_adapter_takes"], {}),
-    ("fused path ignores its allow-list (dropout, lora_bias, DoRA)", "emloc_kernels/modules/peft_layers.py",
-     "return name if plain else None", "return name",
-     ["tests/test_lora.py", "-k", "excluded_features and (lora_bias or dropout or dora)"], {}),
-    ("kernel store drops the last output column", "emloc_kernels/ops/_triton_gemm.py",
-     "mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))", "mask=(offs_m[:, None] < M) & (offs_n[None, :] < N - 1))",
-     ["tests/kernels/test_lowrank_lora.py", "-k", "matches_fp64 and cpu and float32-lora_float32-bias-contig-train"],
-     {"TRITON_INTERPRET": "1"}),
+    (
+        "wrong scaling in the fused LoRA path",
+        "emloc_kernels/modules/fused.py",
+        "lora_a, lora_b, scaling, base.bias)",
+        "lora_a, lora_b, 1.5 * scaling, base.bias)",
+        ["tests/test_lora.py", "-k", "fused_layer_matches or plain_adapter_takes"],
+        {},
+    ),
+    (
+        "fused path ignores its allow-list (dropout, lora_bias, DoRA)",
+        "emloc_kernels/modules/peft_layers.py",
+        "return name if plain else None",
+        "return name",
+        ["tests/test_lora.py", "-k", "excluded_features and (lora_bias or dropout or dora)"],
+        {},
+    ),
+    (
+        "kernel store drops the last output column",
+        "emloc_kernels/ops/_triton_gemm.py",
+        "mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))",
+        "mask=(offs_m[:, None] < M) & (offs_n[None, :] < N - 1))",
+        ["tests/kernels/test_lowrank_lora.py", "-k", "matches_fp64 and cpu and float32-lora_float32-bias-contig-train"],
+        {"TRITON_INTERPRET": "1"},
+    ),
 ]
 
 
@@ -44,8 +59,13 @@ def run_mutant(what: str, file: str, old: str, new: str, args: list[str], env: d
         target.write_text(text.replace(old, new))
         run_env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         run_env.update(PYTHONPATH=tmp, OMP_NUM_THREADS="1", **env)
-        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *args],
-                              cwd=tmp, env=run_env, capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *args],
+            cwd=tmp,
+            env=run_env,
+            capture_output=True,
+            text=True,
+        )
         last = (done.stdout.strip().splitlines() or [""])[-1]
         if done.returncode == 1 and "failed" in last:
             print(f"caught: {what} ({last})")

@@ -1,5 +1,6 @@
 """Stage 1 on tiny random models of every supported architecture (configs in conftest.TINY):
 build, forward, module paths, save/load, padding and shared Gram matrices."""
+
 from __future__ import annotations
 
 import torch
@@ -13,15 +14,33 @@ from emloc_kernels.emulator.svd import Whitening, rank_for
 
 RATIO = 0.4
 VOCAB = 101
-_LLAMA_LIKE = ("model.layers", [{"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}, {"self_attn.o_proj"},
-                                 {"mlp.gate_proj", "mlp.up_proj"}, {"mlp.down_proj"}])
+_LLAMA_LIKE = (
+    "model.layers",
+    [
+        {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"},
+        {"self_attn.o_proj"},
+        {"mlp.gate_proj", "mlp.up_proj"},
+        {"mlp.down_proj"},
+    ],
+)
 # blocks' path, and the block linears grouped by the input they read
 LAYOUT = {
-    "llama": _LLAMA_LIKE, "qwen2": _LLAMA_LIKE, "qwen3": _LLAMA_LIKE, "mistral": _LLAMA_LIKE, "gemma": _LLAMA_LIKE,
+    "llama": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
     "phi3": ("model.layers", [{"self_attn.qkv_proj"}, {"self_attn.o_proj"}, {"mlp.gate_up_proj"}, {"mlp.down_proj"}]),
     "gpt2": ("transformer.h", [{"attn.c_attn"}, {"attn.c_proj"}, {"mlp.c_fc"}, {"mlp.c_proj"}]),
-    "bert": ("bert.encoder.layer", [{"attention.self.query", "attention.self.key", "attention.self.value"},
-                                    {"attention.output.dense"}, {"intermediate.dense"}, {"output.dense"}]),
+    "bert": (
+        "bert.encoder.layer",
+        [
+            {"attention.self.query", "attention.self.key", "attention.self.value"},
+            {"attention.output.dense"},
+            {"intermediate.dense"},
+            {"output.dense"},
+        ],
+    ),
 }
 
 
@@ -52,11 +71,17 @@ def test_build_forward_paths_save_load(arch, tiny_model, tmp_path):
     emulator = build_emulator(tiny_model(arch), calibration(), RATIO, progress=False)
     paths = expected_paths(arch)
     prefix = LAYOUT[arch][0] + "."
-    assert {n for n, m in original.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and n.startswith(prefix)} == paths
+    assert {
+        n for n, m in original.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and n.startswith(prefix)
+    } == paths
     assert {n for n, m in emulator.named_modules() if isinstance(m, LowRankLinear)} == paths
     assert sorted(emulator.emloc_metadata["modules"]) == sorted(paths)
     for name in paths:
-        w, layer, info = dense(original.get_submodule(name)), emulator.get_submodule(name), emulator.emloc_metadata["modules"][name]
+        w, layer, info = (
+            dense(original.get_submodule(name)),
+            emulator.get_submodule(name),
+            emulator.emloc_metadata["modules"][name],
+        )
         n_out, n_in = w.shape
         assert (layer.out_features, layer.in_features, layer.rank) == (n_out, n_in, rank_for(n_in, n_out, RATIO))
         assert info["transposed"] == (arch == "gpt2") and info["bias"] == (layer.bias is not None)
@@ -82,7 +107,9 @@ def test_padding_not_in_gram(arch, tiny_model, monkeypatch):
     """A right-padded dict batch gives the same Gram matrices as the same sequences unpadded."""
     grams: list[torch.Tensor] = []
     real = Whitening.from_gram
-    monkeypatch.setattr(Whitening, "from_gram", classmethod(lambda cls, g, *a, **k: grams.append(g.clone()) or real(g, *a, **k)))
+    monkeypatch.setattr(
+        Whitening, "from_gram", classmethod(lambda cls, g, *a, **k: grams.append(g.clone()) or real(g, *a, **k))
+    )
     g = torch.Generator().manual_seed(2)
     lengths = (11, 6, 9)
     sequences = [torch.randint(3, VOCAB, (1, n), generator=g) for n in lengths]
@@ -120,7 +147,9 @@ def test_linears_reading_one_input_share_one_gram(arch, tiny_model, monkeypatch)
     prefix, groups = LAYOUT[arch]
     inputs: dict[str, list[torch.Tensor]] = {n: [] for n in expected_paths(arch)}
     for name, rows in inputs.items():  # fires only while blocks run for real (not during input capture)
-        model.get_submodule(name).register_forward_pre_hook(lambda m, args, rows=rows: rows.append(args[0].reshape(-1, args[0].shape[-1])))
+        model.get_submodule(name).register_forward_pre_hook(
+            lambda m, args, rows=rows: rows.append(args[0].reshape(-1, args[0].shape[-1]))
+        )
     build_emulator(model, calibration(), RATIO, progress=False)
     assert len(seen) == 2
     for i, (leaders, grams) in enumerate(seen):
@@ -134,4 +163,6 @@ def test_linears_reading_one_input_share_one_gram(arch, tiny_model, monkeypatch)
         for leader, members in found.items():
             for member in members:
                 x = torch.cat(inputs[block + member]).double()
-                torch.testing.assert_close(grams[leader].oo.double(), x.T @ x, rtol=1e-5, atol=1e-5 * x.square().sum().item())
+                torch.testing.assert_close(
+                    grams[leader].oo.double(), x.T @ x, rtol=1e-5, atol=1e-5 * x.square().sum().item()
+                )

@@ -1,4 +1,5 @@
 """Stage-1 options beyond the paper: error-propagating build, shrinkage, rank allocation."""
+
 from __future__ import annotations
 
 import copy
@@ -9,8 +10,8 @@ import torch
 from emloc_kernels.emulator import build_emulator
 from emloc_kernels.emulator.build import SHRINKAGE_GRID
 from emloc_kernels.emulator.svd import (
-    Whitening,
     WhitenedSVD,
+    Whitening,
     allocate_ranks,
     output_error,
     rank_for,
@@ -96,8 +97,11 @@ def test_rank_allocation_keeps_the_parameter_budget(tiny_model):
     allocated = build_emulator(tiny_model("llama"), calib, RATIO, allocate="block", progress=False)
 
     def params(model, block):
-        return sum(i["rank"] * (i["in_features"] + i["out_features"])
-                   for n, i in model.emloc_metadata["modules"].items() if f"layers.{block}." in n)
+        return sum(
+            i["rank"] * (i["in_features"] + i["out_features"])
+            for n, i in model.emloc_metadata["modules"].items()
+            if f"layers.{block}." in n
+        )
 
     ranks_u = {n: i["rank"] for n, i in uniform.emloc_metadata["modules"].items()}
     ranks_a = {n: i["rank"] for n, i in allocated.emloc_metadata["modules"].items()}
@@ -105,14 +109,20 @@ def test_rank_allocation_keeps_the_parameter_budget(tiny_model):
     for block in (0, 1):
         assert 0.97 * params(uniform, block) <= params(allocated, block) <= params(uniform, block)
     for n, info in allocated.emloc_metadata["modules"].items():
-        assert 1 <= info["rank"] <= info["in_features"] * info["out_features"] // (info["in_features"] + info["out_features"])
+        assert (
+            1
+            <= info["rank"]
+            <= info["in_features"] * info["out_features"] // (info["in_features"] + info["out_features"])
+        )
         assert allocated.get_submodule(n).rank == info["rank"]
 
 
 def test_allocate_ranks_prefers_the_steeper_spectrum():
     flat = torch.ones(10)
     steep = torch.tensor([10.0, 8, 6, 1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])
-    ranks = allocate_ranks({"flat": flat, "steep": steep}, {"flat": 5, "steep": 5}, budget=40, caps={"flat": 10, "steep": 10})
+    ranks = allocate_ranks(
+        {"flat": flat, "steep": steep}, {"flat": 5, "steep": 5}, budget=40, caps={"flat": 10, "steep": 10}
+    )
     assert ranks["flat"] + ranks["steep"] == 8
     assert ranks["steep"] >= 3 and ranks["flat"] >= 1
     assert sum(r * 5 for r in ranks.values()) <= 40
@@ -152,8 +162,10 @@ def test_shrinkage_helps_on_unseen_tokens_with_scarce_calibration():
     assert min(heldout(gm) for gm in SHRINKAGE_GRID) < heldout(0.0)
 
 
-@pytest.mark.parametrize("kwargs, match", [({"allocate": "global"}, "allocate"), ({"shrinkage": -1.0}, "shrinkage"),
-                                           ({"shrinkage": "yes"}, "shrinkage")])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"allocate": "global"}, "allocate"), ({"shrinkage": -1.0}, "shrinkage"), ({"shrinkage": "yes"}, "shrinkage")],
+)
 def test_bad_build_options(tiny_model, kwargs, match):
     with pytest.raises(ValueError, match=match):
         build_emulator(tiny_model("llama"), calibration(), RATIO, progress=False, **kwargs)

@@ -1,4 +1,5 @@
 """Stage 3 (LoRA correction) on tiny random Llama and GPT-2 models, checked in fp64."""
+
 from __future__ import annotations
 
 import copy
@@ -20,13 +21,25 @@ from emloc_kernels import LowRankLinear
 from emloc_kernels.correction import correct_adapter, correct_lora, lora_scaling, merge_adapter
 
 # sizes are deliberately not multiples of 8/16
-LLAMA = dict(hidden_size=40, intermediate_size=75, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             vocab_size=97, max_position_embeddings=32)
+LLAMA = dict(
+    hidden_size=40,
+    intermediate_size=75,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=97,
+    max_position_embeddings=32,
+)
 GPT2 = dict(n_embd=36, n_layer=2, n_head=4, n_inner=70, vocab_size=97, n_positions=32, bos_token_id=0, eos_token_id=0)
 LORA = {
     # rank/alpha patterns and rsLoRA change the per-module scaling
-    "llama": dict(r=6, lora_alpha=12, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                  rank_pattern={"down_proj": 4}, alpha_pattern={"v_proj": 5}),
+    "llama": dict(
+        r=6,
+        lora_alpha=12,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        rank_pattern={"down_proj": 4},
+        alpha_pattern={"v_proj": 5},
+    ),
     "gpt2": dict(r=5, lora_alpha=7, use_rslora=True, target_modules=["c_attn", "c_proj", "c_fc"]),
 }
 
@@ -39,7 +52,11 @@ def make_original(arch: str) -> nn.Module:
 
 
 def block_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and (".layers." in n or ".h." in n)]
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Linear, Conv1D)) and (".layers." in n or ".h." in n)
+    ]
 
 
 def make_emulator(original: nn.Module, keep: set[str] = frozenset()) -> nn.Module:
@@ -58,10 +75,24 @@ def make_emulator(original: nn.Module, keep: set[str] = frozenset()) -> nn.Modul
         v = (s_[:rank].sqrt()[:, None] * vh[:rank]).float().contiguous()
         bias = None if module.bias is None else module.bias.detach().clone()
         emulator.set_submodule(name, LowRankLinear.from_factors(u, v, bias))
-        modules[name] = {"in_features": w.shape[1], "out_features": w.shape[0], "rank": rank, "ratio": 0.5,
-                         "bias": bias is not None, "transposed": conv1d, "quant": None, "group_size": 0}
-    emulator.emloc_metadata = {"format_version": 1, "library_version": "test", "original_model": "tiny-original",
-                               "architecture": type(original).__name__, "calibration": {}, "modules": modules}
+        modules[name] = {
+            "in_features": w.shape[1],
+            "out_features": w.shape[0],
+            "rank": rank,
+            "ratio": 0.5,
+            "bias": bias is not None,
+            "transposed": conv1d,
+            "quant": None,
+            "group_size": 0,
+        }
+    emulator.emloc_metadata = {
+        "format_version": 1,
+        "library_version": "test",
+        "original_model": "tiny-original",
+        "architecture": type(original).__name__,
+        "calibration": {},
+        "modules": modules,
+    }
     return emulator
 
 
@@ -99,18 +130,26 @@ def setup(request, tmp_path_factory):
 def lora_tensors(directory: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     state = load_file(str(directory / "adapter_model.safetensors"))
     prefix, suffix = "base_model.model.", ".lora_A.weight"
-    return {k[len(prefix):-len(suffix)]: (state[k], state[k.replace("lora_A", "lora_B")]) for k in state if k.endswith(suffix)}
+    return {
+        k[len(prefix) : -len(suffix)]: (state[k], state[k.replace("lora_A", "lora_B")])
+        for k in state
+        if k.endswith(suffix)
+    }
 
 
 def dense_weight(model: nn.Module, path: str) -> torch.Tensor:
     module = model.get_submodule(path)
     if isinstance(module, LowRankLinear):
-        return (module.u.double() @ module.v.double())
+        return module.u.double() @ module.v.double()
     return module.weight.detach().double().T if isinstance(module, Conv1D) else module.weight.detach().double()
 
 
 def tree_hash(directory: Path) -> dict[str, str]:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 # --------------------------------------------------------------------------- the correction identity
@@ -119,7 +158,9 @@ def tree_hash(directory: Path) -> dict[str, str]:
 def test_unclamped_correction_is_exact_on_span_of_a(setup, tmp_path):
     """x Wᵀ + s·x A_o B_c == x W_Eᵀ + s·x A B for x in span(A), per module, in fp64."""
     peft_model, emulator, original = setup["peft_model"], setup["emulator"], setup["original"]
-    report = correct_adapter(setup["root"] / "adapter", emulator, original, tmp_path / "out", clamp=None, progress=False)
+    report = correct_adapter(
+        setup["root"] / "adapter", emulator, original, tmp_path / "out", clamp=None, progress=False
+    )
     corrected = lora_tensors(tmp_path / "out")
     lora_trained = lora_tensors(setup["root"] / "adapter")
     assert sorted(corrected) == sorted(n for n, _ in block_linears(original)) == sorted(report["modules"])
@@ -190,7 +231,9 @@ def test_clamp_bounds_every_row_and_handles_zero_rows():
 def test_clamp_in_adapter_report(setup, tmp_path):
     """A small L clamps rows of real modules; the report counts them and no row exceeds L."""
     limit = 0.15
-    report = correct_adapter(setup["root"] / "adapter", setup["emulator"], setup["original"], tmp_path / "out", clamp=limit, progress=False)
+    report = correct_adapter(
+        setup["root"] / "adapter", setup["emulator"], setup["original"], tmp_path / "out", clamp=limit, progress=False
+    )
     corrected, trained = lora_tensors(tmp_path / "out"), lora_tensors(setup["root"] / "adapter")
     clamped_total = 0
     for path, (a_o, b_c) in corrected.items():
@@ -229,7 +272,7 @@ def test_loads_with_vanilla_peft_and_matches_direct_lora_keys(setup, tmp_path):
         loaded = PeftModel.from_pretrained(make_original(arch), out)
     assert not [w for w in caught if "fan_in_fan_out" in str(w.message) or "key" in str(w.message).lower()]
     for key, tensor in saved.items():
-        path, which = key[len("base_model.model."):].rsplit(".", 2)[0], key.rsplit(".", 2)[1]
+        path, which = key[len("base_model.model.") :].rsplit(".", 2)[0], key.rsplit(".", 2)[1]
         layer = loaded.base_model.model.get_submodule(path)
         torch.testing.assert_close(getattr(layer, which)["default"].weight, tensor, atol=0, rtol=0)
         assert layer.fan_in_fan_out is (arch == "gpt2")
@@ -282,7 +325,11 @@ def test_original_checkpoint_without_model_prefix(tmp_path, capfd):
     make_lora(emulator, "gpt2").save_pretrained(tmp_path / "adapter")
     stripped = tmp_path / "original"
     original.config.save_pretrained(stripped)
-    state = {k.removeprefix("transformer."): v.contiguous() for k, v in original.state_dict().items() if k != "lm_head.weight"}
+    state = {
+        k.removeprefix("transformer."): v.contiguous()
+        for k, v in original.state_dict().items()
+        if k != "lm_head.weight"
+    }
     save_file(state, str(stripped / "model.safetensors"))
     correct_adapter(tmp_path / "adapter", emulator, original, tmp_path / "from_model", progress=False)
     capfd.readouterr()
@@ -319,7 +366,11 @@ def test_existing_out_dir_refused_then_replaced(setup, tmp_path):
         correct_adapter(*args, out, progress=False)
     assert (out / "stale.txt").is_file()
     correct_adapter(*args, out, overwrite=True, progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "correction_report.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "correction_report.json",
+    ]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary siblings left
     with pytest.raises(ValueError, match="would replace the input"):
         correct_adapter(*args, setup["root"] / "adapter", overwrite=True, progress=False)
@@ -332,8 +383,11 @@ def test_shape_mismatch_and_other_architecture(setup, tmp_path):
     adapter = setup["root"] / "adapter"
     # same architecture, other width: adapter/emulator shapes do not fit the original
     torch.manual_seed(0)
-    wider = (LlamaForCausalLM(LlamaConfig(**{**LLAMA, "hidden_size": 48})) if arch == "llama"
-             else GPT2LMHeadModel(GPT2Config(**{**GPT2, "n_embd": 44})))
+    wider = (
+        LlamaForCausalLM(LlamaConfig(**{**LLAMA, "hidden_size": 48}))
+        if arch == "llama"
+        else GPT2LMHeadModel(GPT2Config(**{**GPT2, "n_embd": 44}))
+    )
     with pytest.raises(ValueError, match="must belong to the same model"):
         correct_adapter(adapter, setup["emulator"], wider, tmp_path / "out", progress=False)
     # an original of another architecture
@@ -420,8 +474,12 @@ def test_quantised_emulator_uses_dequantised_weight(quant, tmp_path):
     save(emulator, tmp_path / "emulator")
     peft_model = make_lora(emulator, "llama")
     peft_model.save_pretrained(tmp_path / "adapter")
-    from_dir = correct_adapter(tmp_path / "adapter", tmp_path / "emulator", original, tmp_path / "a", clamp=None, progress=False)
-    correct_adapter(tmp_path / "adapter", load_emulator(tmp_path / "emulator"), original, tmp_path / "b", clamp=None, progress=False)
+    from_dir = correct_adapter(
+        tmp_path / "adapter", tmp_path / "emulator", original, tmp_path / "a", clamp=None, progress=False
+    )
+    correct_adapter(
+        tmp_path / "adapter", load_emulator(tmp_path / "emulator"), original, tmp_path / "b", clamp=None, progress=False
+    )
     corrected, same = lora_tensors(tmp_path / "a"), lora_tensors(tmp_path / "b")
     trained = lora_tensors(tmp_path / "adapter")
     generator = torch.Generator().manual_seed(6)
@@ -437,7 +495,12 @@ def test_quantised_emulator_uses_dequantised_weight(quant, tmp_path):
 
 
 def test_lora_scaling_follows_peft():
-    config = {"r": 8, "lora_alpha": 16, "rank_pattern": {"down_proj": 4}, "alpha_pattern": {r"layers\.1\.mlp\.up_proj": 3}}
+    config = {
+        "r": 8,
+        "lora_alpha": 16,
+        "rank_pattern": {"down_proj": 4},
+        "alpha_pattern": {r"layers\.1\.mlp\.up_proj": 3},
+    }
     assert lora_scaling(config, "model.layers.0.self_attn.q_proj") == (8, 2.0)
     assert lora_scaling(config, "model.layers.0.mlp.down_proj") == (4, 4.0)
     assert lora_scaling(config, "model.layers.1.mlp.up_proj") == (8, 3 / 8)

@@ -3,6 +3,7 @@
 The real-model tests use SmolLM2-135M with two of its 30 blocks compressed (the other
 blocks still run, so the streaming path is the real one) on twelve Rotten Tomatoes reviews.
 """
+
 from __future__ import annotations
 
 import copy
@@ -67,10 +68,15 @@ def capture_inputs(model: nn.Module, names: list[str], batches: list[dict]) -> d
 @pytest.fixture(scope="module")
 def smol(load_smollm2, smollm2_tokenizer, reviews):
     """SmolLM2 with blocks 0 and 29 compressed at ratio 0.4, a fresh original and the calibration."""
-    emulator = build_emulator(load_smollm2(), reviews, RATIO, tokenizer=smollm2_tokenizer, targets=SMOL_TARGETS,
-                              progress=False)
-    return SimpleNamespace(emulator=emulator, original=load_smollm2(),
-                           batches=as_batches(reviews, smollm2_tokenizer), tokenizer=smollm2_tokenizer)
+    emulator = build_emulator(
+        load_smollm2(), reviews, RATIO, tokenizer=smollm2_tokenizer, targets=SMOL_TARGETS, progress=False
+    )
+    return SimpleNamespace(
+        emulator=emulator,
+        original=load_smollm2(),
+        batches=as_batches(reviews, smollm2_tokenizer),
+        tokenizer=smollm2_tokenizer,
+    )
 
 
 def random_calibration(vocab: int, lengths=(13, 9), seed: int = 1) -> list[torch.Tensor]:
@@ -129,7 +135,9 @@ def test_low_rank_weights_reproduced(tiny_model):
     assert len(emulator.emloc_metadata["modules"]) == 14
     for name, module in block_linears(original).items():
         layer = emulator.get_submodule(name)
-        assert isinstance(layer, LowRankLinear) and layer.rank == rank_for(module.in_features, module.out_features, 0.99)
+        assert isinstance(layer, LowRankLinear) and layer.rank == rank_for(
+            module.in_features, module.out_features, 0.99
+        )
         w = module.weight.double()
         assert (layer.dense_weight(torch.float64) - w).norm() / w.norm() < 1e-5, name
         assert emulator.emloc_metadata["modules"][name]["calibration_error"] < 1e-5
@@ -164,14 +172,21 @@ def test_calibration_spanning_fewer_dims_than_rank_reproduced(tiny_model):
 # ---------------------------------------------------------------- whitening on real activations
 
 
-WHITENING_PROBES = ["model.layers.2.self_attn.q_proj", "model.layers.7.self_attn.o_proj", "model.layers.15.mlp.up_proj",
-                    "model.layers.24.mlp.down_proj", "model.layers.28.self_attn.v_proj"]
+WHITENING_PROBES = [
+    "model.layers.2.self_attn.q_proj",
+    "model.layers.7.self_attn.o_proj",
+    "model.layers.15.mlp.up_proj",
+    "model.layers.24.mlp.down_proj",
+    "model.layers.28.self_attn.v_proj",
+]
 
 
 @pytest.fixture(scope="module")
 def smol_inputs(smol):
     """Real activations entering the compressed linears and a few others (padding excluded)."""
-    return capture_inputs(smol.original, sorted(smol.emulator.emloc_metadata["modules"]) + WHITENING_PROBES, smol.batches)
+    return capture_inputs(
+        smol.original, sorted(smol.emulator.emloc_metadata["modules"]) + WHITENING_PROBES, smol.batches
+    )
 
 
 def test_whitened_beats_plain_svd_on_smollm2_activations(smol, smol_inputs):
@@ -190,8 +205,11 @@ def test_whitened_beats_plain_svd_on_smollm2_activations(smol, smol_inputs):
 
 def test_report_error_matches_direct_computation(smol, smol_inputs):
     for name in smol.emulator.emloc_metadata["modules"]:
-        direct = relative_error(smol_inputs[name], smol.original.get_submodule(name).weight,
-                                smol.emulator.get_submodule(name).dense_weight(torch.float64))
+        direct = relative_error(
+            smol_inputs[name],
+            smol.original.get_submodule(name).weight,
+            smol.emulator.get_submodule(name).dense_weight(torch.float64),
+        )
         assert 1e-4 < direct < 1
         assert smol.emulator.emloc_metadata["modules"][name]["calibration_error"] == pytest.approx(direct, rel=1e-3)
 
@@ -208,7 +226,9 @@ def test_save_load_smollm2(smol, tmp_path, monkeypatch):
     # loading reads only the emulator directory: no original, no calibration, no build
     read = []
     real_load_file = safetensors.torch.load_file
-    monkeypatch.setattr(safetensors.torch, "load_file", lambda f, *a, **k: read.append(Path(f)) or real_load_file(f, *a, **k))
+    monkeypatch.setattr(
+        safetensors.torch, "load_file", lambda f, *a, **k: read.append(Path(f)) or real_load_file(f, *a, **k)
+    )
     monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", None)
     loaded = load_emulator(path)
     assert read and all(f.parent == path for f in read)
@@ -264,19 +284,29 @@ def test_bad_ratio(tiny_model, ratio):
     assert not any(isinstance(m, LowRankLinear) for m in model.modules())
 
 
-@pytest.mark.parametrize("kwargs,pattern", [
-    (dict(targets=["q_proj", "no_such_proj"]), "no_such_proj"),
-    (dict(targets="lm_head"), "lm_head"),
-    (dict(ratio={"q_proj": 0.4, "no_such_proj": 0.3}), "no_such_proj"),
-    (dict(targets="q_proj", ratio={"up_proj": 0.3}), "up_proj"),
-])
+@pytest.mark.parametrize(
+    "kwargs,pattern",
+    [
+        (dict(targets=["q_proj", "no_such_proj"]), "no_such_proj"),
+        (dict(targets="lm_head"), "lm_head"),
+        (dict(ratio={"q_proj": 0.4, "no_such_proj": 0.3}), "no_such_proj"),
+        (dict(targets="q_proj", ratio={"up_proj": 0.3}), "up_proj"),
+    ],
+)
 def test_pattern_matching_nothing(tiny_model, kwargs, pattern):
     with pytest.raises(ValueError, match=f"{pattern!r}.*matches no"):
         build_emulator(tiny_model("llama"), random_calibration(101), progress=False, **{"ratio": RATIO, **kwargs})
 
 
-@pytest.mark.parametrize("calibration", [[], torch.empty(0, dtype=torch.long), [torch.empty(2, 0, dtype=torch.long)],
-                                         {"input_ids": torch.empty(1, 0, dtype=torch.long)}])
+@pytest.mark.parametrize(
+    "calibration",
+    [
+        [],
+        torch.empty(0, dtype=torch.long),
+        [torch.empty(2, 0, dtype=torch.long)],
+        {"input_ids": torch.empty(1, 0, dtype=torch.long)},
+    ],
+)
 def test_empty_calibration(tiny_model, calibration):
     with pytest.raises(ValueError, match="calibration is empty"):
         build_emulator(tiny_model("llama"), calibration, RATIO, progress=False)
@@ -307,7 +337,9 @@ def test_streaming_moves_one_block_at_a_time(tiny_model, monkeypatch):
     events = []
     for i, block in enumerate(model.model.layers):
         real_to = block.to
-        monkeypatch.setattr(block, "to", lambda *a, i=i, real_to=real_to, **k: events.append((i, "to", a)) or real_to(*a, **k))
+        monkeypatch.setattr(
+            block, "to", lambda *a, i=i, real_to=real_to, **k: events.append((i, "to", a)) or real_to(*a, **k)
+        )
         block.register_forward_pre_hook(lambda m, args, i=i: events.append((i, "forward", ())))
     for name, module in model.named_children():
         monkeypatch.setattr(module, "to", lambda *a, name=name, **k: pytest.fail(f"{name} was moved"))
@@ -323,13 +355,16 @@ def test_replaced_linears_do_not_outlive_their_block(tiny_model):
     """When block i+1 starts, the original linears of block i are gone (on a GPU they would
     otherwise pile up there; on the CPU the original would sit beside the emulator)."""
     model = tiny_model("llama", num_hidden_layers=3)
-    originals = [[weakref.ref(m) for m in block.modules() if isinstance(m, torch.nn.Linear)] for block in model.model.layers]
+    originals = [
+        [weakref.ref(m) for m in block.modules() if isinstance(m, torch.nn.Linear)] for block in model.model.layers
+    ]
     alive = {}
 
     def check(i):
         def hook(module, args):
             gc.collect()
             alive[i] = sum(r() is not None for r in originals[i - 1])  # the last call: block i streaming
+
         return hook
 
     for i in (1, 2):
@@ -344,8 +379,15 @@ def test_streaming_peak_gpu_memory(tiny_model):
     (one block at a time), and the result matches a CPU build."""
 
     def build(layers):
-        model = tiny_model("llama", hidden_size=256, intermediate_size=700, num_attention_heads=8,
-                           num_key_value_heads=4, num_hidden_layers=layers, vocab_size=1001)
+        model = tiny_model(
+            "llama",
+            hidden_size=256,
+            intermediate_size=700,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            num_hidden_layers=layers,
+            vocab_size=1001,
+        )
         block_bytes = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
         reference = build_emulator(copy.deepcopy(model), random_calibration(1001, (40, 31)), RATIO, progress=False)
         torch.cuda.synchronize()
@@ -361,8 +403,9 @@ def test_streaming_peak_gpu_memory(tiny_model):
     assert deep_peak < shallow_peak + 2 * block_bytes, (deep_peak, shallow_peak, block_bytes)
     assert all(p.device.type == "cpu" for p in model.parameters())
     for name, info in model.emloc_metadata["modules"].items():
-        assert info["calibration_error"] == pytest.approx(reference.emloc_metadata["modules"][name]["calibration_error"],
-                                                          rel=1e-2, abs=1e-4)
+        assert info["calibration_error"] == pytest.approx(
+            reference.emloc_metadata["modules"][name]["calibration_error"], rel=1e-2, abs=1e-4
+        )
 
 
 def test_save_and_load_bad_paths(tiny_model, tmp_path):

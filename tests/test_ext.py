@@ -1,4 +1,5 @@
 """The C++/CUDA extension: build, cache, fallback, and the CUDA kernels against the CPU code."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Smoke runs of the main job on a tiny model (the real default run lives in bench/)."""
+
 import json
 
 import pytest
@@ -20,8 +21,15 @@ def material(tmp_path_factory, smollm2_dir):
     root = tmp_path_factory.mktemp("material")
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=len(tok), tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        tie_word_embeddings=True,
+    )
     LlamaForCausalLM(cfg).save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
     try:
@@ -34,9 +42,29 @@ def material(tmp_path_factory, smollm2_dir):
 
 
 def run(material, out, *extra):
-    cli.main(["finetune", "--model", str(material / "model"), "--data", str(material / "train.jsonl"),
-              "--eval-data", str(material / "test.jsonl"), "--steps", "3", "--batch-size", "4",
-              "--calibration-samples", "8", "--validation-samples", "12", "--out", str(out), "--no-progress", *extra])
+    cli.main(
+        [
+            "finetune",
+            "--model",
+            str(material / "model"),
+            "--data",
+            str(material / "train.jsonl"),
+            "--eval-data",
+            str(material / "test.jsonl"),
+            "--steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--calibration-samples",
+            "8",
+            "--validation-samples",
+            "12",
+            "--out",
+            str(out),
+            "--no-progress",
+            *extra,
+        ]
+    )
     return json.loads((out / "report.json").read_text())
 
 
@@ -51,15 +79,25 @@ def test_finetune_smoke_writes_report_and_adapters(material, tmp_path, capsys):
     assert report["corrected"] == report["variants"][report["chosen"]]["test"]
     best = max(v["validation"] for v in report["variants"].values())
     assert report["variants"][report["chosen"]]["validation"] == best
-    for d in ("emulator", "adapter", "corrected-L1", "corrected-L3", "corrected-unclamped", "aware-1", "stream-0", "stream-0.5"):
+    for d in (
+        "emulator",
+        "adapter",
+        "corrected-L1",
+        "corrected-L3",
+        "corrected-unclamped",
+        "aware-1",
+        "stream-0",
+        "stream-0.5",
+    ):
         assert (tmp_path / "run" / d).is_dir()
     adapter_config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str(material / "model")  # the original, not the emulator
     # the reported accuracies are those of the models as saved, recomputed here
     original = AutoModelForCausalLM.from_pretrained(material / "model")
     test_rows = read_jsonl(material / "test.jsonl", "test")
-    task = LabelTask.create(AutoTokenizer.from_pretrained(material / "model"), demo.PROMPT,
-                            [r["label"] for r in test_rows])
+    task = LabelTask.create(
+        AutoTokenizer.from_pretrained(material / "model"), demo.PROMPT, [r["label"] for r in test_rows]
+    )
     assert accuracy(original, task, test_rows) == report["zero_shot"]
     delivered = PeftModel.from_pretrained(original, tmp_path / "run" / report["delivered_adapter"])
     assert accuracy(delivered, task, test_rows) == report["corrected"]
@@ -70,7 +108,8 @@ def test_same_seed_same_numbers(material, tmp_path):
     b = run(material, tmp_path / "b", "--clamp", "3")
     assert a["losses"] == b["losses"]
     assert [a[k] for k in ("zero_shot", "emulator", "uncorrected", "corrected")] == [
-        b[k] for k in ("zero_shot", "emulator", "uncorrected", "corrected")]
+        b[k] for k in ("zero_shot", "emulator", "uncorrected", "corrected")
+    ]
     assert set(a["variants"]) == {"L=3"}
     assert a["delivered_adapter"] == "corrected-L3"
     corrected = load_file(tmp_path / "a" / "corrected-L3" / "adapter_model.safetensors")
@@ -78,12 +117,15 @@ def test_same_seed_same_numbers(material, tmp_path):
     assert any(not torch.equal(corrected[k], trained[k]) for k in trained if "lora_B" in k)
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--clamp", "sometimes"], r"clamp\) must be one of"),
-    (["--transfer", "stream:2"], "0 ≤ λ ≤ 1"),
-    (["--prompt", "no placeholder"], "placeholder"),
-    (["--ratio", "1.5"], "ratio"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--clamp", "sometimes"], r"clamp\) must be one of"),
+        (["--transfer", "stream:2"], "0 ≤ λ ≤ 1"),
+        (["--prompt", "no placeholder"], "placeholder"),
+        (["--ratio", "1.5"], "ratio"),
+    ],
+)
 def test_bad_options_exit_with_a_clear_message(material, tmp_path, extra, message):
     with pytest.raises(SystemExit, match=message):
         run(material, tmp_path / "bad", *extra)
@@ -100,13 +142,32 @@ def test_existing_out_dir_is_refused(material, tmp_path):
 
 def test_data_without_eval_data_is_refused(material, tmp_path):
     with pytest.raises(SystemExit, match="eval-data"):
-        cli.main(["finetune", "--model", str(material / "model"), "--data", str(material / "train.jsonl"),
-                  "--out", str(tmp_path / "x")])
+        cli.main(
+            [
+                "finetune",
+                "--model",
+                str(material / "model"),
+                "--data",
+                str(material / "train.jsonl"),
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
 
 
 def test_upper_bound_and_build_options_reach_the_report(material, tmp_path):
-    report = run(material, tmp_path / "ub", "--clamp", "uncorrected", "--upper-bound", "--propagate",
-                 "--shrinkage", "auto", "--allocate", "block")
+    report = run(
+        material,
+        tmp_path / "ub",
+        "--clamp",
+        "uncorrected",
+        "--upper-bound",
+        "--propagate",
+        "--shrinkage",
+        "auto",
+        "--allocate",
+        "block",
+    )
     gain = report["lora_original"] - report["zero_shot"]
     if gain != 0:
         assert report["recovery"] == pytest.approx((report["corrected"] - report["zero_shot"]) / gain)

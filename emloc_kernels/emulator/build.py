@@ -1,4 +1,5 @@
 """Stage 1: build the low-rank emulator of a model, one block at a time."""
+
 from __future__ import annotations
 
 import logging
@@ -17,7 +18,7 @@ from ..conventions import out_in_weight as dense_weight_of
 from ..conventions import replace_submodule as _replace
 from ..modules import LowRankLinear
 from .calibration import as_batches, capture_block_inputs, find_blocks, to_device, token_mask
-from .svd import Whitening, WhitenedSVD, allocate_ranks, output_error, rank_for, regression_target
+from .svd import WhitenedSVD, Whitening, allocate_ranks, output_error, rank_for, regression_target
 
 logger = logging.getLogger(__name__)
 ALLOCATIONS = ("uniform", "block")
@@ -25,7 +26,9 @@ ALLOCATIONS = ("uniform", "block")
 
 def _check_ratio(value: float, where: str) -> float:
     if not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
-        raise ValueError(f"ratio{where} must be a number in (0, 1) (fraction of the layer's parameters kept), got {value!r}")
+        raise ValueError(
+            f"ratio{where} must be a number in (0, 1) (fraction of the layer's parameters kept), got {value!r}"
+        )
     return float(value)
 
 
@@ -51,7 +54,9 @@ def select_modules(
         for p in patterns:
             hits = {n: m for n, m in candidates.items() if re.search(p, n)}
             if not hits:
-                raise ValueError(f"targets pattern {p!r} matches no linear inside the blocks (e.g. {next(iter(candidates))!r})")
+                raise ValueError(
+                    f"targets pattern {p!r} matches no linear inside the blocks (e.g. {next(iter(candidates))!r})"
+                )
             selected.update(hits)
         candidates = {n: candidates[n] for n in candidates if n in selected}
     if isinstance(ratio, Mapping):
@@ -230,7 +235,9 @@ def _compress_block(
         heldout = None
         if held[lead].oo is not None:  # the fit without the held-out samples, scored on them
             heldout = _error(weight, *partial_fit(name, chosen[lead]).factors(rank), held[lead])
-        layer = LowRankLinear.from_factors(u.to(weight.dtype).contiguous(), v.to(weight.dtype).contiguous(), module.bias)
+        layer = LowRankLinear.from_factors(
+            u.to(weight.dtype).contiguous(), v.to(weight.dtype).contiguous(), module.bias
+        )
         out_features, in_features = weight.shape
         info = {
             "in_features": in_features,
@@ -358,8 +365,10 @@ def build_emulator(
                 if hidden_e is not None:
                     block(hidden_e[b], *args, **kwargs)  # the original block on the emulator's stream
                     xe = recorder.take()
-                keep = {"fit": real[b] if split[b] is None else real[b] & ~split[b].to(work),
-                        "held": None if split[b] is None else real[b] & split[b].to(work)}
+                keep = {
+                    "fit": real[b] if split[b] is None else real[b] & ~split[b].to(work),
+                    "held": None if split[b] is None else real[b] & split[b].to(work),
+                }
                 for lead, x in xo.items():
                     for part, grams in (("fit", fit), ("held", held)):
                         grams.setdefault(lead, Grams())
@@ -370,8 +379,19 @@ def build_emulator(
                 h.remove()
         for lead, grams in fit.items():
             (grams + held[lead]).check_finite(lead)
-        report.update(_compress_block(model, mine, recorder.leader, fit, held, shrinkage=shrinkage,
-                                      allocate=allocate, quant=quant, group_size=group_size))
+        report.update(
+            _compress_block(
+                model,
+                mine,
+                recorder.leader,
+                fit,
+                held,
+                shrinkage=shrinkage,
+                allocate=allocate,
+                quant=quant,
+                group_size=group_size,
+            )
+        )
         if hidden_e is not None:  # the emulator's own stream flows on through the emulated block
             for b, call in enumerate(calls):
                 _, args, kwargs = call[i]
@@ -390,6 +410,9 @@ def build_emulator(
         "build": {"propagate": propagate, "shrinkage": shrinkage, "allocate": allocate},
         "modules": report,
     }
-    logger.info("emulator: %d linears compressed, mean calibration error %.4f", len(report),
-                sum(r["calibration_error"] for r in report.values()) / max(1, len(report)))
+    logger.info(
+        "emulator: %d linears compressed, mean calibration error %.4f",
+        len(report),
+        sum(r["calibration_error"] for r in report.values()) / max(1, len(report)),
+    )
     return model

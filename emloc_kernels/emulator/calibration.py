@@ -1,4 +1,5 @@
 """Calibration input handling and the per-block streaming machinery of stage 1."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -26,12 +27,17 @@ def as_batches(
     if isinstance(calibration, (torch.Tensor, dict, str)):
         calibration = [calibration]
     if not isinstance(calibration, Iterable):
-        raise TypeError(f"calibration must be texts, token tensors or dicts of tensors, got {type(calibration).__name__}")
+        raise TypeError(
+            f"calibration must be texts, token tensors or dicts of tensors, got {type(calibration).__name__}"
+        )
     items = list(calibration)
     if items and all(isinstance(i, str) for i in items):
         if tokenizer is None:
             raise ValueError("calibration texts need a tokenizer: build_emulator(..., tokenizer=tok)")
-        items = [_tokenize(items[i : i + texts_per_batch], tokenizer, max_length) for i in range(0, len(items), texts_per_batch)]
+        items = [
+            _tokenize(items[i : i + texts_per_batch], tokenizer, max_length)
+            for i in range(0, len(items), texts_per_batch)
+        ]
     batches = []
     for item in items:
         if isinstance(item, str):
@@ -39,7 +45,9 @@ def as_batches(
         elif isinstance(item, torch.Tensor):
             item = {"input_ids": item}
         elif not isinstance(item, dict) or "input_ids" not in item:
-            raise TypeError(f"each calibration item must be a str, a tensor or a dict with 'input_ids'; got {type(item).__name__}")
+            raise TypeError(
+                f"each calibration item must be a str, a tensor or a dict with 'input_ids'; got {type(item).__name__}"
+            )
         batch = {k: v if v.ndim > 1 else v[None] for k, v in item.items() if isinstance(v, torch.Tensor)}
         if batch["input_ids"].numel() == 0:
             continue

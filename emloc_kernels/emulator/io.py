@@ -1,4 +1,5 @@
 """Save and load an emulator: HF safetensors + the original config + ``emloc.json``."""
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,14 @@ def empty_module_for(info: dict, dtype: torch.dtype) -> LowRankLinear:
     if info.get("quant"):
         from ..modules.quantized import QuantLowRankLinear
 
-        return QuantLowRankLinear(*args, bias=info["bias"], quant=info["quant"], group_size=info["group_size"] or 128,
-                                  device="meta", dtype=dtype)
+        return QuantLowRankLinear(
+            *args,
+            bias=info["bias"],
+            quant=info["quant"],
+            group_size=info["group_size"] or 128,
+            device="meta",
+            dtype=dtype,
+        )
     return LowRankLinear(*args, bias=info["bias"], device="meta", dtype=dtype)
 
 
@@ -67,7 +74,11 @@ def load_emulator(path: str | os.PathLike, *, device: torch.device | str | None 
     with init_empty_weights(include_buffers=False):
         model = cls._from_config(config)
     for name, info in metadata["modules"].items():
-        dtype = state[f"{name}.bias"].dtype if info["bias"] else next(t.dtype for k, t in state.items() if k.startswith(name + "."))
+        dtype = (
+            state[f"{name}.bias"].dtype
+            if info["bias"]
+            else next(t.dtype for k, t in state.items() if k.startswith(name + "."))
+        )
         replace_submodule(model, name, empty_module_for(info, dtype))
     incompatible = model.load_state_dict(state, strict=False, assign=True)
     if incompatible.unexpected_keys:

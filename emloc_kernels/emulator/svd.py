@@ -1,4 +1,5 @@
 """Activation-aware (whitened) truncated SVD of one linear layer."""
+
 from __future__ import annotations
 
 import math
@@ -123,8 +124,9 @@ def regression_target(weight: torch.Tensor, cross: torch.Tensor, whitening: Whit
     return torch.cholesky_solve(g_oe.T @ w.T, s).T
 
 
-def output_error(weight: torch.Tensor, emulated: torch.Tensor, g_oo: torch.Tensor, g_oe: torch.Tensor,
-                 g_ee: torch.Tensor) -> float:
+def output_error(
+    weight: torch.Tensor, emulated: torch.Tensor, g_oo: torch.Tensor, g_oe: torch.Tensor, g_ee: torch.Tensor
+) -> float:
     """``‖X_E W_Eᵀ − X_O Wᵀ‖_F / ‖X_O Wᵀ‖_F`` from the Gram matrices alone (fp64)."""
     w, e = weight.double(), emulated.double()
     g_oo, g_oe, g_ee = g_oo.double(), g_oe.double(), g_ee.double()
@@ -138,8 +140,11 @@ def calibration_error(weight: torch.Tensor, emulated: torch.Tensor, gram: torch.
     g, w = gram.double(), weight.double()
     d = w - emulated.double()
     return (torch.trace(d @ g @ d.T) / torch.trace(w @ g @ w.T)).clamp_min(0).sqrt().item()
-def allocate_ranks(spectra: dict[str, torch.Tensor], costs: dict[str, int], budget: int,
-                   caps: dict[str, int]) -> dict[str, int]:
+
+
+def allocate_ranks(
+    spectra: dict[str, torch.Tensor], costs: dict[str, int], budget: int, caps: dict[str, int]
+) -> dict[str, int]:
     """Ranks that spend ``budget`` parameters where they remove the most relative output error.
 
     ``spectra[m]`` are module ``m``'s whitened singular values (descending), ``costs[m]`` the

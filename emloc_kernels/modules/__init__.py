@@ -1,4 +1,5 @@
 """``nn.Module`` replacements that call the fused ops."""
+
 from .lowrank import LowRankLinear
 from .quantized import QuantLowRankLinear
 

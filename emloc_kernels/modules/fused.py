@@ -1,4 +1,5 @@
 """The one place that chooses the fused op for a LoRA around a base linear."""
+
 from __future__ import annotations
 
 import torch

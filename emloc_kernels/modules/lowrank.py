@@ -1,4 +1,5 @@
 """The emulator's replacement for ``nn.Linear``: ``y = (x vᵀ) uᵀ + b``."""
+
 from __future__ import annotations
 
 from typing import Any

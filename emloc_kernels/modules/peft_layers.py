@@ -11,6 +11,7 @@ one active adapter, no dropout module, no ``lora_bias``, no DoRA or other varian
 around a plain ``nn.Linear`` switched to the fused forward by
 :func:`emloc_kernels.apply_fused_lora` (and back by :func:`emloc_kernels.remove_fused_lora`).
 """
+
 from __future__ import annotations
 
 from typing import Any

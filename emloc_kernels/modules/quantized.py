@@ -1,4 +1,5 @@
 """The emulator's low-rank linear with quantised factors (int8 / int4, layout in ``ops/quant.py``)."""
+
 from __future__ import annotations
 
 import torch
@@ -47,7 +48,9 @@ class QuantLowRankLinear(LowRankLinear):
             for part in _PARTS:
                 t = None
                 if part in shapes:
-                    t = torch.zeros(shapes[part], dtype=qweight_dtype(quant) if part == "qweight" else dtype, device=device)
+                    t = torch.zeros(
+                        shapes[part], dtype=qweight_dtype(quant) if part == "qweight" else dtype, device=device
+                    )
                 self.register_buffer(f"{name}_{part}", t)
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
@@ -59,8 +62,14 @@ class QuantLowRankLinear(LowRankLinear):
             raise TypeError(f"layer must be a float LowRankLinear, got {type(layer).__name__}")
         packed = {"u": quantize(layer.u, quant, group_size), "v": quantize(layer.v, quant, group_size)}
         q = cls(
-            layer.in_features, layer.out_features, layer.rank, layer.bias is not None,
-            quant=quant, group_size=group_size, dtype=layer.u.dtype, device="meta",
+            layer.in_features,
+            layer.out_features,
+            layer.rank,
+            layer.bias is not None,
+            quant=quant,
+            group_size=group_size,
+            dtype=layer.u.dtype,
+            device="meta",
         )
         for name, p in packed.items():
             for part in _PARTS:
@@ -101,7 +110,9 @@ class QuantLowRankLinear(LowRankLinear):
         """The packed factors: ``ops.lowrank_lora`` dequantises them inside its tile loop."""
         return self.u_packed, self.v_packed
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # load_state_dict would cast silently (an int8 checkpoint into uint8 buffers, codes into
         # scales); refuse entries of the wrong dtype kind. Shapes are checked by torch.
         for name, buf in self._buffers.items():
@@ -114,7 +125,9 @@ class QuantLowRankLinear(LowRankLinear):
                 f"{prefix}{name}: this {self.quant} layer stores {buf.dtype} (floating: {FLOAT_DTYPES} accepted for "
                 f"scales/offsets), the state dict has {t.dtype}"
             )
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.quant == "int4" else ""

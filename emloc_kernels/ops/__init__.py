@@ -1,4 +1,5 @@
 """Fused low-rank / LoRA ops (one dispatch point: :func:`emloc_kernels.ops.gemm.use_triton`)."""
+
 from .gemm import aligned_rows
 from .lowrank_lora import dense_lora, lowrank_lora
 from .reference import dense_lora_reference, lowrank_lora_reference

@@ -7,6 +7,7 @@ whole launch plan is cached per shape; when the output has too few tiles to fill
 reduction is split over K into an fp32 workspace that the last program of each tile sums
 (decode shapes, ``dyᵀ·t_A``-style weight grads): one launch per GEMM either way.
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,9 +35,25 @@ def _swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _load_right(ptr, s_ptr, o_ptr, k0, offs_k, offs_n, k_end, N, stride_k, stride_n, ss_k, ss_n,
-                QUANT: tl.constexpr, GROUP: tl.constexpr, K_IS_COL: tl.constexpr, MASK_K: tl.constexpr,
-                BLOCK_K: tl.constexpr):
+def _load_right(
+    ptr,
+    s_ptr,
+    o_ptr,
+    k0,
+    offs_k,
+    offs_n,
+    k_end,
+    N,
+    stride_k,
+    stride_n,
+    ss_k,
+    ss_n,
+    QUANT: tl.constexpr,
+    GROUP: tl.constexpr,
+    K_IS_COL: tl.constexpr,
+    MASK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """A BK×BN tile (rows ``k0 …``) of the right operand, dequantised in registers when packed.
 
     Packed (ops/quant.py layout): int8 ``q·scale[row]``; int4 ``nibble·scale[row, col//g] +
@@ -91,37 +108,143 @@ def _dot(acc, a, b, F32: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _step(acc, a_ptr, offs_m, m_ok, stride_am, stride_ak, b_ptr, s_ptr, o_ptr, offs_n, N,
-          stride_bk, stride_bn, ss_k, ss_n, k0, k_end,
-          QUANT: tl.constexpr, GROUP: tl.constexpr, K_IS_COL: tl.constexpr, F32: tl.constexpr,
-          PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, MASK_K: tl.constexpr):
+def _step(
+    acc,
+    a_ptr,
+    offs_m,
+    m_ok,
+    stride_am,
+    stride_ak,
+    b_ptr,
+    s_ptr,
+    o_ptr,
+    offs_n,
+    N,
+    stride_bk,
+    stride_bn,
+    ss_k,
+    ss_n,
+    k0,
+    k_end,
+    QUANT: tl.constexpr,
+    GROUP: tl.constexpr,
+    K_IS_COL: tl.constexpr,
+    F32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    MASK_K: tl.constexpr,
+):
     offs_k = k0 + tl.arange(0, BLOCK_K)
     if MASK_K:
         a_mask = m_ok & (offs_k[None, :] < k_end)
     else:
         a_mask = m_ok & (offs_k[None, :] >= 0)
     a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak, mask=a_mask, other=0.0)
-    b = _load_right(b_ptr, s_ptr, o_ptr, k0, offs_k, offs_n, k_end, N, stride_bk, stride_bn, ss_k, ss_n,
-                    QUANT, GROUP, K_IS_COL, MASK_K, BLOCK_K)
+    b = _load_right(
+        b_ptr,
+        s_ptr,
+        o_ptr,
+        k0,
+        offs_k,
+        offs_n,
+        k_end,
+        N,
+        stride_bk,
+        stride_bn,
+        ss_k,
+        ss_n,
+        QUANT,
+        GROUP,
+        K_IS_COL,
+        MASK_K,
+        BLOCK_K,
+    )
     return _dot(acc, a, b, F32, PRECISION)
 
 
 @triton.jit
-def _reduce(acc, a_ptr, offs_m, m_ok, stride_am, stride_ak, b_ptr, s_ptr, o_ptr, offs_n, N,
-            stride_bk, stride_bn, ss_k, ss_n, k_lo, k_hi,
-            QUANT: tl.constexpr, GROUP: tl.constexpr, K_IS_COL: tl.constexpr, F32: tl.constexpr,
-            PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+def _reduce(
+    acc,
+    a_ptr,
+    offs_m,
+    m_ok,
+    stride_am,
+    stride_ak,
+    b_ptr,
+    s_ptr,
+    o_ptr,
+    offs_n,
+    N,
+    stride_bk,
+    stride_bn,
+    ss_k,
+    ss_n,
+    k_lo,
+    k_hi,
+    QUANT: tl.constexpr,
+    GROUP: tl.constexpr,
+    K_IS_COL: tl.constexpr,
+    F32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """``acc += A[:, k_lo:k_hi]·B[k_lo:k_hi, :]``: whole K tiles without a K mask (so loads
     vectorise and pipeline whatever the rank), then one masked tail tile."""
     k_full = k_lo + (k_hi - k_lo) // BLOCK_K * BLOCK_K
     for k0 in range(k_lo, k_full, BLOCK_K):
-        acc = _step(acc, a_ptr, offs_m, m_ok, stride_am, stride_ak, b_ptr, s_ptr, o_ptr, offs_n, N,
-                    stride_bk, stride_bn, ss_k, ss_n, k0, k_hi,
-                    QUANT, GROUP, K_IS_COL, F32, PRECISION, BLOCK_K, False)
+        acc = _step(
+            acc,
+            a_ptr,
+            offs_m,
+            m_ok,
+            stride_am,
+            stride_ak,
+            b_ptr,
+            s_ptr,
+            o_ptr,
+            offs_n,
+            N,
+            stride_bk,
+            stride_bn,
+            ss_k,
+            ss_n,
+            k0,
+            k_hi,
+            QUANT,
+            GROUP,
+            K_IS_COL,
+            F32,
+            PRECISION,
+            BLOCK_K,
+            False,
+        )
     if k_full < k_hi:
-        acc = _step(acc, a_ptr, offs_m, m_ok, stride_am, stride_ak, b_ptr, s_ptr, o_ptr, offs_n, N,
-                    stride_bk, stride_bn, ss_k, ss_n, k_full, k_hi,
-                    QUANT, GROUP, K_IS_COL, F32, PRECISION, BLOCK_K, True)
+        acc = _step(
+            acc,
+            a_ptr,
+            offs_m,
+            m_ok,
+            stride_am,
+            stride_ak,
+            b_ptr,
+            s_ptr,
+            o_ptr,
+            offs_n,
+            N,
+            stride_bk,
+            stride_bn,
+            ss_k,
+            ss_n,
+            k_full,
+            k_hi,
+            QUANT,
+            GROUP,
+            K_IS_COL,
+            F32,
+            PRECISION,
+            BLOCK_K,
+            True,
+        )
     return acc
 
 
@@ -134,8 +257,22 @@ def _store(acc, c_ptr, stride_cm, stride_cn, offs_m, offs_n, M, N, bias_ptr, HAS
 
 
 @triton.jit
-def _finish(acc, c_ptr, stride_cm, stride_cn, ws_ptr, stride_ws, cnt_ptr, offs_m, offs_n, M, N,
-            bias_ptr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+def _finish(
+    acc,
+    c_ptr,
+    stride_cm,
+    stride_cn,
+    ws_ptr,
+    stride_ws,
+    cnt_ptr,
+    offs_m,
+    offs_n,
+    M,
+    N,
+    bias_ptr,
+    HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
     """Store the finished tile (+ bias).  Split over K (grid axis 1): store this program's fp32
     partial in ``ws`` (split×M×N), count it in ``cnt[tile]``; the program that counts last sums
     the partials, in split order (the result does not depend on timing), and stores the tile,
@@ -156,16 +293,50 @@ def _finish(acc, c_ptr, stride_cm, stride_cn, ws_ptr, stride_ws, cnt_ptr, offs_m
 
 @triton.jit
 def _gemm_2k_kernel(
-    a1_ptr, b1_ptr, s1_ptr, o1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr, ws_ptr, cnt_ptr,
-    M, N, K1, K2, k1_per_split, n1_load,
-    stride_a1m, stride_a1k, stride_b1k, stride_b1n, stride_s1k, stride_s1n,
-    stride_a2m, stride_a2k, stride_b2k, stride_b2n,
-    stride_cm, stride_cn, stride_ws,
-    alpha1, alpha2,
-    QUANT1: tl.constexpr, GROUP1: tl.constexpr, K_IS_COL1: tl.constexpr,
-    HAS_SEG2: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-    F32DOT1: tl.constexpr, F32DOT2: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K2: tl.constexpr,
+    a1_ptr,
+    b1_ptr,
+    s1_ptr,
+    o1_ptr,
+    a2_ptr,
+    b2_ptr,
+    bias_ptr,
+    c_ptr,
+    ws_ptr,
+    cnt_ptr,
+    M,
+    N,
+    K1,
+    K2,
+    k1_per_split,
+    n1_load,
+    stride_a1m,
+    stride_a1k,
+    stride_b1k,
+    stride_b1n,
+    stride_s1k,
+    stride_s1n,
+    stride_a2m,
+    stride_a2k,
+    stride_b2k,
+    stride_b2n,
+    stride_cm,
+    stride_cn,
+    stride_ws,
+    alpha1,
+    alpha2,
+    QUANT1: tl.constexpr,
+    GROUP1: tl.constexpr,
+    K_IS_COL1: tl.constexpr,
+    HAS_SEG2: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    F32DOT1: tl.constexpr,
+    F32DOT2: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_K2: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     """C = α₁·A₁B₁ (this program's k-range of it) + α₂·A₂B₂ (on split 0) + bias.
@@ -181,31 +352,110 @@ def _gemm_2k_kernel(
 
     k_start = pid_k * k1_per_split
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _reduce(acc, a1_ptr, offs_m, m_ok, stride_a1m, stride_a1k, b1_ptr, s1_ptr, o1_ptr, offs_n, n1_load,
-                  stride_b1k, stride_b1n, stride_s1k, stride_s1n, k_start, tl.minimum(K1, k_start + k1_per_split),
-                  QUANT1, GROUP1, K_IS_COL1, F32DOT1, PRECISION, BLOCK_K)
+    acc = _reduce(
+        acc,
+        a1_ptr,
+        offs_m,
+        m_ok,
+        stride_a1m,
+        stride_a1k,
+        b1_ptr,
+        s1_ptr,
+        o1_ptr,
+        offs_n,
+        n1_load,
+        stride_b1k,
+        stride_b1n,
+        stride_s1k,
+        stride_s1n,
+        k_start,
+        tl.minimum(K1, k_start + k1_per_split),
+        QUANT1,
+        GROUP1,
+        K_IS_COL1,
+        F32DOT1,
+        PRECISION,
+        BLOCK_K,
+    )
     acc = acc * alpha1
     if HAS_SEG2:
         if pid_k == 0:
             acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            acc2 = _reduce(acc2, a2_ptr, offs_m, m_ok, stride_a2m, stride_a2k, b2_ptr, b2_ptr, b2_ptr, offs_n, N,
-                           stride_b2k, stride_b2n, 0, 0, 0, K2,
-                           0, 1, False, F32DOT2, PRECISION, BLOCK_K2)
+            acc2 = _reduce(
+                acc2,
+                a2_ptr,
+                offs_m,
+                m_ok,
+                stride_a2m,
+                stride_a2k,
+                b2_ptr,
+                b2_ptr,
+                b2_ptr,
+                offs_n,
+                N,
+                stride_b2k,
+                stride_b2n,
+                0,
+                0,
+                0,
+                K2,
+                0,
+                1,
+                False,
+                F32DOT2,
+                PRECISION,
+                BLOCK_K2,
+            )
             acc += acc2 * alpha2
-    _finish(acc, c_ptr, stride_cm, stride_cn, ws_ptr, stride_ws, cnt_ptr, offs_m, offs_n, M, N,
-            bias_ptr, HAS_BIAS, SPLIT)
+    _finish(
+        acc, c_ptr, stride_cm, stride_cn, ws_ptr, stride_ws, cnt_ptr, offs_m, offs_n, M, N, bias_ptr, HAS_BIAS, SPLIT
+    )
 
 
 @triton.jit
 def _gemm_2n_kernel(
-    a_ptr, b1_ptr, s1_ptr, o1_ptr, b2_ptr, c1_ptr, c2_ptr, ws1_ptr, ws2_ptr, cnt_ptr,
-    M, N1, N2, K, k_per_split, n1_load,
-    stride_am, stride_ak, stride_b1k, stride_b1n, stride_s1k, stride_s1n, stride_b2k, stride_b2n,
-    stride_c1m, stride_c1n, stride_c2m, stride_c2n, stride_ws1, stride_ws2,
+    a_ptr,
+    b1_ptr,
+    s1_ptr,
+    o1_ptr,
+    b2_ptr,
+    c1_ptr,
+    c2_ptr,
+    ws1_ptr,
+    ws2_ptr,
+    cnt_ptr,
+    M,
+    N1,
+    N2,
+    K,
+    k_per_split,
+    n1_load,
+    stride_am,
+    stride_ak,
+    stride_b1k,
+    stride_b1n,
+    stride_s1k,
+    stride_s1n,
+    stride_b2k,
+    stride_b2n,
+    stride_c1m,
+    stride_c1n,
+    stride_c2m,
+    stride_c2n,
+    stride_ws1,
+    stride_ws2,
     alpha2,
-    QUANT1: tl.constexpr, GROUP1: tl.constexpr, K_IS_COL1: tl.constexpr, SPLIT: tl.constexpr,
-    F32DOT1: tl.constexpr, F32DOT2: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_K: tl.constexpr,
+    QUANT1: tl.constexpr,
+    GROUP1: tl.constexpr,
+    K_IS_COL1: tl.constexpr,
+    SPLIT: tl.constexpr,
+    F32DOT1: tl.constexpr,
+    F32DOT2: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_N2: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     """Column blocks [0, nb1) compute C₁ = A·B₁, the rest C₂ = α₂·A·B₂; the grouped order
@@ -221,19 +471,91 @@ def _gemm_2n_kernel(
     if pid_n < nb1:
         offs_n1 = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc1 = _reduce(acc1, a_ptr, offs_m, m_ok, stride_am, stride_ak, b1_ptr, s1_ptr, o1_ptr, offs_n1, n1_load,
-                       stride_b1k, stride_b1n, stride_s1k, stride_s1n, k_start, k_end,
-                       QUANT1, GROUP1, K_IS_COL1, F32DOT1, PRECISION, BLOCK_K)
-        _finish(acc1, c1_ptr, stride_c1m, stride_c1n, ws1_ptr, stride_ws1, cnt_ptr, offs_m, offs_n1, M, N1,
-                c1_ptr, False, SPLIT)
+        acc1 = _reduce(
+            acc1,
+            a_ptr,
+            offs_m,
+            m_ok,
+            stride_am,
+            stride_ak,
+            b1_ptr,
+            s1_ptr,
+            o1_ptr,
+            offs_n1,
+            n1_load,
+            stride_b1k,
+            stride_b1n,
+            stride_s1k,
+            stride_s1n,
+            k_start,
+            k_end,
+            QUANT1,
+            GROUP1,
+            K_IS_COL1,
+            F32DOT1,
+            PRECISION,
+            BLOCK_K,
+        )
+        _finish(
+            acc1,
+            c1_ptr,
+            stride_c1m,
+            stride_c1n,
+            ws1_ptr,
+            stride_ws1,
+            cnt_ptr,
+            offs_m,
+            offs_n1,
+            M,
+            N1,
+            c1_ptr,
+            False,
+            SPLIT,
+        )
     else:
         offs_n2 = ((pid_n - nb1) * BLOCK_N2 + tl.arange(0, BLOCK_N2)).to(tl.int64)
         acc2 = tl.zeros((BLOCK_M, BLOCK_N2), dtype=tl.float32)
-        acc2 = _reduce(acc2, a_ptr, offs_m, m_ok, stride_am, stride_ak, b2_ptr, b2_ptr, b2_ptr, offs_n2, N2,
-                       stride_b2k, stride_b2n, 0, 0, k_start, k_end,
-                       0, 1, False, F32DOT2, PRECISION, BLOCK_K)
-        _finish(acc2 * alpha2, c2_ptr, stride_c2m, stride_c2n, ws2_ptr, stride_ws2, cnt_ptr, offs_m, offs_n2, M, N2,
-                c2_ptr, False, SPLIT)
+        acc2 = _reduce(
+            acc2,
+            a_ptr,
+            offs_m,
+            m_ok,
+            stride_am,
+            stride_ak,
+            b2_ptr,
+            b2_ptr,
+            b2_ptr,
+            offs_n2,
+            N2,
+            stride_b2k,
+            stride_b2n,
+            0,
+            0,
+            k_start,
+            k_end,
+            0,
+            1,
+            False,
+            F32DOT2,
+            PRECISION,
+            BLOCK_K,
+        )
+        _finish(
+            acc2 * alpha2,
+            c2_ptr,
+            stride_c2m,
+            stride_c2n,
+            ws2_ptr,
+            stride_ws2,
+            cnt_ptr,
+            offs_m,
+            offs_n2,
+            M,
+            N2,
+            c2_ptr,
+            False,
+            SPLIT,
+        )
 
 
 # ----------------------------------------------------------------------------- launch side
@@ -295,7 +617,11 @@ def config(m: int, n: int, k: int, f32: bool, sms: int, interpret: bool) -> Conf
 
 
 def _sms(device: torch.device) -> int:
-    return 16 if device.type != "cuda" else _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return (
+        16
+        if device.type != "cuda"
+        else _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    )
 
 
 def _precision() -> str:
@@ -360,7 +686,9 @@ def _right_args(b: Right) -> _RightArgs:
     s0, s1 = scale.stride()
     sk, sn, ssk, ssn = (q1, q0, s1, s0) if b.trans else (q0, q1, s0, s1)
     group = p.group_size if p.fmt == "int4" else 1
-    return _RightArgs(p.qweight, scale, offset, sk, sn, ssk, ssn, QUANT_MODES[p.fmt], group, b.trans, p.dtype, b.shape[1])
+    return _RightArgs(
+        p.qweight, scale, offset, sk, sn, ssk, ssn, QUANT_MODES[p.fmt], group, b.trans, p.dtype, b.shape[1]
+    )
 
 
 class _Plan(NamedTuple):
@@ -382,9 +710,23 @@ def _block_k(cfg: Config, quant: int, group: int, k_is_col: bool) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(kind: str, m: int, n1: int, n2: int, k1: int, k2: int, dt_a: torch.dtype, dt_b1: torch.dtype,
-          dt_a2: torch.dtype, dt_b2: torch.dtype, quant: int, group: int, k_is_col: bool, sms: int,
-          interpret: bool) -> _Plan:
+def _plan(
+    kind: str,
+    m: int,
+    n1: int,
+    n2: int,
+    k1: int,
+    k2: int,
+    dt_a: torch.dtype,
+    dt_b1: torch.dtype,
+    dt_a2: torch.dtype,
+    dt_b2: torch.dtype,
+    quant: int,
+    group: int,
+    k_is_col: bool,
+    sms: int,
+    interpret: bool,
+) -> _Plan:
     """The launch plan of one GEMM, cached: repeated calls (every layer of every step) skip the
     arithmetic; ``kind`` is "2k" (N = n1, segment 2 of depth k2) or "2n" (N = n1 + n2)."""
     f32_1 = _f32_dot(dt_a, dt_b1, interpret)
@@ -420,38 +762,103 @@ def gemm_2k(a1, b1: Right, a2, b2, alpha1: float, alpha2: float, bias, out_dtype
     r = _right_args(b1)
     seg2 = a2 is not None and k2 > 0
     interpret = _interpreted()
-    plan = _plan("2k", m, n, 0, k1, k2, a1.dtype, r.dtype, a2.dtype if seg2 else a1.dtype,
-                 b2.dtype if seg2 else a1.dtype, r.quant, r.group, r.k_is_col, _sms(a1.device), interpret)
+    plan = _plan(
+        "2k",
+        m,
+        n,
+        0,
+        k1,
+        k2,
+        a1.dtype,
+        r.dtype,
+        a2.dtype if seg2 else a1.dtype,
+        b2.dtype if seg2 else a1.dtype,
+        r.quant,
+        r.group,
+        r.k_is_col,
+        _sms(a1.device),
+        interpret,
+    )
     cfg = plan.cfg
     c = _alloc((m, n), out_dtype, a1.device)
     (ws,), cnt = _split_buffers(plan, m, (n,), a1.device)
     _gemm_2k_kernel[(plan.tiles, plan.split)](
-        a1, r.ptr, r.scale, r.offset, a2 if seg2 else a1, b2 if seg2 else a1,
-        bias if bias is not None else a1, c, ws if ws is not None else c, cnt if cnt is not None else c,
-        m, n, k1, k2, plan.k_per, r.n_load,
-        a1.stride(0), a1.stride(1), r.stride_k, r.stride_n, r.ss_k, r.ss_n,
-        a2.stride(0) if seg2 else 0, a2.stride(1) if seg2 else 0,
-        b2.stride(0) if seg2 else 0, b2.stride(1) if seg2 else 0,
-        c.stride(0), c.stride(1), m * n,
-        float(alpha1), float(alpha2),
-        QUANT1=r.quant, GROUP1=r.group, K_IS_COL1=r.k_is_col,
-        HAS_SEG2=seg2, HAS_BIAS=bias is not None, SPLIT=plan.split > 1,
-        F32DOT1=plan.f32_1, F32DOT2=seg2 and plan.f32_2, PRECISION=_precision(),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=plan.block_k,
-        BLOCK_K2=plan.block_2, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        a1,
+        r.ptr,
+        r.scale,
+        r.offset,
+        a2 if seg2 else a1,
+        b2 if seg2 else a1,
+        bias if bias is not None else a1,
+        c,
+        ws if ws is not None else c,
+        cnt if cnt is not None else c,
+        m,
+        n,
+        k1,
+        k2,
+        plan.k_per,
+        r.n_load,
+        a1.stride(0),
+        a1.stride(1),
+        r.stride_k,
+        r.stride_n,
+        r.ss_k,
+        r.ss_n,
+        a2.stride(0) if seg2 else 0,
+        a2.stride(1) if seg2 else 0,
+        b2.stride(0) if seg2 else 0,
+        b2.stride(1) if seg2 else 0,
+        c.stride(0),
+        c.stride(1),
+        m * n,
+        float(alpha1),
+        float(alpha2),
+        QUANT1=r.quant,
+        GROUP1=r.group,
+        K_IS_COL1=r.k_is_col,
+        HAS_SEG2=seg2,
+        HAS_BIAS=bias is not None,
+        SPLIT=plan.split > 1,
+        F32DOT1=plan.f32_1,
+        F32DOT2=seg2 and plan.f32_2,
+        PRECISION=_precision(),
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=plan.block_k,
+        BLOCK_K2=plan.block_2,
+        GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     return c
 
 
-def gemm_2n(a, b1: Right, b2, alpha2: float, out_dtypes: tuple[torch.dtype, torch.dtype]) -> tuple[torch.Tensor, torch.Tensor]:
+def gemm_2n(
+    a, b1: Right, b2, alpha2: float, out_dtypes: tuple[torch.dtype, torch.dtype]
+) -> tuple[torch.Tensor, torch.Tensor]:
     m, k = a.shape
     n1, n2 = b1.shape[1], b2.shape[1]
     if m == 0 or k == 0 or n1 == 0 or n2 == 0:  # nothing to launch: the reference is exact
         return gemm_2n_reference(a, b1, b2, alpha2, out_dtypes)
     r = _right_args(b1)
-    plan = _plan("2n", m, n1, n2, k, 0, a.dtype, r.dtype, a.dtype, b2.dtype, r.quant, r.group, r.k_is_col,
-                 _sms(a.device), _interpreted())
+    plan = _plan(
+        "2n",
+        m,
+        n1,
+        n2,
+        k,
+        0,
+        a.dtype,
+        r.dtype,
+        a.dtype,
+        b2.dtype,
+        r.quant,
+        r.group,
+        r.k_is_col,
+        _sms(a.device),
+        _interpreted(),
+    )
     cfg = plan.cfg
     # C₁ (t_v, dt_v) is an intermediate of the op: rows padded to 16 elements keep the next
     # GEMM's loads aligned (vectorised, pipelined) whatever the rank.  C₂ (t_A) is returned by
@@ -460,16 +867,50 @@ def gemm_2n(a, b1: Right, b2, alpha2: float, out_dtypes: tuple[torch.dtype, torc
     c2 = _alloc((m, n2), out_dtypes[1], a.device)
     (ws1, ws2), cnt = _split_buffers(plan, m, (n1, n2), a.device)
     _gemm_2n_kernel[(plan.tiles, plan.split)](
-        a, r.ptr, r.scale, r.offset, b2, c1, c2,
-        ws1 if ws1 is not None else c1, ws2 if ws2 is not None else c2, cnt if cnt is not None else c2,
-        m, n1, n2, k, plan.k_per, r.n_load,
-        a.stride(0), a.stride(1), r.stride_k, r.stride_n, r.ss_k, r.ss_n, b2.stride(0), b2.stride(1),
-        c1.stride(0), c1.stride(1), c2.stride(0), c2.stride(1), m * n1, m * n2,
+        a,
+        r.ptr,
+        r.scale,
+        r.offset,
+        b2,
+        c1,
+        c2,
+        ws1 if ws1 is not None else c1,
+        ws2 if ws2 is not None else c2,
+        cnt if cnt is not None else c2,
+        m,
+        n1,
+        n2,
+        k,
+        plan.k_per,
+        r.n_load,
+        a.stride(0),
+        a.stride(1),
+        r.stride_k,
+        r.stride_n,
+        r.ss_k,
+        r.ss_n,
+        b2.stride(0),
+        b2.stride(1),
+        c1.stride(0),
+        c1.stride(1),
+        c2.stride(0),
+        c2.stride(1),
+        m * n1,
+        m * n2,
         float(alpha2),
-        QUANT1=r.quant, GROUP1=r.group, K_IS_COL1=r.k_is_col, SPLIT=plan.split > 1,
-        F32DOT1=plan.f32_1, F32DOT2=plan.f32_2, PRECISION=_precision(),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_N2=plan.block_2, BLOCK_K=plan.block_k,
+        QUANT1=r.quant,
+        GROUP1=r.group,
+        K_IS_COL1=r.k_is_col,
+        SPLIT=plan.split > 1,
+        F32DOT1=plan.f32_1,
+        F32DOT2=plan.f32_2,
+        PRECISION=_precision(),
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_N2=plan.block_2,
+        BLOCK_K=plan.block_k,
         GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     return c1, c2

@@ -14,6 +14,7 @@ on tensor cores, anything else in fp32 (tf32 when torch allows it); accumulation
 interpreter for CPU tensors under ``TRITON_INTERPRET=1``, the torch reference otherwise
 or when ``EMLOC_FORCE_REFERENCE=1``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -81,7 +82,9 @@ def gemm_2k(
             raise ValueError("gemm_2k: a2 needs b2 (segment 2 has both operands or neither)")
         _check_k("gemm_2k segment 2", a2, b2)
         if a2.shape[0] != a1.shape[0] or b2.shape[1] != b1.shape[1]:
-            raise ValueError(f"gemm_2k: segments disagree on M×N: {tuple(a1.shape)}·{tuple(b1.shape)} vs {tuple(a2.shape)}·{tuple(b2.shape)}")
+            raise ValueError(
+                f"gemm_2k: segments disagree on M×N: {tuple(a1.shape)}·{tuple(b1.shape)} vs {tuple(a2.shape)}·{tuple(b2.shape)}"
+            )
     if not triton:
         return gemm_2k_reference(a1, b1, a2, b2, alpha1, alpha2, bias, out_dtype)
     from . import _triton_gemm

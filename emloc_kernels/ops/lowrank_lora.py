@@ -16,6 +16,7 @@ dropout > 0 the LoRA branch sees a different x, so callers use the unfused path.
 ``u``/``v`` may be a :class:`~emloc_kernels.ops.quant.PackedFactor`; the Triton kernels then
 dequantise inside the tile loop.  Backend choice: :func:`emloc_kernels.ops.gemm.use_triton`.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -46,7 +47,9 @@ def _check_2d(op: str, name: str, t, shape: tuple[int, int], x: torch.Tensor) ->
     if isinstance(t, (PackedFactor, torch.Tensor)):  # a PackedFactor checks its layout when it is made
         got, dev = tuple(t.shape), t.device
     else:
-        raise TypeError(f"{op}: {name} must be a torch.Tensor{' or PackedFactor' if name in 'uv' else ''}, got {type(t).__name__}")
+        raise TypeError(
+            f"{op}: {name} must be a torch.Tensor{' or PackedFactor' if name in 'uv' else ''}, got {type(t).__name__}"
+        )
     if got != shape:
         raise ValueError(f"{op}: {name} must have shape {shape}, got {got}")
     if dev != x.device:
@@ -55,8 +58,10 @@ def _check_2d(op: str, name: str, t, shape: tuple[int, int], x: torch.Tensor) ->
 
 def _check_x(op: str, x, in_f: int) -> None:
     if not isinstance(x, torch.Tensor) or x.ndim < 1 or x.dtype not in _ACT_DTYPES:
-        raise ValueError(f"{op}: x must be a float32/float16/bfloat16 tensor of shape (..., in_features), got "
-                         f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+        raise ValueError(
+            f"{op}: x must be a float32/float16/bfloat16 tensor of shape (..., in_features), got "
+            f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}"
+        )
     if x.shape[-1] != in_f:
         raise ValueError(f"{op}: x's last dimension must be in_features={in_f}, got shape {tuple(x.shape)}")
 
@@ -68,8 +73,9 @@ def _check(op, x, frozen: dict, out_f: int, in_f: int, lora_a, lora_b, bias) -> 
             if f.dtype != x.dtype:
                 raise ValueError(f"{op}: {name} must have x's dtype {x.dtype}, got {f.dtype}")
             if f.requires_grad and torch.is_grad_enabled():
-                raise ValueError(f"{op}: {name} is a frozen factor and must not require grad "
-                                 f"(use {op}_reference to train it)")
+                raise ValueError(
+                    f"{op}: {name} is a frozen factor and must not require grad (use {op}_reference to train it)"
+                )
     if (lora_a is None) != (lora_b is None):
         raise ValueError(f"{op}: lora_a and lora_b must be given together")
     if lora_a is not None:
@@ -79,12 +85,16 @@ def _check(op, x, frozen: dict, out_f: int, in_f: int, lora_a, lora_b, bias) -> 
         if rho < 1:
             raise ValueError(f"{op}: lora_a must be rank×in_features with rank >= 1, got {tuple(lora_a.shape)}")
         if lora_a.dtype != lora_b.dtype or lora_a.dtype not in (x.dtype, torch.float32):
-            raise ValueError(f"{op}: lora_a and lora_b must share a dtype, float32 or x's ({x.dtype}); "
-                             f"got {lora_a.dtype} and {lora_b.dtype}")
+            raise ValueError(
+                f"{op}: lora_a and lora_b must share a dtype, float32 or x's ({x.dtype}); "
+                f"got {lora_a.dtype} and {lora_b.dtype}"
+            )
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out_f,) or bias.dtype != x.dtype:
-            raise ValueError(f"{op}: bias must be a ({out_f},) tensor of x's dtype {x.dtype}, got "
-                             f"{getattr(bias, 'dtype', type(bias).__name__)} {tuple(getattr(bias, 'shape', ()))}")
+            raise ValueError(
+                f"{op}: bias must be a ({out_f},) tensor of x's dtype {x.dtype}, got "
+                f"{getattr(bias, 'dtype', type(bias).__name__)} {tuple(getattr(bias, 'shape', ()))}"
+            )
         if bias.device != x.device:
             raise ValueError(f"{op}: bias is on {bias.device} but x is on {x.device}")
 
@@ -97,8 +107,12 @@ def _call_directly(*tensors) -> bool:
     still gets it."""
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
         return False
-    if (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled() or _get_current_dispatch_mode()
-            or torch._C._are_functorch_transforms_active()):
+    if (
+        torch.compiler.is_compiling()
+        or torch._C._is_torch_function_mode_enabled()
+        or _get_current_dispatch_mode()
+        or torch._C._are_functorch_transforms_active()
+    ):
         return False
     return all(t is None or type(t) is torch.Tensor for t in tensors)
 
@@ -137,15 +151,26 @@ def _n(f: Factor):
 
 def _unpack(x2, u, us, uo, v, vs, vo, quant) -> tuple[Factor, Factor]:
     r = v.shape[0]
-    return (_factor(u, us, uo, quant[0], quant[1], (u.shape[0], r)),
-            _factor(v, vs, vo, quant[2], quant[3], (r, x2.shape[1])))
+    return (
+        _factor(u, us, uo, quant[0], quant[1], (u.shape[0], r)),
+        _factor(v, vs, vo, quant[2], quant[3], (r, x2.shape[1])),
+    )
 
 
-def _lowrank_fwd_body(x: torch.Tensor, u: torch.Tensor, u_scale: Optional[torch.Tensor],
-                      u_offset: Optional[torch.Tensor], v: torch.Tensor, v_scale: Optional[torch.Tensor],
-                      v_offset: Optional[torch.Tensor], lora_a: Optional[torch.Tensor],
-                      lora_b: Optional[torch.Tensor], scaling: float, bias: Optional[torch.Tensor],
-                      quant: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _lowrank_fwd_body(
+    x: torch.Tensor,
+    u: torch.Tensor,
+    u_scale: Optional[torch.Tensor],
+    u_offset: Optional[torch.Tensor],
+    v: torch.Tensor,
+    v_scale: Optional[torch.Tensor],
+    v_offset: Optional[torch.Tensor],
+    lora_a: Optional[torch.Tensor],
+    lora_b: Optional[torch.Tensor],
+    scaling: float,
+    bias: Optional[torch.Tensor],
+    quant: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x: M×in.  Returns y (M×out) and ``t_A = x Aᵀ`` (M×ρ; M×0 without LoRA) for backward."""
     tri = use_triton(x)
     fu, fv = _unpack(x, u, u_scale, u_offset, v, v_scale, v_offset, quant)
@@ -168,11 +193,22 @@ def _(x, u, u_scale, u_offset, v, v_scale, v_offset, lora_a, lora_b, scaling, bi
 
 
 @torch.library.custom_op("emloc::lowrank_lora_bwd", mutates_args=())
-def _lowrank_bwd(dy: torch.Tensor, x: torch.Tensor, t_a: torch.Tensor,
-                 u: torch.Tensor, u_scale: Optional[torch.Tensor], u_offset: Optional[torch.Tensor],
-                 v: torch.Tensor, v_scale: Optional[torch.Tensor], v_offset: Optional[torch.Tensor],
-                 lora_a: Optional[torch.Tensor], lora_b: Optional[torch.Tensor], scaling: float,
-                 quant: list[int], need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _lowrank_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    t_a: torch.Tensor,
+    u: torch.Tensor,
+    u_scale: Optional[torch.Tensor],
+    u_offset: Optional[torch.Tensor],
+    v: torch.Tensor,
+    v_scale: Optional[torch.Tensor],
+    v_offset: Optional[torch.Tensor],
+    lora_a: Optional[torch.Tensor],
+    lora_b: Optional[torch.Tensor],
+    scaling: float,
+    quant: list[int],
+    need_dx: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dx, dA, dB); an empty tensor stands for a gradient not asked for / no LoRA."""
     tri = use_triton(dy)
     fu, fv = _unpack(x, u, u_scale, u_offset, v, v_scale, v_offset, quant)
@@ -213,11 +249,24 @@ def _lowrank_backward(ctx, dy, _dt_a):
     need = ctx.needs_input_grad
     dx = da = db = None
     if need[0] or need[7] or need[8]:
-        dx, da, db = torch.ops.emloc.lowrank_lora_bwd(dy, x, t_a, u, us, uo, v, vs, vo, lora_a, lora_b,
-                                                      ctx.scaling, ctx.quant, need[0])
+        dx, da, db = torch.ops.emloc.lowrank_lora_bwd(
+            dy, x, t_a, u, us, uo, v, vs, vo, lora_a, lora_b, ctx.scaling, ctx.quant, need[0]
+        )
     dbias = dy.sum(0).to(ctx.bias_dtype) if need[10] else None
-    return (dx if need[0] else None, None, None, None, None, None, None,
-            da if need[7] else None, db if need[8] else None, None, dbias, None)
+    return (
+        dx if need[0] else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        da if need[7] else None,
+        db if need[8] else None,
+        None,
+        dbias,
+        None,
+    )
 
 
 _lowrank_fwd.register_autograd(_lowrank_backward, setup_context=_lowrank_setup)
@@ -237,8 +286,10 @@ def lowrank_lora(
     x, u, v, lora_a, lora_b, bias = _autocast(x, u, v, lora_a, lora_b, bias)
     for name, f in (("u", u), ("v", v)):
         if not isinstance(f, (torch.Tensor, PackedFactor)) or len(f.shape) != 2:
-            raise ValueError(f"lowrank_lora: {name} must be a 2-D tensor or PackedFactor (u: out×rank, v: rank×in), "
-                             f"got {type(f).__name__} {tuple(getattr(f, 'shape', ()))}")
+            raise ValueError(
+                f"lowrank_lora: {name} must be a 2-D tensor or PackedFactor (u: out×rank, v: rank×in), "
+                f"got {type(f).__name__} {tuple(getattr(f, 'shape', ()))}"
+            )
     (out_f, rank), in_f = u.shape, v.shape[1]
     _check_x("lowrank_lora", x, in_f)
     _check_2d("lowrank_lora", "u", u, (out_f, rank), x)
@@ -254,8 +305,14 @@ def lowrank_lora(
 # ----------------------------------------------------------------------------- dense + LoRA op
 
 
-def _dense_fwd_body(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                    scaling: float, bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _dense_fwd_body(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    bias: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x: M×in.  ``t_A = x Aᵀ``; ``y = [x | t_A]·[W | s·B]ᵀ + b``; returns (y, t_A)."""
     tri = use_triton(x)
     with torch.autocast(x.device.type, enabled=False):
@@ -269,12 +326,22 @@ _dense_fwd = torch.library.custom_op("emloc::dense_lora_fwd", mutates_args=())(_
 
 @_dense_fwd.register_fake
 def _(x, weight, lora_a, lora_b, scaling, bias):
-    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_a.shape[0], dtype=_lora_dtype(x, lora_a))
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(
+        x.shape[0], lora_a.shape[0], dtype=_lora_dtype(x, lora_a)
+    )
 
 
 @torch.library.custom_op("emloc::dense_lora_bwd", mutates_args=())
-def _dense_bwd(dy: torch.Tensor, x: torch.Tensor, t_a: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
-               lora_b: torch.Tensor, scaling: float, need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _dense_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    t_a: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    need_dx: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``dt_A = s·dy B``; ``dx = [dy | dt_A]·[W; A]``; ``dA = dt_Aᵀ x``; ``dB = s·dyᵀ t_A``."""
     tri = use_triton(dy)
     with torch.autocast(dy.device.type, enabled=False):
@@ -323,8 +390,10 @@ def dense_lora(
     """``x weightᵀ + scaling·x lora_aᵀ lora_bᵀ + bias`` (weight: out×in), fused; any leading shape of x."""
     x, weight, lora_a, lora_b, bias = _autocast(x, weight, lora_a, lora_b, bias)
     if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
-        raise ValueError(f"dense_lora: weight must be an out×in tensor, got {type(weight).__name__} "
-                         f"{tuple(getattr(weight, 'shape', ()))}")
+        raise ValueError(
+            f"dense_lora: weight must be an out×in tensor, got {type(weight).__name__} "
+            f"{tuple(getattr(weight, 'shape', ()))}"
+        )
     if lora_a is None or lora_b is None:
         raise ValueError("dense_lora: lora_a and lora_b are required (use F.linear without LoRA)")
     out_f, in_f = weight.shape

@@ -26,6 +26,7 @@ Quantisation (all implementations agree bit for bit; arithmetic in fp32):
 * :func:`quantize` refuses non-finite input and factors whose top grid value would overflow
   the dtype (values within a fraction of a percent of its largest number).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -78,7 +79,9 @@ class PackedFactor:
         if self.scale.dtype not in FLOAT_DTYPES:
             raise TypeError(f"PackedFactor: scale dtype must be one of {FLOAT_DTYPES}, got {self.scale.dtype}")
         if (self.offset is None) != (self.fmt == "int8"):
-            raise ValueError(f"PackedFactor: offset must be {'None' if self.fmt == 'int8' else 'a tensor'} for {self.fmt}")
+            raise ValueError(
+                f"PackedFactor: offset must be {'None' if self.fmt == 'int8' else 'a tensor'} for {self.fmt}"
+            )
         n, k = self.shape
         tensors = {"qweight": self.qweight, "scale": self.scale, "offset": self.offset}
         dtypes = {"qweight": qweight_dtype(self.fmt), "scale": self.scale.dtype, "offset": self.scale.dtype}

@@ -4,6 +4,7 @@ compute, and what CPU tensors run without ``TRITON_INTERPRET=1``.
 The quantisation references (:func:`quantize_reference`, :func:`dequantize_reference`) live
 beside the packed layout they define, in :mod:`.quant`, and are re-exported here.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -14,8 +15,13 @@ import torch.nn.functional as F
 from .quant import PackedFactor, PackedOperand, Right, dequantize_reference, quantize_reference
 
 __all__ = [
-    "dense", "gemm_2k_reference", "gemm_2n_reference", "lowrank_lora_reference", "dense_lora_reference",
-    "quantize_reference", "dequantize_reference",
+    "dense",
+    "gemm_2k_reference",
+    "gemm_2n_reference",
+    "lowrank_lora_reference",
+    "dense_lora_reference",
+    "quantize_reference",
+    "dequantize_reference",
 ]
 
 

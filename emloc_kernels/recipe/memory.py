@@ -7,6 +7,7 @@ threshold, so freed tensors go back to the OS and RSS follows live memory rather
 allocator's retained heap (which otherwise depends on the order of frees).  CUDA: ``torch.cuda.max_memory_allocated``.
 Run as ``python -m emloc_kernels.recipe.memory {inference,finetune} ...``; prints one JSON line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,7 +50,9 @@ class PeakMeter:
         return _status_kib("VmHWM") * 1024 - self.base
 
 
-def measure(kind: str, model_dir: str, batch_file: str, device: str, dtype: str, rank: int, alpha: float, lr: float) -> int:
+def measure(
+    kind: str, model_dir: str, batch_file: str, device: str, dtype: str, rank: int, alpha: float, lr: float
+) -> int:
     from ..conventions import EMULATOR_METADATA
     from ..emulator.io import load_emulator
     from .models import attach_lora, load_model, load_tokenizer
@@ -78,11 +81,36 @@ def measure(kind: str, model_dir: str, batch_file: str, device: str, dtype: str,
     return meter.peak()
 
 
-def peak_in_fresh_process(kind: str, model_dir: str | Path, batch_file: str | Path, *, device: str, dtype: str,
-                          rank: int = 8, alpha: float = 8.0, lr: float = 1e-3) -> int:
+def peak_in_fresh_process(
+    kind: str,
+    model_dir: str | Path,
+    batch_file: str | Path,
+    *,
+    device: str,
+    dtype: str,
+    rank: int = 8,
+    alpha: float = 8.0,
+    lr: float = 1e-3,
+) -> int:
     """Run :func:`measure` in a new Python process and return its peak bytes."""
-    cmd = [sys.executable, "-m", "emloc_kernels.recipe.memory", kind, str(model_dir), str(batch_file), "--device", device,
-           "--dtype", dtype, "--rank", str(rank), "--alpha", str(alpha), "--lr", str(lr)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "emloc_kernels.recipe.memory",
+        kind,
+        str(model_dir),
+        str(batch_file),
+        "--device",
+        device,
+        "--dtype",
+        dtype,
+        "--rank",
+        str(rank),
+        "--alpha",
+        str(alpha),
+        "--lr",
+        str(lr),
+    ]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:

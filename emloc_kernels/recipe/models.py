@@ -1,5 +1,6 @@
 """Loading a causal LM and its tokenizer, and attaching the recipe's LoRA (a leaf module:
 the training run and the fresh-process memory measurement both build on it)."""
+
 from __future__ import annotations
 
 from pathlib import Path

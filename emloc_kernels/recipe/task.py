@@ -4,6 +4,7 @@ A prompt template with ``{text}`` is followed by the label as the next word; an 
 scored among the dataset's labels by the next-token log-probability of each label's first
 token (only the last position's logits are computed).
 """
+
 from __future__ import annotations
 
 import json
@@ -29,7 +30,11 @@ def read_jsonl(path: str | os.PathLike, what: str) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{what} {path}:{i} is not JSON: {e}") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not isinstance(row.get("label"), str):
+            if (
+                not isinstance(row, dict)
+                or not isinstance(row.get("text"), str)
+                or not isinstance(row.get("label"), str)
+            ):
                 raise ValueError(f'{what} {path}:{i} must be an object with string fields "text" and "label"')
             rows.append({"text": row["text"], "label": row["label"]})
     if not rows:
@@ -60,8 +65,13 @@ class LabelTask:
     def encode(self, rows: list[dict], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """Left-padded prompts, so every example's next token is at the last position."""
         with padding(self.tokenizer, "left") as tok:
-            enc = tok([self.prompt.format(text=r["text"]) for r in rows], return_tensors="pt", padding=True,
-                      truncation=True, max_length=self.max_length)
+            enc = tok(
+                [self.prompt.format(text=r["text"]) for r in rows],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+            )
         mask = enc["attention_mask"]
         batch = {
             "input_ids": enc["input_ids"],
@@ -79,8 +89,13 @@ class LabelTask:
 
 def next_token_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(B, vocab) logits at the last position only."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], logits_to_keep=1, use_cache=False)
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        logits_to_keep=1,
+        use_cache=False,
+    )
     return out.logits[:, -1, :]
 
 
@@ -90,8 +105,9 @@ def loss_on(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, task: LabelTask, rows: list[dict], batch_size: int = 32,
-             device: torch.device | str | None = None) -> float:
+def accuracy(
+    model: nn.Module, task: LabelTask, rows: list[dict], batch_size: int = 32, device: torch.device | str | None = None
+) -> float:
     """Fraction of ``rows`` whose label's first token out-scores the other labels'."""
     was_training = model.training
     model.eval()

@@ -7,6 +7,7 @@ recorded by stand-ins for the two kernels; Triton's argument specialisation (int
 to 1 become constants, multiples of 16 are marked divisible, pointers 16-byte aligned)
 is reproduced by hand.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -23,7 +24,14 @@ from emloc_kernels.ops import _triton_gemm as G
 from emloc_kernels.ops.quant import PackedFactor
 
 SMEM_LIMIT = 232448  # H100 / H200 per-block maximum
-TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8"}
+TYPES = {
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.float32: "fp32",
+    torch.int32: "i32",
+    torch.int8: "i8",
+    torch.uint8: "u8",
+}
 launches = []
 
 
@@ -51,8 +59,11 @@ def compile_launch(jit, args, kw) -> int:
             sig[name] = "i32"
             if v % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    k = triton.compile(ASTSource(fn=jit, signature=sig, constexprs=consts, attrs=attrs),
-                       target=GPUTarget("cuda", 90, 32), options=options)
+    k = triton.compile(
+        ASTSource(fn=jit, signature=sig, constexprs=consts, attrs=attrs),
+        target=GPUTarget("cuda", 90, 32),
+        options=options,
+    )
     return k.metadata.shared
 
 
@@ -61,8 +72,14 @@ def record(m, n_in, n_out, r, rho, dt, lora_dt, packed=None):
     x = torch.randn(m, n_in, generator=g).to(dt).requires_grad_()
     if packed:  # packed u (int4) and v (int8): contents do not matter for compiling
         kp = -(-r // packed) * packed
-        u = PackedFactor(torch.zeros(n_out, kp // 2, dtype=torch.uint8), torch.ones(n_out, kp // packed, dtype=dt),
-                         torch.zeros(n_out, kp // packed, dtype=dt), "int4", (n_out, r), packed)
+        u = PackedFactor(
+            torch.zeros(n_out, kp // 2, dtype=torch.uint8),
+            torch.ones(n_out, kp // packed, dtype=dt),
+            torch.zeros(n_out, kp // packed, dtype=dt),
+            "int4",
+            (n_out, r),
+            packed,
+        )
         v = PackedFactor(torch.zeros(r, n_in, dtype=torch.int8), torch.ones(r, 1, dtype=dt), None, "int8", (r, n_in))
     else:
         u = ops.aligned_rows(torch.randn(n_out, r, generator=g).to(dt))
@@ -79,12 +96,16 @@ def main() -> int:
     G._sms = lambda device: 132
     importlib.import_module("emloc_kernels.ops.lowrank_lora").use_triton = lambda t: True
     G._alloc = lambda shape, dtype, device: torch.zeros(shape, dtype=dtype)
-    record(2048, 512, 1792, 300, 16, torch.bfloat16, torch.bfloat16)   # training class
-    record(300, 512, 1792, 300, 16, torch.bfloat16, torch.float32)     # middle class, fp32 adapters
+    record(2048, 512, 1792, 300, 16, torch.bfloat16, torch.bfloat16)  # training class
+    record(300, 512, 1792, 300, 16, torch.bfloat16, torch.float32)  # middle class, fp32 adapters
     record(1, 512, 1792, 300, 8, torch.float16, torch.float16, packed=64)  # decode, packed factors
     seen, bad = set(), 0
     for jit, args, kw in launches:
-        key = (jit.fn.__name__, tuple(sorted(kw.items())), tuple(str(a.dtype) if isinstance(a, torch.Tensor) else a == 1 for a in args))
+        key = (
+            jit.fn.__name__,
+            tuple(sorted(kw.items())),
+            tuple(str(a.dtype) if isinstance(a, torch.Tensor) else a == 1 for a in args),
+        )
         if key in seen:
             continue
         seen.add(key)

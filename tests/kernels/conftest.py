@@ -7,6 +7,7 @@ Triton kernels on CPU tensors (triton reads the variable when the kernels are de
 reference), and it fails if it finished without launching a kernel, unless it is marked
 ``no_launch`` (it runs the torch reference, or an empty grid, on purpose).
 """
+
 from __future__ import annotations
 
 import math
@@ -74,4 +75,6 @@ def poison_outputs(monkeypatch):
         return
     from emloc_kernels.ops import _triton_gemm
 
-    monkeypatch.setattr(_triton_gemm, "_alloc", lambda shape, dtype, device: torch.full(shape, math.nan, dtype=dtype, device=device))
+    monkeypatch.setattr(
+        _triton_gemm, "_alloc", lambda shape, dtype, device: torch.full(shape, math.nan, dtype=dtype, device=device)
+    )

@@ -1,4 +1,5 @@
 """Tolerances and tensor helpers shared by the kernel tests."""
+
 from __future__ import annotations
 
 import os

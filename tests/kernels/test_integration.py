@@ -1,5 +1,6 @@
 """The ops inside real training machinery: custom-op registration, torch.compile,
 non-reentrant checkpointing, and a few LoRA steps on a tiny Llama emulator."""
+
 from __future__ import annotations
 
 import pytest
@@ -87,7 +88,9 @@ class _LoRALowRank(nn.Module):
         super().__init__()
         self.base, self.scaling, self.fused = base, alpha / rank, fused
         self.lora_a = nn.Parameter(torch.randn(rank, base.in_features, generator=g) / base.in_features**0.5)
-        self.lora_b = nn.Parameter(torch.randn(base.out_features, rank, generator=g) * 0.1)  # non-zero: LoRA acts at step 0
+        self.lora_b = nn.Parameter(
+            torch.randn(base.out_features, rank, generator=g) * 0.1
+        )  # non-zero: LoRA acts at step 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fn = ops.lowrank_lora if self.fused else lowrank_lora_reference
@@ -98,8 +101,15 @@ def _tiny_llama_emulator(fused: bool, device: str) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=97,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     cfg._attn_implementation = "eager"
     model = LlamaForCausalLM(cfg)
     g = torch.Generator().manual_seed(1)

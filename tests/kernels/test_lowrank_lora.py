@@ -1,4 +1,5 @@
 """lowrank_lora / dense_lora: forward and every gradient against an fp64 reference."""
+
 from __future__ import annotations
 
 import pytest
@@ -186,9 +187,14 @@ def test_gpu_launch_classes(m, lora_dtype):
     g = torch.Generator().manual_seed(7)
     n_in, n_out, r, rho = 1000, 1500, 333, 16
     rnd = lambda *s, dt=torch.bfloat16, scale=1.0: (torch.randn(*s, generator=g) * scale).to("cuda", dt)  # noqa: E731
-    t = {"x": rnd(m, n_in), "u": rnd(n_out, r, scale=r**-0.5), "v": rnd(r, n_in, scale=n_in**-0.5),
-         "lora_a": rnd(rho, n_in, dt=lora_dtype, scale=n_in**-0.5), "lora_b": rnd(n_out, rho, dt=lora_dtype),
-         "bias": rnd(n_out)}
+    t = {
+        "x": rnd(m, n_in),
+        "u": rnd(n_out, r, scale=r**-0.5),
+        "v": rnd(r, n_in, scale=n_in**-0.5),
+        "lora_a": rnd(rho, n_in, dt=lora_dtype, scale=n_in**-0.5),
+        "lora_b": rnd(n_out, rho, dt=lora_dtype),
+        "bias": rnd(n_out),
+    }
     grads = ["x", "lora_a", "lora_b", "bias"]
     for k in grads:
         t[k].requires_grad_(True)

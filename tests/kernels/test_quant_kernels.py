@@ -1,5 +1,6 @@
 """lowrank_lora with packed (int8 / int4) emulator factors: the kernels dequantise in the
 tile loop; the expected result is dequantize_reference followed by the fp64 float reference."""
+
 from __future__ import annotations
 
 import dataclasses
