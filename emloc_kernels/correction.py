@@ -337,6 +337,22 @@ def _lora_paths(state: Mapping[str, torch.Tensor]) -> list[str]:
     return paths
 
 
+def weights_for(
+    emu: "_Emulator", orig: "_Original", path: str, lora_a: torch.Tensor, lora_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``(W, W_E, conv1d)`` of module ``path``, refused unless both match the LoRA's out×in."""
+    info = emu.info(path)
+    w_e = emu.weight(path)
+    w, conv1d = orig.weight(path, info)
+    expected = (lora_b.shape[0], lora_a.shape[1])
+    if tuple(w.shape) != expected or tuple(w_e.shape) != expected:
+        raise ValueError(
+            f"{path}: the adapter is out×in = {expected}, the emulator {tuple(w_e.shape)}, the original "
+            f"{tuple(w.shape)}; the adapter, emulator and original must belong to the same model"
+        )
+    return w, w_e, conv1d
+
+
 def _check_out_dir(out_dir: Path, overwrite: bool, inputs: list[object]) -> None:
     if out_dir.exists() or out_dir.is_symlink():
         if not overwrite:
@@ -398,15 +414,7 @@ def correct_adapter(
         if emu.kept_dense(path):  # W_E = W: the LoRA already fits the original as it is
             unchanged.append(path)
             continue
-        info = emu.info(path)
-        w_e = emu.weight(path)
-        w, conv1d = orig.weight(path, info)
-        expected = (lora_b.shape[0], lora_a.shape[1])
-        if tuple(w.shape) != expected or tuple(w_e.shape) != expected:
-            raise ValueError(
-                f"{path}: the adapter is out×in = {expected}, the emulator {tuple(w_e.shape)}, the original "
-                f"{tuple(w.shape)}; the adapter, emulator and original must belong to the same model"
-            )
+        w, w_e, conv1d = weights_for(emu, orig, path, lora_a, lora_b)
         device = torch.device("cpu") if w.device.type == "mps" else w.device  # MPS has no fp64
         delta = w_e.to(device).neg_().add_(w.to(device))  # W − W_E, reusing W_E's fp64 buffer
         del w, w_e

@@ -63,6 +63,7 @@ from .correction import (
     _lora_paths,
     _Original,
     lora_scaling,
+    weights_for,
 )
 from .emulator.build import Grams, InputRecorder
 from .emulator.calibration import as_batches, capture_block_inputs, find_blocks, to_device, token_mask
@@ -399,15 +400,7 @@ def correct_adapter_aware(
         r, s = lora_scaling(config, path)
         if lora_a.shape[0] != r:
             raise ValueError(f"{path}: the adapter config gives rank {r}, but its lora_A has rank {lora_a.shape[0]}")
-        info = emu.info(path)
-        w_e = emu.weight(path)
-        w, conv1d = orig.weight(path, info)
-        expected = (lora_b.shape[0], lora_a.shape[1])
-        if tuple(w.shape) != expected or tuple(w_e.shape) != expected:
-            raise ValueError(
-                f"{path}: the adapter is out×in = {expected}, the emulator {tuple(w_e.shape)}, the original "
-                f"{tuple(w.shape)}; the adapter, emulator and original must belong to the same model"
-            )
+        w, w_e, conv1d = weights_for(emu, orig, path, lora_a, lora_b)
         gram = grams[path]
         delta = w.to(gram.device, torch.float64) - w_e.to(gram.device)
         a_o, b_c, stats = correct_lora_aware(lora_a, lora_b, delta, s, gram, lam=lams[path], mu=mu)

@@ -322,19 +322,7 @@ def _run(r: Run, out: Path) -> dict:
 
     # stage 2: LoRA on the emulator
     peft_model = attach_lora(emulator, s.lora_rank, alpha, s.seed)
-    losses = timed(
-        "train",
-        train,
-        peft_model,
-        task,
-        train_rows,
-        steps=s.steps,
-        batch_size=s.batch_size,
-        lr=s.lr,
-        seed=s.seed,
-        device=device,
-        progress=s.progress,
-    )
+    losses = timed("train", train_as_set, s, peft_model, task, train_rows, device)
     peft_model.save_pretrained(out / "adapter")  # names the original: the emulator was built in place
     del peft_model, emulator
 
@@ -446,6 +434,23 @@ def _run(r: Run, out: Path) -> dict:
     return report
 
 
+def train_as_set(
+    s: FinetuneSettings, model: torch.nn.Module, task: LabelTask, rows: list[dict], device: torch.device
+) -> list[float]:
+    """:func:`train` with the run's steps, batch size, learning rate, seed and progress setting."""
+    return train(
+        model,
+        task,
+        rows,
+        steps=s.steps,
+        batch_size=s.batch_size,
+        lr=s.lr,
+        seed=s.seed,
+        device=device,
+        progress=s.progress,
+    )
+
+
 def lora_on_original(
     s: FinetuneSettings,
     model_path: Path,
@@ -459,17 +464,7 @@ def lora_on_original(
     """The upper bound: the same LoRA training on the original model; its test accuracy."""
     model, _ = load_model(model_path, device, dtype)
     peft_model = attach_lora(model, s.lora_rank, alpha, s.seed)
-    train(
-        peft_model,
-        task,
-        train_rows,
-        steps=s.steps,
-        batch_size=s.batch_size,
-        lr=s.lr,
-        seed=s.seed,
-        device=device,
-        progress=s.progress,
-    )
+    train_as_set(s, peft_model, task, train_rows, device)
     return accuracy(peft_model, task, test_rows)
 
 
