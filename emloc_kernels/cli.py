@@ -31,16 +31,17 @@ def cmd_build(a: argparse.Namespace) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .conventions import refuse_existing
     from .emulator import build_emulator, save_emulator
+    from .files import check_output
 
-    out = refuse_existing(a.out, a.overwrite)
     start = time.perf_counter()
     if a.model == "demo" or a.data == "demo":
         from .recipe.finetune import FinetuneSettings, calibration_set
 
         demo_model, demo_texts = calibration_set(FinetuneSettings(calibration_samples=a.samples))
     model_dir = demo_model if a.model == "demo" else a.model
+    inputs = [model_dir, a.data]
+    out = check_output(a.out, inputs, overwrite=a.overwrite)
     texts = demo_texts if a.data == "demo" else _texts(a.data, a.samples)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, a.dtype))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -56,7 +57,7 @@ def cmd_build(a: argparse.Namespace) -> None:
         shrinkage=a.shrinkage,
         allocate=a.allocate,
     )
-    save_emulator(emulator, out, overwrite=a.overwrite)
+    save_emulator(emulator, out, overwrite=a.overwrite, inputs=inputs)
     modules = emulator.emloc_metadata["modules"]
     kept = sum(m["rank"] * (m["in_features"] + m["out_features"]) for m in modules.values())
     dense = sum(m["in_features"] * m["out_features"] for m in modules.values())
@@ -87,10 +88,12 @@ def cmd_correct(a: argparse.Namespace) -> None:
 
 def cmd_merge(a: argparse.Namespace) -> None:
     from .correction import merge_adapter
-    from .files import write_dir_atomically
+    from .files import check_output, write_dir_atomically
 
+    inputs = [a.original, a.adapter]
+    check_output(a.out, inputs, overwrite=a.overwrite)
     model = merge_adapter(a.original, a.adapter)
-    write_dir_atomically(a.out, model.save_pretrained, overwrite=a.overwrite)
+    write_dir_atomically(a.out, model.save_pretrained, overwrite=a.overwrite, inputs=inputs, kind="merged model")
     print(f"merged model written to {a.out}")
 
 
@@ -230,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
+    except (ValueError, FileExistsError, FileNotFoundError, PermissionError) as e:
         sys.exit(f"emloc {args.command}: error: {e}")
 
 

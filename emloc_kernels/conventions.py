@@ -1,7 +1,6 @@
 """Conventions shared by the stages, in one place: adapter file names and key prefix, the
 emulator's metadata file, replacing a submodule, the out×in weight of a transformers
-``Conv1D``, padding a tokenizer without changing it, loading a model from a directory, and
-refusing an existing output directory.
+``Conv1D``, padding a tokenizer without changing it and loading a model from a directory.
 """
 
 from __future__ import annotations
@@ -9,7 +8,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Union, cast
 
 import torch
@@ -65,11 +63,3 @@ def load_model(directory: PathLike, **kwargs: Any) -> nn.Module:
             f"config.json in {directory} names no transformers model class (architectures={architectures})"
         )
     return cls.from_pretrained(directory, **kwargs)
-
-
-def refuse_existing(out: PathLike, overwrite: bool, option: str = "--out") -> Path:
-    """``out`` as a Path; an existing one is refused unless ``overwrite``."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{option} {out} exists; choose another directory or pass --overwrite")
-    return out

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from .conventions import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EMULATOR_METADATA, LINEAR_TYPES, PEFT_KEY_PREFIX, load_model
-from .files import write_dir_atomically
+from .files import check_output, write_dir_atomically
 from .modules import LowRankLinear
 
 __all__ = ["correct_adapter", "merge_adapter", "correct_lora", "lora_scaling", "emulated_weight"]
@@ -353,20 +353,6 @@ def weights_for(
     return w, w_e, conv1d
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool, inputs: list[object]) -> None:
-    if out_dir.exists() or out_dir.is_symlink():
-        if not overwrite:
-            raise FileExistsError(f"out_dir {out_dir} already exists; pass overwrite=True to replace it")
-        if not out_dir.is_dir():
-            raise FileExistsError(f"out_dir {out_dir} exists and is not a directory; refusing to replace it")
-    target = out_dir.resolve()
-    for x in inputs:
-        if _is_path(x):
-            source = Path(x).resolve()
-            if source == target or target in source.parents:
-                raise ValueError(f"out_dir {out_dir} would replace the input {x}; choose another directory")
-
-
 # --------------------------------------------------------------------------- public entry points
 
 
@@ -393,8 +379,8 @@ def correct_adapter(
     are copied unchanged.
     """
     _check_clamp(clamp)
-    out_dir = Path(out_dir)
-    _check_out_dir(out_dir, overwrite, [adapter, emulator, original])
+    inputs = [adapter, emulator, original]
+    out_dir = check_output(out_dir, inputs, overwrite=overwrite, option="out_dir")
     config, state = _load_adapter(adapter)
     emu, orig = _Emulator(emulator), _Original(original)
     if emu.architecture and orig.architecture and emu.architecture != orig.architecture:
@@ -450,7 +436,7 @@ def correct_adapter(
         (directory / ADAPTER_CONFIG).write_text(json.dumps(out_config, indent=2, sort_keys=True))
         (directory / REPORT).write_text(json.dumps(report, indent=2))
 
-    write_dir_atomically(out_dir, write, overwrite=overwrite)
+    write_dir_atomically(out_dir, write, overwrite=overwrite, inputs=inputs, kind="adapter")
     return report
 
 

@@ -1,34 +1,141 @@
-"""Writing output directories without ever leaving a half-written one or losing a user's files."""
+"""Writing output directories without ever leaving a half-written one or losing a user's files.
+
+Every directory the library writes carries a marker file (:data:`MARKER`); ``overwrite`` only
+ever replaces such a directory, never a user's file, symbolic link or foreign directory, and
+an output may not be, contain or lie inside any of the inputs it is made from. The new content
+is written in a hidden temporary sibling and renamed into place when complete; the hidden
+siblings a killed write leaves behind are removed by the next write to the same path.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Union
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+# the file that marks a directory as written by this library (and so replaceable with overwrite)
+MARKER = ".emloc_output.json"
 
 
-def write_dir_atomically(path: str | os.PathLike, writer: Callable[[Path], object], *, overwrite: bool = False) -> Path:
-    """Run ``writer(tmp)`` in a temporary sibling of ``path``, then rename it to ``path``.
+def _is_path(x: object) -> bool:
+    return isinstance(x, (str, os.PathLike))
 
-    An existing ``path`` is refused unless ``overwrite=True``, and is then replaced only once
-    the new directory is complete; a failure leaves ``path`` as it was.
+
+def _real(path: PathLike) -> Path:
+    """``path`` absolute with every symbolic link resolved (also when it does not exist yet)."""
+    return Path(os.path.realpath(os.path.abspath(path)))
+
+
+def check_output(
+    out: PathLike, inputs: Iterable[object] = (), *, overwrite: bool = False, option: str = "--out"
+) -> Path:
+    """``out`` as a Path, once it is safe to write there; raises before any work is done.
+
+    Refused: an ``out`` that is, contains or lies inside one of ``inputs`` (non-path inputs,
+    such as model objects, are ignored); an existing ``out`` unless ``overwrite``; with
+    ``overwrite``, anything but a directory this library wrote; an ``out`` whose parent cannot
+    be written.
     """
-    path = Path(path)
-    if (path.exists() or path.is_symlink()) and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    path = Path(out)
+    target = _real(path)
+    for x in inputs:
+        if not _is_path(x) or not os.path.lexists(x):  # type: ignore[arg-type]
+            continue  # a model object, or a name that is no path here: nothing to destroy
+        source = _real(x)  # type: ignore[arg-type]
+        if target == source or source in target.parents or target in source.parents:
+            raise ValueError(
+                f"{option} {path} is, contains or lies inside the input {x}; choose a directory apart from the inputs"
+            )
+    if path.is_symlink() or path.exists():
+        if not overwrite:
+            raise FileExistsError(f"{option} {path} exists; choose another directory or pass --overwrite")
+        if path.is_symlink() or not path.is_dir():
+            kind = "a symbolic link" if path.is_symlink() else "a file"
+            raise FileExistsError(
+                f"{option} {path} is {kind}; --overwrite replaces only directories that emloc_kernels wrote"
+            )
+        if not (path / MARKER).is_file():
+            raise FileExistsError(
+                f"{option} {path} was not written by emloc_kernels (no {MARKER}); --overwrite replaces only "
+                "directories that emloc_kernels wrote: choose another directory or remove it yourself"
+            )
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{option} {path}: {parent} is not a writable directory")
+    return path
+
+
+def _pid_alive(pid: int) -> bool:
     try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_siblings(path: Path) -> None:
+    """Remove the hidden temporary siblings of ``path`` that a killed write left behind: ours
+    (they carry the marker) and of a process that no longer runs."""
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)\.[^/]*\.(tmp|old)$")
+    if not path.parent.is_dir():
+        return
+    for sibling in path.parent.iterdir():
+        m = pattern.match(sibling.name)
+        if (
+            m
+            and not sibling.is_symlink()
+            and sibling.is_dir()
+            and (sibling / MARKER).is_file()
+            and not _pid_alive(int(m.group(1)))
+        ):
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
+def write_dir_atomically(
+    path: PathLike,
+    writer: Callable[[Path], object],
+    *,
+    overwrite: bool = False,
+    inputs: Iterable[object] = (),
+    kind: str = "output",
+) -> Path:
+    """Run ``writer(tmp)`` in a hidden temporary sibling of ``path``, then rename it to ``path``.
+
+    ``path`` is checked by :func:`check_output` before and again after writing; an existing
+    one is replaced only once the new directory is complete, and a failure leaves it as it
+    was. ``kind`` is recorded in the marker file.
+    """
+    from ._version import __version__
+
+    inputs = list(inputs)
+    path = check_output(path, inputs, overwrite=overwrite, option="output directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
+    try:
+        (tmp / MARKER).write_text(json.dumps({"written_by": "emloc_kernels", "version": __version__, "kind": kind}))
         os.chmod(tmp, 0o755)
         writer(tmp)
-        if path.exists() or path.is_symlink():
-            if not overwrite:
-                raise FileExistsError(f"{path} appeared while writing; pass overwrite=True to replace it")
+        check_output(path, inputs, overwrite=overwrite, option="output directory")
+        if path.exists():
             old = tmp.with_suffix(".old")
             os.rename(path, old)
-            os.rename(tmp, path)
+            try:
+                os.rename(tmp, path)
+            except BaseException:
+                os.rename(old, path)
+                raise
             shutil.rmtree(old)
         else:
             os.rename(tmp, path)

@@ -117,4 +117,4 @@ def save_lora(
         save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         config.save_pretrained(str(tmp))  # PEFT writes its own adapter_config.json
 
-    return write_dir_atomically(out_dir, writer, overwrite=overwrite)
+    return write_dir_atomically(out_dir, writer, overwrite=overwrite, kind="adapter")

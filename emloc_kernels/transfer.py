@@ -56,7 +56,6 @@ from .correction import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     PathLike,
-    _check_out_dir,
     _Emulator,
     _is_path,
     _load_adapter,
@@ -67,7 +66,7 @@ from .correction import (
 )
 from .emulator.build import Grams, InputRecorder
 from .emulator.calibration import as_batches, capture_block_inputs, find_blocks, to_device, token_mask
-from .files import write_dir_atomically
+from .files import check_output, write_dir_atomically
 from .modules import LowRankLinear
 
 __all__ = ["collect_grams", "correct_adapter_aware", "correct_lora_aware", "reduced_rank_lora", "transfer_adapter"]
@@ -191,6 +190,7 @@ def _write_adapter(
     report: Mapping[str, Any],
     report_name: str,
     overwrite: bool,
+    inputs: list[object],
 ) -> None:
     """The same files as :func:`.correction.correct_adapter` writes, atomically."""
 
@@ -201,7 +201,7 @@ def _write_adapter(
         (directory / ADAPTER_CONFIG).write_text(json.dumps(dict(config), indent=2, sort_keys=True))
         (directory / report_name).write_text(json.dumps(report, indent=2))
 
-    write_dir_atomically(out_dir, write, overwrite=overwrite)
+    write_dir_atomically(out_dir, write, overwrite=overwrite, inputs=inputs, kind="adapter")
 
 
 def _out_config(config: Mapping[str, Any], name: str, conv1d_seen: bool) -> dict[str, Any]:
@@ -370,8 +370,8 @@ def correct_adapter_aware(
     must be runnable: a model or an HF directory (loaded whole).
     """
     mu = _check_number(mu, "mu", nonneg=True)
-    out_dir = Path(out_dir)
-    _check_out_dir(out_dir, overwrite, [adapter, emulator, original])
+    inputs = [adapter, emulator, original]
+    out_dir = check_output(out_dir, inputs, overwrite=overwrite, option="out_dir")
     config, state = _load_adapter(adapter)
     paths = _lora_paths(state)
     lams = _lam_per_module(lam, paths)
@@ -425,7 +425,7 @@ def correct_adapter_aware(
             "applied_ratio": applied_total / lora_total if lora_total > 0 else None,
         },
     }
-    _write_adapter(out_dir, out_state, out_config, report, AWARE_REPORT, overwrite)
+    _write_adapter(out_dir, out_state, out_config, report, AWARE_REPORT, overwrite, inputs)
     return report
 
 
@@ -601,8 +601,8 @@ def transfer_adapter(
     are not LoRA pairs are copied unchanged.
     """
     ridge = _check_number(ridge, "ridge", nonneg=True)
-    out_dir = Path(out_dir)
-    _check_out_dir(out_dir, overwrite, [adapter_dir, emulator, original])
+    inputs = [adapter_dir, emulator, original]
+    out_dir = check_output(out_dir, inputs, overwrite=overwrite, option="out_dir")
     config, state = _load_adapter(adapter_dir)
     paths = _lora_paths(state)
     lams = _lam_per_module(lam, paths)
@@ -668,7 +668,7 @@ def transfer_adapter(
         "unchanged": [p for p in paths if p not in new],
         "totals": {"modules": len(modules), "relative_residual": residual / target if target > 0 else None},
     }
-    _write_adapter(out_dir, out_state, out_config, report, TRANSFER_REPORT, overwrite)
+    _write_adapter(out_dir, out_state, out_config, report, TRANSFER_REPORT, overwrite, inputs)
     return report
 
 

@@ -362,19 +362,26 @@ def test_existing_out_dir_refused_then_replaced(setup, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "stale.txt").write_text("old")
-    with pytest.raises(FileExistsError, match="already exists.*overwrite=True"):
+    with pytest.raises(FileExistsError, match="out_dir .* exists.*--overwrite"):
         correct_adapter(*args, out, progress=False)
-    assert (out / "stale.txt").is_file()
-    correct_adapter(*args, out, overwrite=True, progress=False)
+    with pytest.raises(FileExistsError, match="not written by emloc_kernels"):  # a foreign directory
+        correct_adapter(*args, out, overwrite=True, progress=False)
+    assert [p.name for p in out.iterdir()] == ["stale.txt"]
+    (out / "stale.txt").unlink()
+    out.rmdir()
+    correct_adapter(*args, out, progress=False)
+    (out / "stale.txt").write_text("old")
+    correct_adapter(*args, out, overwrite=True, progress=False)  # one the library wrote is replaced
     assert sorted(p.name for p in out.iterdir()) == [
+        ".emloc_output.json",
         "adapter_config.json",
         "adapter_model.safetensors",
         "correction_report.json",
     ]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary siblings left
-    with pytest.raises(ValueError, match="would replace the input"):
+    with pytest.raises(ValueError, match="is, contains or lies inside the input"):
         correct_adapter(*args, setup["root"] / "adapter", overwrite=True, progress=False)
-    with pytest.raises(ValueError, match="would replace the input"):
+    with pytest.raises(ValueError, match="is, contains or lies inside the input"):
         correct_adapter(*args, setup["root"], overwrite=True, progress=False)
 
 
@@ -441,8 +448,9 @@ def test_bad_arguments(setup, tmp_path):
     for clamp in (0, -1.0, float("nan"), float("inf"), "3", True):
         with pytest.raises(ValueError, match="clamp must be a positive finite number or None"):
             correct_adapter(*args, tmp_path / "out", clamp=clamp, progress=False)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="has no adapter_config.json"):
-        correct_adapter(tmp_path, setup["emulator"], setup["original"], tmp_path / "out", progress=False)
+        correct_adapter(tmp_path / "empty", setup["emulator"], setup["original"], tmp_path / "out", progress=False)
     with pytest.raises(FileNotFoundError, match="has no emloc.json"):
         correct_adapter(args[0], setup["root"] / "original", setup["original"], tmp_path / "out", progress=False)
     with pytest.raises(TypeError, match="is a LowRankLinear: pass the original model, not the emulator"):

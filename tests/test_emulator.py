@@ -244,9 +244,15 @@ def test_save_refuses_existing_path_and_overwrites(tiny_model, tmp_path):
     target = tmp_path / "emu"
     target.mkdir()
     (target / "stale.txt").write_text("old")
-    with pytest.raises(FileExistsError, match="overwrite=True"):
+    with pytest.raises(FileExistsError, match="exists.*--overwrite"):
         save_emulator(emulator, target)
+    with pytest.raises(FileExistsError, match="not written by emloc_kernels"):
+        save_emulator(emulator, target, overwrite=True)
     assert sorted(p.name for p in target.iterdir()) == ["stale.txt"]
+    (target / "stale.txt").unlink()
+    target.rmdir()
+    save_emulator(emulator, target)
+    (target / "stale.txt").write_text("old")
     save_emulator(emulator, target, overwrite=True)
     assert not (target / "stale.txt").exists() and (target / "emloc.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["emu"]  # no temporary siblings left

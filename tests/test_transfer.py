@@ -358,7 +358,7 @@ def test_transfer_argument_errors(perfect, tmp_path):
             tmp_path / "c",
             progress=False,
         )
-    with pytest.raises(FileExistsError):
+    with pytest.raises(ValueError, match="lies inside the input"):
         transfer_adapter(
             perfect["root"] / "adapter",
             perfect["emulator"],

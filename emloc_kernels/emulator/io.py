@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -15,8 +16,13 @@ from ..files import write_dir_atomically
 from ..modules import LowRankLinear
 
 
-def save_emulator(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write ``model`` (an emulator from :func:`build_emulator`) to a new directory ``path``."""
+def save_emulator(
+    model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False, inputs: Iterable[object] = ()
+) -> Path:
+    """Write ``model`` (an emulator from :func:`build_emulator`) to a new directory ``path``.
+
+    ``path`` may not be, contain or lie inside the original model's directory or ``inputs``
+    (see :func:`~emloc_kernels.files.write_dir_atomically`, also for ``overwrite``)."""
     metadata = getattr(model, "emloc_metadata", None)
     if metadata is None:
         raise ValueError("model has no emloc_metadata: save an emulator made by build_emulator or load_emulator")
@@ -25,7 +31,8 @@ def save_emulator(model: nn.Module, path: str | os.PathLike, *, overwrite: bool 
         model.save_pretrained(tmp)
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=1))
 
-    return write_dir_atomically(path, writer, overwrite=overwrite)
+    protected = [metadata.get("original_model") or "", *inputs]
+    return write_dir_atomically(path, writer, overwrite=overwrite, inputs=protected, kind="emulator")
 
 
 def read_metadata(path: str | os.PathLike) -> dict:

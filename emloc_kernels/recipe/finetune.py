@@ -17,10 +17,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..conventions import refuse_existing
 from ..correction import correct_adapter
 from ..emulator import build_emulator, save_emulator
-from ..files import write_dir_atomically
+from ..files import check_output, write_dir_atomically
 from ..transfer import correct_adapter_aware, transfer_adapter
 from . import demo
 from .memory import peak_in_fresh_process
@@ -261,10 +260,13 @@ def run(s: FinetuneSettings) -> dict:
 
     Everything is written aside and renamed at the end: a failed run leaves no half-filled
     ``--out``, and an existing one is replaced (``--overwrite``) only by a finished run."""
-    out = refuse_existing(s.out, s.overwrite)
+    inputs = [s.model, s.data, s.eval_data]
+    out = check_output(s.out, inputs, overwrite=s.overwrite)
     r = Run.create(s)
     report: dict = {}
-    write_dir_atomically(out, lambda work: report.update(_run(r, work)), overwrite=s.overwrite)
+    write_dir_atomically(
+        out, lambda work: report.update(_run(r, work)), overwrite=s.overwrite, inputs=inputs, kind="finetune run"
+    )
     return report
 
 
