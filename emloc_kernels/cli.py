@@ -29,8 +29,9 @@ def _texts(path: str, limit: int) -> list[str]:
 
 def cmd_build(a: argparse.Namespace) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from .conventions import load_model
     from .emulator import build_emulator, save_emulator
     from .files import check_output
 
@@ -43,7 +44,7 @@ def cmd_build(a: argparse.Namespace) -> None:
     inputs = [model_dir, a.data]
     out = check_output(a.out, inputs, overwrite=a.overwrite)
     texts = demo_texts if a.data == "demo" else _texts(a.data, a.samples)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, a.dtype))
+    model = load_model(model_dir, dtype=getattr(torch, a.dtype))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     emulator = build_emulator(
         model,

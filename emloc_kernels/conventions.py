@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Union, cast
 
 import torch
@@ -53,13 +54,54 @@ def padding(tokenizer: Any, side: str) -> Iterator[Any]:
 
 
 def load_model(directory: PathLike, **kwargs: Any) -> nn.Module:
-    """The model class named in the directory's ``config.json``, loaded from it."""
+    """The model class named in the directory's ``config.json``, loaded from it.
+
+    Refused, instead of being filled with random weights by transformers: an emulator
+    directory, and a checkpoint that lacks tensors of the model or holds them in another shape.
+    """
     import transformers
 
+    if (Path(directory) / EMULATOR_METADATA).is_file():
+        raise ValueError(
+            f"{directory} is an emulator (it has {EMULATOR_METADATA}); pass the original model here "
+            "(an emulator loads with emloc_kernels.load_emulator)"
+        )
     architectures = transformers.AutoConfig.from_pretrained(directory).architectures or []
     cls = getattr(transformers, architectures[0], None) if architectures else None
     if cls is None:
         raise ValueError(
             f"config.json in {directory} names no transformers model class (architectures={architectures})"
         )
-    return cls.from_pretrained(directory, **kwargs)
+    model, info = cls.from_pretrained(directory, output_loading_info=True, **kwargs)
+    broken = sorted(info.get("missing_keys") or []) + [str(k) for k in info.get("mismatched_keys") or []]
+    if broken:
+        raise ValueError(
+            f"{directory}: {len(broken)} tensors of the model are missing or of another shape "
+            f"(e.g. {broken[:3]}); transformers would initialise them at random"
+        )
+    return model
+
+
+# how many values of an original weight the emulator records, to recognise that original later
+PROBE_SIZE = 8
+
+
+def weight_probe(weight: torch.Tensor) -> dict[str, Any]:
+    """A few values of an out×in weight at fixed positions, with its dtype: enough to tell the
+    weight an emulator was built from from another of the same shape."""
+    flat = weight.detach().reshape(-1)
+    index = torch.linspace(0, flat.numel() - 1, PROBE_SIZE).round().long().to(flat.device)
+    return {"dtype": str(flat.dtype).removeprefix("torch."), "values": flat[index].double().cpu().tolist()}
+
+
+def matches_probe(weight: torch.Tensor, probe: dict[str, Any]) -> bool:
+    """Whether ``weight`` holds the probed values: exactly in the same dtype; in another, up to
+    the rounding of the coarser of the two."""
+    now = weight_probe(weight)
+    a, b = torch.tensor(now["values"], dtype=torch.float64), torch.tensor(probe["values"], dtype=torch.float64)
+    if a.shape != b.shape:
+        return False
+    if now["dtype"] == probe["dtype"]:
+        return bool(torch.equal(a, b))
+    eps = max(torch.finfo(getattr(torch, d)).eps for d in (now["dtype"], probe["dtype"]))
+    return bool(((a - b).abs() <= eps * torch.maximum(a.abs(), b.abs())).all())

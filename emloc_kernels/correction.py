@@ -35,7 +35,15 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from .conventions import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EMULATOR_METADATA, LINEAR_TYPES, PEFT_KEY_PREFIX, load_model
+from .conventions import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    EMULATOR_METADATA,
+    LINEAR_TYPES,
+    PEFT_KEY_PREFIX,
+    load_model,
+    matches_probe,
+)
 from .files import check_output, write_dir_atomically
 from .modules import LowRankLinear
 
@@ -349,6 +357,12 @@ def weights_for(
         raise ValueError(
             f"{path}: the adapter is out×in = {expected}, the emulator {tuple(w_e.shape)}, the original "
             f"{tuple(w.shape)}; the adapter, emulator and original must belong to the same model"
+        )
+    probe = info.get("original_probe")
+    if probe is not None and not matches_probe(w, probe):
+        raise ValueError(
+            f"{path}: the original ({orig.source}) is not the model the emulator was built from "
+            f"({emu.metadata.get('original_model') or 'unnamed'}): its weights differ; pass that model"
         )
     return w, w_e, conv1d
 

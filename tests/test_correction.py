@@ -18,6 +18,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from transformers.pytorch_utils import Conv1D
 
 from emloc_kernels import LowRankLinear
+from emloc_kernels.conventions import out_in_weight, weight_probe
 from emloc_kernels.correction import correct_adapter, correct_lora, lora_scaling, merge_adapter
 
 # sizes are deliberately not multiples of 8/16
@@ -84,6 +85,7 @@ def make_emulator(original: nn.Module, keep: set[str] = frozenset()) -> nn.Modul
             "transposed": conv1d,
             "quant": None,
             "group_size": 0,
+            "original_probe": weight_probe(out_in_weight(module)),
         }
     emulator.emloc_metadata = {
         "format_version": 1,
@@ -529,3 +531,37 @@ def test_models_on_cuda_match_cpu(setup, tmp_path):
     for path, (a_o, b_c) in cuda.items():
         assert a_o.device.type == "cpu"
         torch.testing.assert_close(b_c @ a_o, cpu[path][1] @ cpu[path][0], atol=1e-5, rtol=1e-5)
+
+
+def test_refuses_an_original_other_than_the_emulators(setup, tmp_path):
+    """Same architecture and shapes, other weights: refused, from a directory and as a model;
+    the emulator's own original in another dtype is accepted."""
+    adapter, emulator = setup["root"] / "adapter", setup["root"] / "emulator"
+    other = make_original(setup["arch"])
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1e-3 * torch.randn_like(p))  # a fine-tuned variant
+    other.save_pretrained(tmp_path / "other")
+    for candidate in (tmp_path / "other", other):
+        with pytest.raises(ValueError, match="is not the model the emulator was built from"):
+            correct_adapter(adapter, emulator, candidate, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    half = copy.deepcopy(setup["original"]).to(torch.bfloat16)
+    correct_adapter(adapter, emulator, half, tmp_path / "out", progress=False)
+
+
+def test_an_emulator_or_incomplete_checkpoint_is_no_original(setup, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from emloc_kernels.conventions import load_model
+
+    with pytest.raises(ValueError, match="is an emulator .* pass the original model"):
+        load_model(setup["root"] / "emulator")
+    with pytest.raises(ValueError, match="is an emulator"):
+        merge_adapter(setup["root"] / "emulator", setup["root"] / "adapter")
+    setup["original"].save_pretrained(tmp_path / "cut")
+    state = load_file(str(tmp_path / "cut" / "model.safetensors"))
+    del state[next(k for k in state if "mlp" in k or ".c_fc." in k)]
+    save_file(state, str(tmp_path / "cut" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="1 tensors of the model are missing .* initialise them at random"):
+        load_model(tmp_path / "cut")

@@ -420,3 +420,47 @@ def test_save_and_load_bad_paths(tiny_model, tmp_path):
     assert not (tmp_path / "plain").exists()
     with pytest.raises(FileNotFoundError, match="not an emulator directory"):
         load_emulator(tmp_path / "missing")
+
+
+def test_build_records_a_probe_of_each_original_weight(tiny_model, tmp_path):
+    from emloc_kernels.conventions import matches_probe, out_in_weight
+
+    original, other = tiny_model("llama"), tiny_model("llama", seed=1)
+    weights = {n: out_in_weight(m).detach().clone() for n, m in original.named_modules() if isinstance(m, nn.Linear)}
+    others = {n: out_in_weight(m).detach() for n, m in other.named_modules() if isinstance(m, nn.Linear)}
+    save_emulator(build_emulator(original, random_calibration(101), RATIO, progress=False), tmp_path / "emu")
+    modules = load_emulator(tmp_path / "emu").emloc_metadata["modules"]
+    assert modules
+    for name, info in modules.items():
+        assert matches_probe(weights[name], info["original_probe"])
+        assert matches_probe(weights[name].bfloat16(), info["original_probe"])
+        assert not matches_probe(others[name], info["original_probe"])
+
+
+def test_calibration_without_tokens_is_refused_and_too_few_warn(tiny_model):
+    ids = torch.randint(3, 101, (2, 7), generator=torch.Generator().manual_seed(0))
+    empty = [{"input_ids": ids, "attention_mask": torch.zeros_like(ids)}]
+    with pytest.raises(ValueError, match="calibration holds no tokens"):
+        build_emulator(tiny_model("llama"), empty, RATIO, progress=False)
+    with pytest.warns(RuntimeWarning, match="calibration has 3 tokens, fewer than the .* inputs"):
+        build_emulator(tiny_model("llama"), [ids[:1, :3]], RATIO, progress=False)
+
+
+def test_load_refuses_damaged_or_foreign_weight_files(tiny_model, tmp_path):
+    emulator = build_emulator(tiny_model("llama"), random_calibration(101), RATIO, progress=False)
+    save_emulator(emulator, tmp_path / "emu")
+    (file,) = (tmp_path / "emu").glob("*.safetensors")
+    extra = tmp_path / "emu" / "model-extra.safetensors"
+    safetensors.torch.save_file({"model.norm.weight": torch.zeros(16)}, str(extra))
+    with pytest.raises(ValueError, match="are not among the files of this emulator"):
+        load_emulator(tmp_path / "emu")
+    extra.unlink()
+    data = bytearray(file.read_bytes())
+    data[-5] ^= 1  # one bit of a tensor
+    file.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="differs from the checksum"):
+        load_emulator(tmp_path / "emu")
+    load_emulator(tmp_path / "emu", verify=False)  # the opt-out loads the (flipped) data
+    file.write_bytes(bytes(data[:100]))
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_emulator(tmp_path / "emu", verify=False)

@@ -46,7 +46,7 @@ def sandbox(tmp_path, tiny_model, monkeypatch):
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before the output was checked")
 
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_loading)
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(no_loading))
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import warnings
 from typing import Any, Mapping
 
 import torch
@@ -13,7 +14,7 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from .._version import __version__
-from ..conventions import LINEAR_TYPES
+from ..conventions import LINEAR_TYPES, weight_probe
 from ..conventions import out_in_weight as dense_weight_of
 from ..conventions import replace_submodule as _replace
 from ..modules import LowRankLinear
@@ -250,6 +251,7 @@ def _compress_block(
             "quant": None,
             "group_size": 0,
             "shrinkage": chosen[lead],
+            "original_probe": weight_probe(weight),
             "calibration_error": _error(weight, u, v, total[lead]),
             "heldout_error": heldout,
         }
@@ -261,6 +263,22 @@ def _compress_block(
         _replace(model, name, layer)
         report[name] = info
     return report
+
+
+def _check_calibration_size(batches: list[dict[str, torch.Tensor]], plan: dict) -> None:
+    """Refuse calibration without tokens; warn when it has fewer tokens than the widest linear
+    has inputs: then its Gram matrix is singular and the whitening rests on the ridge alone."""
+    tokens = sum(int(batch_token_mask(b).sum()) for b in batches)
+    if tokens == 0:
+        raise ValueError("calibration holds no tokens (every attention mask is zero): pass non-empty samples")
+    widest = max((dense_weight_of(m).shape[1] for m, _ in plan.values()), default=0)
+    if tokens < widest:
+        warnings.warn(
+            f"calibration has {tokens} tokens, fewer than the {widest} inputs of the widest linear: the emulator "
+            "will fit them but generalise poorly (see heldout_error in the report); use more or longer samples",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def batch_token_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -333,6 +351,7 @@ def build_emulator(
     blocks_name, blocks = find_blocks(model)
     plan = select_modules(blocks_name, blocks, ratio, targets)
     batches = as_batches(calibration, tokenizer, max_length)
+    _check_calibration_size(batches, plan)
     home = next(model.parameters()).device
     work = torch.device(device) if device is not None else home
     was_training = model.training

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable
@@ -29,10 +30,38 @@ def save_emulator(
 
     def writer(tmp: Path) -> None:
         model.save_pretrained(tmp)
-        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=1))
+        files = {f.name: _sha256(f) for f in sorted(tmp.glob("*.safetensors"))}
+        (tmp / METADATA_FILE).write_text(json.dumps({**metadata, "files": files}, indent=1))
 
     protected = [metadata.get("original_model") or "", *inputs]
     return write_dir_atomically(path, writer, overwrite=overwrite, inputs=protected, kind="emulator")
+
+
+def _sha256(file: Path) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _weight_files(path: Path, metadata: dict, verify: bool) -> list[Path]:
+    """The safetensors files ``save_emulator`` recorded, checked against their SHA-256 (unless
+    ``verify=False``); a file it did not write is refused rather than mixed in."""
+    found = sorted(path.glob("*.safetensors"))
+    recorded = metadata.get("files")
+    if recorded is None:  # written before checksums were recorded
+        return found
+    stray = sorted(f.name for f in found if f.name not in recorded)
+    if stray:
+        raise ValueError(f"{path}: {stray} are not among the files of this emulator ({sorted(recorded)}); remove them")
+    files = [path / name for name in recorded]
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"{path}: {f.name} of this emulator is missing")
+        if verify and _sha256(f) != recorded[f.name]:
+            raise ValueError(f"{f}: the content differs from the checksum in {METADATA_FILE} (a damaged copy?)")
+    return files
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
@@ -60,8 +89,13 @@ def empty_module_for(info: dict, dtype: torch.dtype) -> LowRankLinear:
     return LowRankLinear(*args, bias=info["bias"], device="meta", dtype=dtype)
 
 
-def load_emulator(path: str | os.PathLike, *, device: torch.device | str | None = None) -> nn.Module:
-    """Rebuild an emulator saved by :func:`save_emulator`; needs neither calibration nor the original."""
+def load_emulator(
+    path: str | os.PathLike, *, device: torch.device | str | None = None, verify: bool = True
+) -> nn.Module:
+    """Rebuild an emulator saved by :func:`save_emulator`; needs neither calibration nor the original.
+
+    ``verify``: check each weight file against the SHA-256 recorded at save time (about a
+    second per GB); ``False`` skips it."""
     import transformers
     from accelerate import init_empty_weights
     from safetensors.torch import load_file
@@ -73,9 +107,16 @@ def load_emulator(path: str | os.PathLike, *, device: torch.device | str | None 
     cls = getattr(transformers, metadata["architecture"], None)
     if cls is None:
         raise ValueError(f"transformers has no class {metadata['architecture']!r} (saved by a newer version?)")
-    state = {}
-    for file in sorted(path.glob("*.safetensors")):
-        state.update(load_file(file))
+    state: dict[str, torch.Tensor] = {}
+    for file in _weight_files(path, metadata, verify):
+        try:
+            tensors = load_file(file)
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
+        twice = sorted(set(tensors) & set(state))
+        if twice:
+            raise ValueError(f"{path}: tensors {twice[:3]} appear in more than one file")
+        state.update(tensors)
     if not state:
         raise FileNotFoundError(f"no *.safetensors in {path}")
     with init_empty_weights(include_buffers=False):
@@ -94,7 +135,7 @@ def load_emulator(path: str | os.PathLike, *, device: torch.device | str | None 
     missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if missing:
         raise ValueError(f"{path}: tensors missing for {missing[:5]}")
-    model.emloc_metadata = metadata
+    model.emloc_metadata = {k: v for k, v in metadata.items() if k != "files"}  # "files" describes a directory
     if metadata.get("original_model"):  # adapters trained on the emulator name the original (PEFT reads this)
         model.config.name_or_path = model.name_or_path = metadata["original_model"]
     model.eval()

@@ -17,9 +17,9 @@ def load_tokenizer(path: str | Path) -> Any:
 
 
 def load_model(path: str | Path, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, Any]:
-    from transformers import AutoModelForCausalLM
+    from ..conventions import load_model as load_checked
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    model = load_checked(path, dtype=dtype).to(device)
     model.eval()
     return model, load_tokenizer(path)
 
