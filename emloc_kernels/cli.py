@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -43,6 +45,7 @@ def cmd_build(a: argparse.Namespace) -> None:
     model_dir = demo_model if a.model == "demo" else a.model
     inputs = [model_dir, a.data]
     out = check_output(a.out, inputs, overwrite=a.overwrite)
+    partial = out.parent / f".{out.name}.partial"  # finished blocks: a rerun after a kill resumes
     texts = demo_texts if a.data == "demo" else _texts(a.data, a.samples)
     model = load_model(model_dir, dtype=getattr(torch, a.dtype))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -57,8 +60,10 @@ def cmd_build(a: argparse.Namespace) -> None:
         propagate=a.propagate,
         shrinkage=a.shrinkage,
         allocate=a.allocate,
+        checkpoint=partial,
     )
     save_emulator(emulator, out, overwrite=a.overwrite, inputs=inputs)
+    shutil.rmtree(partial)
     modules = emulator.emloc_metadata["modules"]
     kept = sum(m["rank"] * (m["in_features"] + m["out_features"]) for m in modules.values())
     dense = sum(m["in_features"] * m["out_features"] for m in modules.values())
@@ -232,6 +237,12 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    log = logging.getLogger("emloc_kernels")
+    if not log.handlers:  # the library's notes (such as a resumed build) on stderr
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(f"emloc {args.command}: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
     try:
         args.func(args)
     except (ValueError, FileExistsError, FileNotFoundError, PermissionError) as e:

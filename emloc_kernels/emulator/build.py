@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import warnings
 from typing import Any, Mapping
@@ -19,6 +20,7 @@ from ..conventions import out_in_weight as dense_weight_of
 from ..conventions import replace_submodule as _replace
 from ..modules import LowRankLinear
 from .calibration import as_batches, capture_block_inputs, find_blocks, to_device, token_mask
+from .checkpoint import BlockCheckpoint, digest
 from .svd import WhitenedSVD, Whitening, allocate_ranks, output_error, rank_for, regression_target
 
 logger = logging.getLogger(__name__)
@@ -265,6 +267,14 @@ def _compress_block(
     return report
 
 
+def _replay(block: nn.Module, calls: list, i: int, hidden: list[torch.Tensor], work: torch.device) -> None:
+    """Carry each calibration batch's activations through ``block`` (the ``i``-th), in place."""
+    for b, call in enumerate(calls):
+        _, args, kwargs = call[i]
+        out = block(hidden[b], *to_device(args, work), **to_device(kwargs, work))
+        hidden[b] = out[0] if isinstance(out, tuple) else out
+
+
 def _check_calibration_size(batches: list[dict[str, torch.Tensor]], plan: dict) -> None:
     """Refuse calibration without tokens; warn when it has fewer tokens than the widest linear
     has inputs: then its Gram matrix is singular and the whitening rests on the ridge alone."""
@@ -321,6 +331,7 @@ def build_emulator(
     shrinkage: float | str = 0.0,
     allocate: str = "uniform",
     heldout: bool = True,
+    checkpoint: str | os.PathLike | None = None,
 ) -> nn.Module:
     """Replace the linears inside ``model``'s blocks by whitened-SVD ``LowRankLinear`` s, in place.
 
@@ -337,6 +348,9 @@ def build_emulator(
     ``allocate``: ``"uniform"`` gives every linear the rank of its ratio; ``"block"`` spends
     the same parameters per block where the whitened spectra say they remove most error.
     ``heldout``: hold every 4th sample out of a second fit to report ``heldout_error``.
+    ``checkpoint``: a directory where each finished block is kept; a build with the same
+    settings and checkpoint resumes after the last kept block, with a bit-identical result
+    (same machine and thread count). Removing the directory afterwards is the caller's choice.
     Returns the same model, with ``model.emloc_metadata`` holding the per-module report.
     """
     if quant is not None:
@@ -361,6 +375,15 @@ def build_emulator(
     split = _heldout_masks(batches, HELDOUT_EVERY if (heldout or shrinkage == "auto") else 0)
     hidden = [to_device(c[0][0], work) for c in calls]
     hidden_e = list(hidden) if propagate else None
+    kept = None
+    if checkpoint is not None:
+        settings = [ratio, targets, quant, group_size, max_length, propagate, shrinkage, allocate, heldout]
+        probes = [weight_probe(dense_weight_of(m)) for m, _ in plan.values()]
+        version = [__version__, torch.__version__, torch.get_num_threads(), str(work)]
+        calibration_digest = [t for b in batches for t in (b["input_ids"], batch_token_mask(b))]
+        kept = BlockCheckpoint(checkpoint, digest(settings, probes, version, *calibration_digest))
+        if kept.finished():
+            logger.warning("resuming the build: %d of %d blocks kept in %s", kept.finished(), len(blocks), checkpoint)
     report: dict[str, dict] = {}
     bar = tqdm(blocks, desc="emulator", unit="block", disable=not progress)
     for i, block in enumerate(bar):
@@ -369,6 +392,14 @@ def build_emulator(
         # would stay there, and on the CPU the whole original would stay beside the emulator)
         mine = {n: plan.pop(n) for n in [n for n in plan if n.startswith(prefix)]}
         block.to(work)
+        if kept is not None and kept.done(i):  # replay the forward passes the build made here
+            _replay(block, calls, i, hidden, work)
+            report.update(kept.restore(i, model, work))
+            if hidden_e is not None:
+                _replay(block, calls, i, hidden_e, work)
+            block.to(home)
+            del mine
+            continue
         recorder = InputRecorder()
         handles = [m.register_forward_pre_hook(recorder.hook(n)) for n, (m, _) in mine.items()]
         fit: dict[str, Grams] = {}
@@ -411,11 +442,10 @@ def build_emulator(
                 group_size=group_size,
             )
         )
+        if kept is not None:
+            kept.save(i, model, {n: report[n] for n in mine})
         if hidden_e is not None:  # the emulator's own stream flows on through the emulated block
-            for b, call in enumerate(calls):
-                _, args, kwargs = call[i]
-                out = block(hidden_e[b], *to_device(args, work), **to_device(kwargs, work))
-                hidden_e[b] = out[0] if isinstance(out, tuple) else out
+            _replay(block, calls, i, hidden_e, work)
         block.to(home)
         del recorder, mine, fit, held
     model.train(was_training)
