@@ -127,19 +127,57 @@ def write_dir_atomically(
         (tmp / MARKER).write_text(json.dumps({"written_by": "emloc_kernels", "version": __version__, "kind": kind}))
         os.chmod(tmp, 0o755)
         writer(tmp)
-        check_output(path, inputs, overwrite=overwrite, option="output directory")
-        if path.exists():
-            old = tmp.with_suffix(".old")
-            os.rename(path, old)
-            try:
-                os.rename(tmp, path)
-            except BaseException:
-                os.rename(old, path)
-                raise
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, path)
+        _publish(tmp, path, overwrite=overwrite, inputs=inputs)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return path
+
+
+def _publish(tmp: Path, path: Path, *, overwrite: bool, inputs: list[object]) -> None:
+    """Rename the complete ``tmp`` to ``path``, replacing a directory the library wrote there."""
+    check_output(path, inputs, overwrite=overwrite, option="output directory")
+    if not path.exists():
+        os.rename(tmp, path)
+        return
+    old = path.parent / f".{path.name}.{os.getpid()}.replaced.old"
+    os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        os.rename(old, path)
+        raise
+    shutil.rmtree(old)
+
+
+def write_dir_resumably(
+    path: PathLike,
+    writer: Callable[[Path], object],
+    *,
+    key: str,
+    overwrite: bool = False,
+    inputs: Iterable[object] = (),
+    kind: str = "output",
+) -> Path:
+    """As :func:`write_dir_atomically`, but the work directory is the hidden sibling
+    ``.NAME.partial`` and is kept when ``writer`` fails or the process is killed: a later call
+    with the same ``key`` hands ``writer`` what it holds, so that it can skip finished work;
+    another ``key`` starts over."""
+    from ._version import __version__
+
+    inputs = list(inputs)
+    path = check_output(path, inputs, overwrite=overwrite, option="output directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(path)
+    work = path.parent / f".{path.name}.partial"
+    if work.is_symlink() or (work.exists() and not (work / MARKER).is_file()):
+        raise FileExistsError(f"{work} is in the way and was not written by emloc_kernels: remove it")
+    if work.exists() and json.loads((work / MARKER).read_text()).get("key") != key:
+        shutil.rmtree(work)  # a killed run with other settings
+    if not work.exists():
+        work.mkdir()
+        marker = {"written_by": "emloc_kernels", "version": __version__, "kind": kind, "key": key}
+        (work / MARKER).write_text(json.dumps(marker))
+    writer(work)
+    _publish(work, path, overwrite=overwrite, inputs=inputs)
     return path

@@ -176,3 +176,36 @@ def test_upper_bound_and_build_options_reach_the_report(material, tmp_path):
     assert meta["build"] == {"propagate": True, "shrinkage": "auto", "allocate": "block"}
     assert all(m["heldout_error"] is not None for m in meta["modules"].values())
     assert report["settings"]["upper_bound"] is True
+
+
+def test_interrupted_run_resumes_at_the_first_unfinished_stage(material, tmp_path, monkeypatch):
+    from emloc_kernels.recipe import finetune
+
+    reference = run(material, tmp_path / "reference")
+    real_peak = finetune.peak_in_fresh_process
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # stands for a kill in the memory stage
+
+    monkeypatch.setattr(finetune, "peak_in_fresh_process", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(material, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    kept = json.loads((tmp_path / ".run.partial" / "stages.json").read_text())
+    assert {"eval_zero_shot", "build_emulator", "train", "evaluate_variants"} <= set(kept)
+
+    calls = []
+    monkeypatch.setattr(finetune, "peak_in_fresh_process", real_peak)
+    for name in ("build_emulator", "train_as_set"):
+        real = getattr(finetune, name)
+        monkeypatch.setattr(
+            finetune, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k)
+        )
+    report = run(material, tmp_path / "run")
+    assert calls == []  # neither the emulator nor the LoRA was made again
+    for key in ("accuracy", "losses", "variants", "chosen", "bytes"):
+        assert report[key] == reference[key], key
+    assert not (tmp_path / ".run.partial").exists()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == sorted(
+        p.name for p in (tmp_path / "reference").iterdir()
+    )

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,9 +19,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .._version import __version__
 from ..correction import correct_adapter
-from ..emulator import build_emulator, save_emulator
-from ..files import check_output, write_dir_atomically
+from ..emulator import build_emulator, load_emulator, save_emulator
+from ..files import check_output, write_dir_atomically, write_dir_resumably
 from ..transfer import correct_adapter_aware, transfer_adapter
 from . import demo
 from .memory import peak_in_fresh_process
@@ -264,26 +267,61 @@ def run(s: FinetuneSettings) -> dict:
     out = check_output(s.out, inputs, overwrite=s.overwrite)
     r = Run.create(s)
     report: dict = {}
-    write_dir_atomically(
-        out, lambda work: report.update(_run(r, work)), overwrite=s.overwrite, inputs=inputs, kind="finetune run"
+    # the same settings, data, library and thread count resume a killed run's stages
+    same = {k: v for k, v in asdict(s).items() if k not in ("out", "overwrite", "progress")}
+    key = json.dumps([same, __version__, torch.get_num_threads(), str(r.model_path)], sort_keys=True, default=str)
+    write_dir_resumably(
+        out,
+        lambda work: report.update(_run(r, work)),
+        key=key,
+        overwrite=s.overwrite,
+        inputs=inputs,
+        kind="finetune run",
     )
     return report
+
+
+class Stages:
+    """The results of a run's finished stages, kept in ``stages.json`` of its work directory
+    (written atomically after each stage), so that a rerun after a kill skips them."""
+
+    def __init__(self, work: Path) -> None:
+        self.file = work / "stages.json"
+        self.done: dict[str, dict] = json.loads(self.file.read_text()) if self.file.is_file() else {}
+        if self.done:
+            logger.warning("resuming the run in %s: stages %s are kept", work, ", ".join(self.done))
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.done
+
+    def run(self, key: str, fn, *args, **kw):
+        """``fn(*args, **kw)`` (a JSON-able result), or its kept result when it already ran."""
+        if key not in self.done:
+            t = time.perf_counter()
+            result = fn(*args, **kw)
+            self.done[key] = {"result": result, "seconds": round(time.perf_counter() - t, 2)}
+            tmp = self.file.with_name(f".{self.file.name}.tmp")
+            tmp.write_text(json.dumps(self.done))
+            os.replace(tmp, self.file)
+        return self.done[key]["result"]
+
+    def timings(self) -> dict[str, float]:
+        return {k: v["seconds"] for k, v in self.done.items()}
 
 
 def _run(r: Run, out: Path) -> dict:
     s, task, model_path, device, dtype = r.settings, r.task, r.model_path, r.device, r.dtype
     alpha, variants, train_rows, val_rows, test_rows = r.alpha, r.variants, r.train_rows, r.val_rows, r.test_rows
-    timings: dict[str, float] = {}
-
-    def timed(key, fn, *args, **kw):
-        t = time.perf_counter()
-        result = fn(*args, **kw)
-        timings[key] = round(time.perf_counter() - t, 2)
-        return result
-
+    stages = Stages(out)
     torch.manual_seed(s.seed)
-    original, _ = load_model(model_path, device, dtype)
-    acc = {"zero_shot": timed("eval_zero_shot", accuracy, original, task, test_rows)}
+    original = None
+    if "build_emulator" not in stages:
+        original, _ = load_model(model_path, device, dtype)
+    acc = {
+        "zero_shot": stages.run(
+            "eval_zero_shot", lambda: accuracy(original or load_model(model_path, device, dtype)[0], task, test_rows)
+        )
+    }
 
     # memory of the same batch, each in a fresh process (fine-tuning measured after the emulator exists)
     spec = out / "memory_batch.json"
@@ -301,32 +339,42 @@ def _run(r: Run, out: Path) -> dict:
 
     # stage 1: the emulator (built in place: the original's weights are not needed again in memory)
     calib = calibration_texts(s, train_rows)
-    original_bytes = tensor_bytes(original)
-    emulator = timed(
-        "build_emulator",
-        build_emulator,
-        original,
-        calib,
-        s.ratio,
-        tokenizer=task.tokenizer,
-        device=device,
-        progress=s.progress,
-        quant=s.quant,
-        group_size=s.group_size,
-        propagate=s.propagate,
-        shrinkage=s.shrinkage,
-        allocate=s.allocate,
-    )
-    sizes = weight_sizes(emulator, original_bytes)
-    del original
-    save_emulator(emulator, out / "emulator")
-    acc["emulator"] = timed("eval_emulator", accuracy, emulator, task, test_rows)
+
+    def build() -> dict[str, int]:
+        original_bytes = tensor_bytes(original)
+        emulator = build_emulator(
+            original,
+            calib,
+            s.ratio,
+            tokenizer=task.tokenizer,
+            device=device,
+            progress=s.progress,
+            quant=s.quant,
+            group_size=s.group_size,
+            propagate=s.propagate,
+            shrinkage=s.shrinkage,
+            allocate=s.allocate,
+            checkpoint=out / ".emulator.partial",
+        )
+        save_emulator(emulator, out / "emulator", overwrite=True)
+        shutil.rmtree(out / ".emulator.partial")
+        return weight_sizes(emulator, original_bytes)
+
+    sizes = stages.run("build_emulator", build)
+    original = None  # it became the emulator, which is read back from its directory
+    emulator = load_emulator(out / "emulator", device=device) if "train" not in stages else None
+    acc["emulator"] = stages.run("eval_emulator", lambda: accuracy(emulator, task, test_rows))
 
     # stage 2: LoRA on the emulator
-    peft_model = attach_lora(emulator, s.lora_rank, alpha, s.seed)
-    losses = timed("train", train_as_set, s, peft_model, task, train_rows, device)
-    peft_model.save_pretrained(out / "adapter")  # names the original: the emulator was built in place
-    del peft_model, emulator
+    def train_on_emulator() -> list[float]:
+        peft_model = attach_lora(emulator, s.lora_rank, alpha, s.seed)
+        losses = train_as_set(s, peft_model, task, train_rows, device)
+        # names the original (load_emulator sets it), as PEFT expects of an adapter for it
+        write_dir_atomically(out / "adapter", peft_model.save_pretrained, overwrite=True, kind="adapter")
+        return losses
+
+    losses = stages.run("train", train_on_emulator)
+    emulator = None
 
     # stage 3: correction variants, chosen on validation data with the original model
     from peft import PeftModel
@@ -335,8 +383,10 @@ def _run(r: Run, out: Path) -> dict:
     dirs = {}
     for name, (method, param) in variants.items():
         dirs[name] = out / _variant_dir(name)
+        if dirs[name].is_dir():  # written atomically: complete
+            continue
         if method == "paper":  # reads the original one module at a time from its files
-            timed(
+            stages.run(
                 f"correct_{name}",
                 correct_adapter,
                 out / "adapter",
@@ -348,73 +398,73 @@ def _run(r: Run, out: Path) -> dict:
             )
         elif method in ("aware", "stream"):  # forward passes of the original, one block at a time
             fn = correct_adapter_aware if method == "aware" else transfer_adapter
-            timed(
+            stages.run(
                 f"transfer_{name}",
-                fn,
-                out / "adapter",
-                out / "emulator",
-                original,
-                calib,
-                dirs[name],
-                lam=param,
-                tokenizer=task.tokenizer,
-                device=device,
-                progress=False,
+                lambda: (
+                    fn(
+                        out / "adapter",
+                        out / "emulator",
+                        original,
+                        calib,
+                        dirs[name],
+                        lam=param,
+                        tokenizer=task.tokenizer,
+                        device=device,
+                        progress=False,
+                    )
+                    and None
+                ),
             )
-    results: dict[str, dict] = {}
-    peft_model = None
-    for name, d in dirs.items():
-        if peft_model is None:
-            peft_model = PeftModel.from_pretrained(original, d, adapter_name=_key(name))
+
+    def evaluate_variants() -> dict:
+        results: dict[str, dict] = {}
+        peft_model = None
+        for name, d in dirs.items():
+            if peft_model is None:
+                peft_model = PeftModel.from_pretrained(original, d, adapter_name=_key(name))
+            else:
+                peft_model.load_adapter(d, adapter_name=_key(name))
+            peft_model.set_adapter(_key(name))
+            results[name] = {
+                "validation": accuracy(peft_model, task, val_rows) if len(variants) > 1 else None,
+                "test": accuracy(peft_model, task, test_rows),
+                "dir": d.name,
+            }
+        if "uncorrected" in results:
+            uncorrected = results["uncorrected"]["test"]
         else:
-            peft_model.load_adapter(d, adapter_name=_key(name))
-        peft_model.set_adapter(_key(name))
-        results[name] = {
-            "validation": accuracy(peft_model, task, val_rows) if len(variants) > 1 else None,
-            "test": accuracy(peft_model, task, test_rows),
-            "dir": d.name,
-        }
+            peft_model.load_adapter(out / "adapter", adapter_name="uncorrected")
+            peft_model.set_adapter("uncorrected")
+            uncorrected = accuracy(peft_model, task, test_rows)
+        return {"variants": results, "uncorrected": uncorrected}
+
+    evaluated = stages.run("evaluate_variants", evaluate_variants)
+    results = evaluated["variants"]
     chosen = max(results, key=lambda n: results[n]["validation"] or 0.0) if len(variants) > 1 else next(iter(results))
-    if "uncorrected" in results:
-        acc["uncorrected"] = results["uncorrected"]["test"]
-    else:
-        peft_model.load_adapter(out / "adapter", adapter_name="uncorrected")
-        peft_model.set_adapter("uncorrected")
-        acc["uncorrected"] = accuracy(peft_model, task, test_rows)
+    acc["uncorrected"] = evaluated["uncorrected"]
     acc["corrected"] = results[chosen]["test"]
-    del peft_model, original
+    original = None
     if s.upper_bound:
-        acc["lora_original"] = timed(
+        acc["lora_original"] = stages.run(
             "train_original", lora_on_original, s, model_path, task, train_rows, test_rows, device, dtype, alpha
         )
         acc["recovery"] = recovery(acc["corrected"], acc["zero_shot"], acc["lora_original"])
 
+    memory_args = {"device": str(device), "dtype": str(dtype).split(".")[-1]}
+    training_args = {**memory_args, "rank": s.lora_rank, "alpha": alpha, "lr": s.lr}
     mem = {
-        "inference": peak_in_fresh_process(
-            "inference", model_path, spec, device=str(device), dtype=str(dtype).split(".")[-1]
+        "inference": stages.run(
+            "peak_mem_inference", peak_in_fresh_process, "inference", model_path, spec, **memory_args
         ),
-        "finetune": peak_in_fresh_process(
-            "finetune",
-            out / "emulator",
-            spec,
-            device=str(device),
-            dtype=str(dtype).split(".")[-1],
-            rank=s.lora_rank,
-            alpha=alpha,
-            lr=s.lr,
+        "finetune": stages.run(
+            "peak_mem_finetune", peak_in_fresh_process, "finetune", out / "emulator", spec, **training_args
         ),
     }
     if s.upper_bound:
-        mem["finetune_original"] = peak_in_fresh_process(
-            "finetune",
-            model_path,
-            spec,
-            device=str(device),
-            dtype=str(dtype).split(".")[-1],
-            rank=s.lora_rank,
-            alpha=alpha,
-            lr=s.lr,
+        mem["finetune_original"] = stages.run(
+            "peak_mem_finetune_original", peak_in_fresh_process, "finetune", model_path, spec, **training_args
         )
+    timings = stages.timings()
     report = {
         **acc,
         "peak_mem_inference": mem["inference"],
