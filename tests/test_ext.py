@@ -205,7 +205,7 @@ def test_wait_for_the_lock_is_bounded(monkeypatch, tmp_path):
     fcntl.flock(fd, fcntl.LOCK_EX)  # as a process that is building
     try:
         start = time.monotonic()
-        got = probe(root, timeout=120, EMLOC_EXT_LOCK_TIMEOUT="1")
+        got = probe(root, timeout=60, EMLOC_EXT_LOCK_TIMEOUT="1")
         elapsed = time.monotonic() - start
     finally:
         os.close(fd)
@@ -214,6 +214,18 @@ def test_wait_for_the_lock_is_bounded(monkeypatch, tmp_path):
     assert "using the torch implementation" in warning and str(t.lock) in warning
     assert not t.directory.exists() and not list(root.glob("*.build-*"))  # it gave up before building
     print(f"fell back after {elapsed:.1f} s (1 s of it waiting)")
+
+
+@pytest.mark.skipif(not can_build, reason="needs a C++ compiler and ninja, and EMLOC_DISABLE_EXT unset")
+def test_failed_build_publishes_nothing(monkeypatch, tmp_path):
+    root = tmp_path / "cache"
+    monkeypatch.setenv("EMLOC_EXT_CACHE", str(root))
+    monkeypatch.setattr(ext, "cuda_home", lambda: None)  # no nvcc: fail fast, in the C++ build
+    monkeypatch.setattr(ext, "CXX_FLAGS", [*ext.CXX_FLAGS, "-fno-such-flag"])
+    t = ext.target()
+    with pytest.raises(RuntimeError, match="(?s)building the extension failed.*-fno-such-flag"):
+        ext.build()
+    assert sorted(p.name for p in root.iterdir()) == [t.lock.name]  # no library, no build folder
 
 
 @pytest.fixture(scope="module")
