@@ -7,22 +7,40 @@ implementation), which ``torch.utils.cpp_extension.load`` builds with ninja. Wit
 the build is CPU-only. This recipe works with CPU and CUDA builds of torch alike, where
 ``CUDAExtension`` does not (it needs the CUDA build of torch and its CUDA headers).
 
-Builds are cached under ``$EMLOC_EXT_CACHE`` (default ``~/.cache/emloc_kernels/ext``) in a
-folder named by a hash of the sources, flags, toolkit and torch version, behind a file lock
-so parallel processes build once. ``EMLOC_DISABLE_EXT=1`` turns the extension off; when it
-cannot be built or loaded the library warns once, saying why, and uses its torch code.
+Builds are cached under ``$EMLOC_EXT_CACHE`` (default ``~/.cache/emloc_kernels/ext``), by a
+hash ``<digest>`` of the sources, flags, toolkit and torch version::
+
+    <root>/                         folders made here are 0700 (no other user can plant a library)
+      <digest>.lock                 flock held while building; opened without following symlinks, 0600
+      <digest>.build-XXXXXXXX/      a build in progress, in a fresh folder each time
+      <digest>/emloc_ext.so         the published library, moved in by an atomic rename
+      <digest>/emloc_ext.so.json    its size and sha256
+
+Guarantees. A library is loaded only when its size and sha256 match its record: a truncated or
+half-written file is rebuilt rather than mapped (which would kill the process with SIGBUS). A
+verified library is used without locking. Building holds the flock, which the kernel releases
+when its holder dies; so whoever holds it knows no other process is building and first removes
+what a killed build left (its folder, and torch's baton ``lock``: a plain file on which torch
+would wait forever). Waiting for the flock is bounded by ``$EMLOC_EXT_LOCK_TIMEOUT`` seconds
+(default 600). ``EMLOC_DISABLE_EXT=1`` turns the extension off; when it cannot be built or
+loaded, or the wait runs out, the library warns once, saying why, and uses its torch code.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,36 +185,177 @@ def cache_root() -> Path:
     return Path(os.environ.get("EMLOC_EXT_CACHE") or Path.home() / ".cache" / "emloc_kernels" / "ext")
 
 
-def build() -> Path:
-    """Build the extension unless the cache holds it; return the shared library's path."""
-    if not (CSRC / "ext.cpp").is_file():
-        raise RuntimeError(f"C++ sources not found at {CSRC} (a package built without them?)")
+def lock_timeout() -> float:
+    """Seconds to wait for another process's build before falling back: ``$EMLOC_EXT_LOCK_TIMEOUT``
+    (default 600, longer than a CUDA build)."""
+    value = os.environ.get("EMLOC_EXT_LOCK_TIMEOUT") or "600"
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"EMLOC_EXT_LOCK_TIMEOUT must be a number of seconds, got {value!r}") from None
+
+
+@dataclass(frozen=True)
+class Target:
+    """One build configuration and its place in the cache (layout in the module docstring)."""
+
+    home: Path | None  # the CUDA toolkit, or None for a CPU-only build
+    cxx_flags: tuple[str, ...]
+    ldflags: tuple[str, ...]
+    root: Path
+    digest: str
+
+    @property
+    def directory(self) -> Path:
+        return self.root / self.digest
+
+    @property
+    def library(self) -> Path:
+        return self.directory / f"{NAME}.so"
+
+    @property
+    def record(self) -> Path:
+        return self.directory / f"{NAME}.so.json"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / f"{self.digest}.lock"
+
+
+def target() -> Target:
+    """This machine's build configuration (toolkit, flags) and where its build is cached."""
     home = cuda_home()
     cxx_flags = CXX_FLAGS + (["-DEMLOC_WITH_CUDA"] if home else [])
     ldflags = cudart_flags(home) if home else []
-    root = cache_root()
-    build_dir = root / _digest(home, cxx_flags, ldflags)
-    library = build_dir / f"{NAME}.so"
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f"{build_dir.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if not library.is_file():
-            from torch.utils import cpp_extension
+    return Target(home, tuple(cxx_flags), tuple(ldflags), cache_root(), _digest(home, cxx_flags, ldflags))
 
-            build_dir.mkdir(exist_ok=True)
-            objects = (
-                [str(nvcc_compile(cu, build_dir / f"{cu.stem}.cu.o", home)) for cu in sorted(CSRC.glob("*.cu"))]
-                if home
-                else []
-            )
-            cpp_extension.load(
-                name=NAME,
-                sources=[str(CSRC / "ext.cpp")],
-                extra_cflags=cxx_flags,
-                extra_ldflags=objects + ldflags,
-                extra_include_paths=[str(CSRC)],
-                build_directory=str(build_dir),
-                with_cuda=False,
-                is_python_module=False,
-            )
-    return library
+
+def build() -> Path:
+    """Build the extension unless the cache holds a verified copy; return the shared library's path."""
+    if not (CSRC / "ext.cpp").is_file():
+        raise RuntimeError(f"C++ sources not found at {CSRC} (a package built without them?)")
+    t = target()
+    if _verified(t):  # no lock needed: files are only ever replaced whole, by rename
+        return t.library
+    _make_private_dirs(t.root)
+    with _locked(t.lock):
+        if not _verified(t):  # another process may have built it while we waited
+            _clear_leftovers(t)
+            scratch = Path(tempfile.mkdtemp(prefix=f"{t.digest}.build-", dir=t.root))  # mode 0700
+            try:
+                _publish(_compile(t, scratch), t)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+    return t.library
+
+
+# Run in a child process: a library that does not load there is never published, and this process
+# never loads a second copy of the ops (torch.utils.cpp_extension.load loads what it builds).
+_BUILD_SCRIPT = "import json, sys; from torch.utils import cpp_extension; cpp_extension.load(**json.loads(sys.argv[1]))"
+
+
+def _compile(t: Target, scratch: Path) -> Path:
+    """Build the library in the empty folder ``scratch``; return its path there."""
+    objects = (
+        [str(nvcc_compile(cu, scratch / f"{cu.stem}.cu.o", t.home)) for cu in sorted(CSRC.glob("*.cu"))]
+        if t.home
+        else []
+    )
+    args = dict(
+        name=NAME,
+        sources=[str(CSRC / "ext.cpp")],
+        extra_cflags=list(t.cxx_flags),
+        extra_ldflags=objects + list(t.ldflags),
+        extra_include_paths=[str(CSRC)],
+        build_directory=str(scratch),
+        with_cuda=False,
+        is_python_module=False,
+    )
+    result = subprocess.run([sys.executable, "-c", _BUILD_SCRIPT, json.dumps(args)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"building the extension failed:\n{result.stderr.strip()}")
+    return scratch / f"{NAME}.so"
+
+
+def _fingerprint(path: Path) -> tuple[int, str]:
+    """Size and sha256 of a file, read from one open file (so they describe the same version)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return size, h.hexdigest()
+
+
+def _verified(t: Target) -> bool:
+    """Whether the published library matches its record (read, never mapped: a short file is no crash)."""
+    try:
+        record = json.loads(t.record.read_text())
+        return _fingerprint(t.library) == (record["size"], record["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _publish(built: Path, t: Target) -> None:
+    """Move a new library into place: flushed to disk, then renamed over the old one, then its record
+    (written and renamed the same way). A reader sees old or new files, never part of one; a library
+    and record of different builds do not match, so that reader rebuilds under the lock."""
+    _make_private_dirs(t.directory)
+    with open(built, "rb") as f:
+        os.fsync(f.fileno())
+    size, sha256 = _fingerprint(built)
+    os.replace(built, t.library)
+    fd, tmp = tempfile.mkstemp(prefix=f"{t.record.name}.", dir=t.directory)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"size": size, "sha256": sha256}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, t.record)
+    dir_fd = os.open(t.directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)  # the renames themselves
+    finally:
+        os.close(dir_fd)
+
+
+def _clear_leftovers(t: Target) -> None:
+    """Remove what a killed build left: its folder (ninja's outputs, maybe half-written) and torch's
+    baton ``lock``, a plain file that only its live owner deletes. Only under the flock, whose holder
+    knows that no other process of ours is building."""
+    for folder in t.root.glob(f"{t.digest}.build-*"):
+        shutil.rmtree(folder, ignore_errors=True)
+    (t.directory / "lock").unlink(missing_ok=True)  # the earlier layout built in place, in <digest>/
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on ``path``, waiting at most ``lock_timeout()`` seconds. The kernel drops
+    a flock when its holder dies, so it cannot go stale. The file is opened without following a
+    symlink: a planted link cannot make us create or lock another file."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        timeout = lock_timeout()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(
+                        f"waited {timeout:g} s for the lock {path}, held by another process building the "
+                        "extension (EMLOC_EXT_LOCK_TIMEOUT sets the wait)"
+                    ) from None
+                time.sleep(0.1)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _make_private_dirs(path: Path) -> None:
+    """Create ``path`` and its missing parents with mode 0700; existing folders are left as they are."""
+    for folder in reversed([p for p in (path, *path.parents) if not p.exists()]):
+        try:
+            folder.mkdir(mode=0o700)
+        except FileExistsError:  # made meanwhile by another process
+            pass
