@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -386,6 +386,8 @@ argv_tokens = st.one_of(st.sampled_from(OPTIONS), st.text(max_size=12), st.sampl
 
 @settings(max_examples=200, deadline=None)
 @given(st.sampled_from(["build", "finetune", "correct", "merge", "help"]), st.lists(argv_tokens, max_size=8))
+@example("merge", ["a", "--original", "b", "--out", "c", "x\ny"])  # argparse does not quote unrecognised ones
+@example("build", ["m", "--data", "d", "--out", "o", "--\u2028"])
 def test_command_line_parsing_gives_arguments_or_a_one_line_usage_error(command, rest):
     import contextlib
     import io
