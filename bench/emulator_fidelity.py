@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from emloc_kernels.emulator import build_emulator
 from emloc_kernels.recipe.finetune import FinetuneSettings, calibration_texts, prepare
 from emloc_kernels.recipe.models import load_model
-from emloc_kernels.recipe.task import accuracy
+from emloc_kernels.recipe.task import accuracy, fill_prompt
 
 OUT = Path(__file__).parent / "results" / "emulator_fidelity.csv"
 
@@ -66,7 +66,7 @@ def main() -> None:
     s = FinetuneSettings(validation_samples=200, calibration_samples=max(args.samples or [64]))
     model_path, task, train_rows, val_rows, _ = prepare(s)
     val_rows = val_rows[: args.validation]
-    texts = [s.prompt.format(text=r["text"]) + " " + r["label"] for r in val_rows]
+    texts = [fill_prompt(s.prompt, r["text"]) + " " + r["label"] for r in val_rows]
     original, _ = load_model(model_path, torch.device("cpu"), torch.float32)
     reference = logits_on(original, task, texts)
     zero_shot = accuracy(original, task, val_rows)

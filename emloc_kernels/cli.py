@@ -5,28 +5,59 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import shutil
 import sys
 import time
-from pathlib import Path
+
+RATIO_FORM = "a number in (0, 1) or regex=ratio pairs such as 'mlp=0.3,self_attn=0.5'"
+
+
+def _ratio_value(text: str, where: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"--ratio{where} must be {RATIO_FORM}; got {text!r}") from None
+    if not 0.0 < value < 1.0:  # also refuses nan
+        raise ValueError(
+            f"--ratio{where} must be in (0, 1) (the fraction of each linear's parameters kept); got {text!r}"
+        )
+    return value
 
 
 def _ratio(text: str) -> float | dict[str, float]:
-    """``0.4`` or ``'q_proj=0.3,mlp=0.5'`` (regex=ratio pairs)."""
+    """``0.4`` or ``'q_proj=0.3,mlp=0.5'`` (regex=ratio pairs; the first matching pattern wins).
+
+    Errors are ``ValueError`` s with a one-line message naming ``--ratio``."""
     if "=" not in text:
-        return float(text)
-    pairs = (item.rsplit("=", 1) for item in text.split(","))
-    return {pattern: float(value) for pattern, value in pairs}
+        return _ratio_value(text, "")
+    ratios: dict[str, float] = {}
+    for item in text.split(","):
+        if "=" not in item:
+            raise ValueError(f"--ratio pair {item!r} has no '=': give {RATIO_FORM}")
+        pattern, value = item.rsplit("=", 1)
+        if pattern in ratios:
+            raise ValueError(f"--ratio gives the pattern {pattern!r} twice")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"--ratio pattern {pattern!r} is not a valid regular expression: {e}") from None
+        ratios[pattern] = _ratio_value(value, f" of {pattern!r}")
+    return ratios
 
 
 def _texts(path: str, limit: int) -> list[str]:
-    """Calibration texts: a .jsonl with a "text" field per line, or a plain text file, one sample per line."""
-    lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    """Calibration texts: a .jsonl with a "text" field per line, or a plain text file, one sample per line
+    (lines end at \n only)."""
+    from .datafiles import read_jsonl, read_text_lines
+
     if path.endswith(".jsonl"):
-        lines = [json.loads(line)["text"] for line in lines]
-    if not lines:
+        texts = [row["text"] for row in read_jsonl(path, "--data", ("text",))]
+    else:
+        texts = read_text_lines(path, "--data")
+    if not texts:
         raise ValueError(f"--data {path} holds no samples")
-    return lines[:limit]
+    return texts[:limit]
 
 
 def cmd_build(a: argparse.Namespace) -> None:
@@ -38,11 +69,17 @@ def cmd_build(a: argparse.Namespace) -> None:
     from .files import check_output
 
     start = time.perf_counter()
+    ratio = _ratio(a.ratio)
+    if a.model != "demo":
+        from .recipe.models import check_model_source
+
+        model_dir = check_model_source(a.model, "model")
     if a.model == "demo" or a.data == "demo":
         from .recipe.finetune import FinetuneSettings, calibration_set
 
         demo_model, demo_texts = calibration_set(FinetuneSettings(calibration_samples=a.samples))
-    model_dir = demo_model if a.model == "demo" else a.model
+        if a.model == "demo":
+            model_dir = demo_model
     inputs = [model_dir, a.data]
     out = check_output(a.out, inputs, overwrite=a.overwrite)
     partial = out.parent / f".{out.name}.partial"  # finished blocks: a rerun after a kill resumes
@@ -52,7 +89,7 @@ def cmd_build(a: argparse.Namespace) -> None:
     emulator = build_emulator(
         model,
         texts,
-        _ratio(a.ratio),
+        ratio,
         tokenizer=tokenizer,
         device=a.device,
         quant=a.quant,
@@ -95,10 +132,11 @@ def cmd_correct(a: argparse.Namespace) -> None:
 def cmd_merge(a: argparse.Namespace) -> None:
     from .correction import merge_adapter
     from .files import check_output, write_dir_atomically
+    from .recipe.models import check_model_source
 
     inputs = [a.original, a.adapter]
     check_output(a.out, inputs, overwrite=a.overwrite)
-    model = merge_adapter(a.original, a.adapter)
+    model = merge_adapter(check_model_source(a.original, "--original"), a.adapter)
     write_dir_atomically(a.out, model.save_pretrained, overwrite=a.overwrite, inputs=inputs, kind="merged model")
     print(f"merged model written to {a.out}")
 
@@ -131,12 +169,18 @@ def _build_options(p: argparse.ArgumentParser, allocate: str) -> None:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser whose error message stays on one line: argparse quotes most values it
+    reports, but not unrecognised arguments or ambiguous option names."""
+
+    def error(self, message: str):  # type: ignore[override]
+        super().error("".join(c if c.isprintable() else repr(c)[1:-1] for c in message))
+
+
 def parser() -> argparse.ArgumentParser:
     from .recipe.demo import DEFAULT_TASK, TASKS  # stdlib only
 
-    p = argparse.ArgumentParser(
-        prog="emloc", description="EMLoC: fine-tune a model inside the memory its inference needs."
-    )
+    p = _Parser(prog="emloc", description="EMLoC: fine-tune a model inside the memory its inference needs.")
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("build", help="stage 1: build a low-rank emulator of a model from calibration data")

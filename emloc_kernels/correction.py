@@ -467,4 +467,40 @@ def merge_adapter(original: nn.Module | PathLike, adapter_dir: PathLike) -> nn.M
     """``original`` (a model, merged in place, or an HF directory) with the LoRA in ``adapter_dir``
     merged into its weights (PEFT ``merge_and_unload``)."""
     model = load_model(original) if _is_path(original) else original
+    _check_adapter_fits(Path(adapter_dir), model)
     return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+
+
+def _check_adapter_fits(directory: Path, model: nn.Module) -> None:
+    """Refuse an adapter whose LoRA pairs do not fit ``model``'s linears (out×in), from the
+    shapes in its safetensors header: one trained for another model would otherwise fail deep
+    inside PEFT's state-dict loading."""
+    if not directory.is_dir():
+        raise FileNotFoundError(f"adapter directory {directory} does not exist")
+    for file in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (directory / file).is_file():
+            raise FileNotFoundError(f"adapter directory {directory} has no {file}")
+    with safe_open(str(directory / ADAPTER_WEIGHTS), framework="pt") as handle:
+        shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+    base = _unwrap(model)
+    for key, shape_a in shapes.items():
+        if not (key.startswith(_KEY_PREFIX) and key.endswith(_LORA_A)):
+            continue
+        path = key[len(_KEY_PREFIX) : -len(_LORA_A)]
+        shape_b = shapes.get(_KEY_PREFIX + path + _LORA_B)
+        module = _submodule(base, path)
+        if module is None:
+            raise ValueError(
+                f"adapter {directory} targets {path}, which the original ({type(base).__name__}) does not have; "
+                "was the adapter trained for another model?"
+            )
+        if shape_b is None or not isinstance(module, LINEAR_TYPES) or len(shape_a) != 2 or len(shape_b) != 2:
+            continue  # PEFT reports what it cannot load
+        stored = tuple(module.weight.shape)  # out×in, in×out for a Conv1D
+        expected = stored[::-1] if isinstance(module, Conv1D) else stored
+        if (shape_b[0], shape_a[1]) != expected:
+            raise ValueError(
+                f"adapter {directory} does not fit the original: its LoRA for {path} is out×in = "
+                f"{(shape_b[0], shape_a[1])}, the original's linear is {expected}; was the adapter trained for "
+                "another model?"
+            )

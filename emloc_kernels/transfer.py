@@ -308,7 +308,7 @@ def collect_grams(
         if missing:
             raise ValueError(f"paths names modules that are not linears inside {blocks_name!r}: {missing[:3]}")
         linears = {p: linears[p] for p in paths}
-    batches = as_batches(calibration, tokenizer, max_length)
+    batches = as_batches(calibration, tokenizer, max_length, model=model)
     home = _home(model)
     work = torch.device(device) if device is not None else home
     masks = [token_mask(b) for b in batches]
@@ -614,7 +614,7 @@ def transfer_adapter(
     orig_arch = type(_base(orig_model)).__name__
     if emu_arch and emu_arch != orig_arch:
         raise ValueError(f"the emulator was built from a {emu_arch}, but the original is a {orig_arch}")
-    batches = as_batches(calibration, tokenizer, max_length)
+    batches = as_batches(calibration, tokenizer, max_length, model=_base(orig_model))
     masks = [token_mask(b) for b in batches]
 
     with _adapters_off(emu_model), _adapters_off(orig_model):

@@ -7,6 +7,7 @@ import math
 import os
 import re
 import warnings
+from fractions import Fraction
 from typing import Any, Mapping
 
 import torch
@@ -35,6 +36,47 @@ def _check_ratio(value: float, where: str) -> float:
     return float(value)
 
 
+def _compile(pattern: object, what: str) -> re.Pattern:
+    if not isinstance(pattern, str):
+        raise ValueError(f"{what} pattern must be a string (a regular expression), got {pattern!r}")
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{what} pattern {pattern!r} is not a valid regular expression: {e}") from None
+
+
+def _at_least(x: Fraction, digits: int = 3) -> str:
+    """``x`` rounded up to ``digits`` significant digits, as a decimal."""
+    scale = Fraction(10) ** (digits - 1 - math.floor(math.log10(x)))
+    return repr(float(Fraction(math.ceil(x * scale)) / scale))
+
+
+def check_modules(plan: Mapping[str, tuple[nn.Module, float]]) -> None:
+    """Refuse, before any work, a ratio that keeps less than rank 1 of a linear and a linear
+    whose weight or bias holds NaN or inf (its decomposition would fail or be meaningless)."""
+    too_small = {}
+    for name, (module, ratio) in plan.items():
+        n_out, n_in = dense_weight_of(module).shape
+        smallest = Fraction(n_in + n_out, n_in * n_out)  # the ratio that keeps rank 1 (rank_for)
+        if Fraction(repr(float(ratio))) < smallest:
+            too_small[name] = (ratio, n_out, n_in, smallest)
+    if too_small:
+        name, (ratio, n_out, n_in, _) = next(iter(too_small.items()))
+        others = f" (and {len(too_small) - 1} other linears)" if len(too_small) > 1 else ""
+        needed = max(smallest for *_, smallest in too_small.values())
+        raise ValueError(
+            f"ratio {ratio!r} keeps less than one rank of {name}{others}: out×in = {n_out}×{n_in} gives rank "
+            f"⌊in·out·ratio/(in+out)⌋ = 0; rank 1 needs a ratio of at least {_at_least(needed)}"
+        )
+    for name, (module, _) in plan.items():
+        for part in ("weight", "bias"):
+            tensor = getattr(module, part, None)
+            if isinstance(tensor, torch.Tensor) and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(
+                    f"the {part} of {name} contains NaN or inf; an emulator needs finite weights (check the checkpoint)"
+                )
+
+
 def select_modules(
     blocks_name: str, blocks: nn.ModuleList, ratio: float | Mapping[str, float], targets: str | list[str] | None
 ) -> dict[str, tuple[nn.Module, float]]:
@@ -55,7 +97,8 @@ def select_modules(
         patterns = [targets] if isinstance(targets, str) else list(targets)
         selected = {}
         for p in patterns:
-            hits = {n: m for n, m in candidates.items() if re.search(p, n)}
+            regex = _compile(p, "targets")
+            hits = {n: m for n, m in candidates.items() if regex.search(n)}
             if not hits:
                 raise ValueError(
                     f"targets pattern {p!r} matches no linear inside the blocks (e.g. {next(iter(candidates))!r})"
@@ -65,13 +108,15 @@ def select_modules(
     if isinstance(ratio, Mapping):
         if not ratio:
             raise ValueError("ratio mapping is empty: give {regex: ratio}")
-        rules = [(p, _check_ratio(r, f"[{p!r}]")) for p, r in ratio.items()]
+        rules = [(_compile(p, "ratio"), _check_ratio(r, f"[{p!r}]")) for p, r in ratio.items()]
         for p, _ in rules:
-            if not any(re.search(p, n) for n in candidates):
-                raise ValueError(f"ratio pattern {p!r} matches no targeted linear (e.g. {next(iter(candidates))!r})")
+            if not any(p.search(n) for n in candidates):
+                raise ValueError(
+                    f"ratio pattern {p.pattern!r} matches no targeted linear (e.g. {next(iter(candidates))!r})"
+                )
         chosen = {}
         for n, m in candidates.items():
-            r = next((r for p, r in rules if re.search(p, n)), None)
+            r = next((r for p, r in rules if p.search(n)), None)
             if r is not None:
                 chosen[n] = (m, r)
         return chosen
@@ -364,7 +409,8 @@ def build_emulator(
         raise ValueError(f"shrinkage must be 'auto' or a number >= 0 (relative ridge), got {shrinkage!r}")
     blocks_name, blocks = find_blocks(model)
     plan = select_modules(blocks_name, blocks, ratio, targets)
-    batches = as_batches(calibration, tokenizer, max_length)
+    check_modules(plan)
+    batches = as_batches(calibration, tokenizer, max_length, model=model)
     _check_calibration_size(batches, plan)
     home = next(model.parameters()).device
     work = torch.device(device) if device is not None else home

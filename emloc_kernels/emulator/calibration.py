@@ -17,13 +17,55 @@ def _tokenize(texts: list[str], tokenizer, max_length: int) -> dict[str, torch.T
         return dict(tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length))
 
 
+SANE_MAX_LENGTH = 10**7  # above this a tokenizer's model_max_length is transformers' "unset" placeholder
+
+
+def max_positions(config: Any) -> int | None:
+    """The longest sequence ``config``'s model takes (``max_position_embeddings`` or GPT-2's
+    ``n_positions``), or None when the config names none."""
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _vocab_size(model: nn.Module) -> int | None:
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    size = getattr(embeddings, "num_embeddings", None)
+    return size if isinstance(size, int) else None
+
+
+def check_token_batch(batch: dict[str, torch.Tensor], what: str, vocab: int | None, positions: int | None) -> None:
+    """Refuse token ids the model cannot embed and sequences longer than its positions."""
+    ids = batch["input_ids"]
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ValueError(f"{what}: input_ids must be integer token ids, got dtype {ids.dtype}")
+    if positions is not None and ids.shape[-1] > positions:
+        raise ValueError(
+            f"{what} has sequences of {ids.shape[-1]} tokens; the model takes at most {positions} positions: "
+            "shorten them (calibration texts are truncated to fit)"
+        )
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or (vocab is not None and high >= vocab):
+        bad = low if low < 0 else high
+        allowed = f"0 to {vocab - 1} (the model's vocabulary has {vocab} ids)" if vocab is not None else "≥ 0"
+        raise ValueError(f"{what} holds token id {bad}; token ids must be {allowed}")
+
+
 def as_batches(
-    calibration: Any, tokenizer=None, max_length: int = 512, texts_per_batch: int = 8
+    calibration: Any, tokenizer=None, max_length: int = 512, texts_per_batch: int = 8, model: nn.Module | None = None
 ) -> list[dict[str, torch.Tensor]]:
     """Normalise calibration data to a list of ``{"input_ids", "attention_mask"?}`` batches.
 
     Accepts texts (with ``tokenizer``), token tensors ``(T,)``/``(B, T)``, or dicts of tensors.
+    With ``model``, texts are truncated to the positions it takes (``max_length``, the
+    config's maximum positions and the tokenizer's ``model_max_length``, the smallest), and
+    token ids outside its vocabulary or sequences longer than its positions are refused.
     """
+    vocab = positions = None
+    if model is not None:
+        vocab, positions = _vocab_size(model), max_positions(getattr(model, "config", None))
     if isinstance(calibration, (torch.Tensor, dict, str)):
         calibration = [calibration]
     if not isinstance(calibration, Iterable):
@@ -31,15 +73,19 @@ def as_batches(
             f"calibration must be texts, token tensors or dicts of tensors, got {type(calibration).__name__}"
         )
     items = list(calibration)
-    if items and all(isinstance(i, str) for i in items):
+    texts = bool(items) and all(isinstance(i, str) for i in items)
+    if texts:
         if tokenizer is None:
             raise ValueError("calibration texts need a tokenizer: build_emulator(..., tokenizer=tok)")
+        limit = max_length if positions is None else min(max_length, positions)
+        tokenizer_limit = getattr(tokenizer, "model_max_length", None)
+        if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < min(limit, SANE_MAX_LENGTH):
+            limit = tokenizer_limit
         items = [
-            _tokenize(items[i : i + texts_per_batch], tokenizer, max_length)
-            for i in range(0, len(items), texts_per_batch)
+            _tokenize(items[i : i + texts_per_batch], tokenizer, limit) for i in range(0, len(items), texts_per_batch)
         ]
     batches = []
-    for item in items:
+    for index, item in enumerate(items):
         if isinstance(item, str):
             raise TypeError("calibration mixes texts with token batches; give one kind")
         elif isinstance(item, torch.Tensor):
@@ -51,6 +97,9 @@ def as_batches(
         batch = {k: v if v.ndim > 1 else v[None] for k, v in item.items() if isinstance(v, torch.Tensor)}
         if batch["input_ids"].numel() == 0:
             continue
+        if model is not None:
+            what = f"calibration batch {index}" + (" (tokenized texts)" if texts else "")
+            check_token_batch(batch, what, vocab, positions)
         batches.append(batch)
     if not batches:
         raise ValueError("calibration is empty: give at least one non-empty text or token batch")

@@ -63,6 +63,18 @@ class LowRankLoraLinear(_FusedLora):
         # may say fan_in_fan_out for the original, this layer never transposes
         self.fan_in_fan_out = False
 
+    def update_layer(self, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        """PEFT's, after refusing DoRA: it rescales by the column norms of the dense weight,
+        which a low-rank layer does not store (PEFT would fail on a tensor size mismatch)."""
+        config = kwargs.get("config", next((a for a in args if hasattr(a, "use_dora")), None))
+        if kwargs.get("use_dora") or getattr(config, "use_dora", False):
+            raise ValueError(
+                f"DoRA (LoraConfig(use_dora=True)) is not supported on emulator layers "
+                f"({type(self.get_base_layer()).__name__}): it needs the dense weight, which the emulator does not "
+                "store; use plain LoRA (use_dora=False)"
+            )
+        super().update_layer(adapter_name, *args, **kwargs)
+
     def merge(self, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError(
             "a LoRA cannot be merged into a low-rank emulator layer; correct the adapter for the original model "

@@ -26,8 +26,8 @@ from ..files import check_output, write_dir_atomically, write_dir_resumably
 from ..transfer import correct_adapter_aware, transfer_adapter
 from . import demo
 from .memory import peak_in_fresh_process
-from .models import attach_lora, load_model, load_tokenizer
-from .task import LabelTask, accuracy, loss_on, read_jsonl
+from .models import attach_lora, check_model_source, load_model, load_tokenizer
+from .task import LabelTask, accuracy, fill_prompt, loss_on, read_jsonl
 
 logger = logging.getLogger(__name__)
 # how a LoRA trained on the emulator becomes one for the original: (method, parameter)
@@ -89,6 +89,11 @@ class FinetuneSettings:
             self.prompt = demo.get_task(self.task).prompt
         else:
             demo.get_task(self.task)  # an unknown name fails here, before any work
+            if "{text}" not in self.prompt:
+                raise ValueError(
+                    f"--prompt must contain the placeholder {{text}} (other braces are kept as written), "
+                    f"got {self.prompt!r}"
+                )
 
 
 def train(
@@ -208,7 +213,7 @@ def device_and_dtype(s: FinetuneSettings) -> tuple[torch.device, torch.dtype]:
 
 def prepare(s: FinetuneSettings) -> tuple[Path, LabelTask, list[dict], list[dict], list[dict]]:
     """The model path, the task and the (train, validation, test) rows a run with ``s`` uses."""
-    model_path = Path(s.model) if s.model else demo.smollm2_path()
+    model_path = Path(check_model_source(s.model, "--model")) if s.model else demo.smollm2_path()
     train_rows, test_rows = _data(s)
     train_rows = train_rows[:]
     random.Random(s.seed).shuffle(train_rows)
@@ -223,7 +228,7 @@ def prepare(s: FinetuneSettings) -> tuple[Path, LabelTask, list[dict], list[dict
 
 def calibration_texts(s: FinetuneSettings, train_rows: list[dict]) -> list[str]:
     """The first training examples as the model will see them: prompt and answer."""
-    return [s.prompt.format(text=r["text"]) + " " + r["label"] for r in train_rows[: s.calibration_samples]]
+    return [fill_prompt(s.prompt, r["text"]) + " " + r["label"] for r in train_rows[: s.calibration_samples]]
 
 
 def calibration_set(s: FinetuneSettings) -> tuple[Path, list[str]]:

@@ -10,6 +10,37 @@ import torch
 from torch import nn
 
 
+def check_model_source(source: str | Path, option: str = "--model") -> str:
+    """``source`` if it is a transformers model directory (with ``config.json``) or a Hugging Face
+    Hub id whose ``config.json`` is in the local cache; else an error naming ``option`` (nothing
+    is downloaded: a missing directory never turns into a Hub lookup)."""
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"{option} {text} is a file; give a transformers model directory (with config.json)")
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{option} {text} has no config.json; give a transformers model directory")
+        return str(path)
+    if _in_hub_cache(text):
+        return text
+    raise FileNotFoundError(
+        f"{option} {text}: no such directory, nor a model in the local Hugging Face cache; "
+        "give a transformers model directory (with config.json)"
+    )
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        return False
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
 def load_tokenizer(path: str | Path) -> Any:
     from transformers import AutoTokenizer
 

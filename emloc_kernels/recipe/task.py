@@ -7,7 +7,6 @@ token (only the last position's logits are computed).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -16,30 +15,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import datafiles
 from ..conventions import padding
 
 
 def read_jsonl(path: str | os.PathLike, what: str) -> list[dict]:
-    """Lines ``{"text": ..., "label": ...}``; errors name the file and line."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{what} {path}:{i} is not JSON: {e}") from None
-            if (
-                not isinstance(row, dict)
-                or not isinstance(row.get("text"), str)
-                or not isinstance(row.get("label"), str)
-            ):
-                raise ValueError(f'{what} {path}:{i} must be an object with string fields "text" and "label"')
-            rows.append({"text": row["text"], "label": row["label"]})
+    """Lines ``{"text": ..., "label": ...}``; errors name the file, the line and the field."""
+    rows = datafiles.read_jsonl(path, what, ("text", "label"))
     if not rows:
         raise ValueError(f"{what} {path} holds no examples")
     return rows
+
+
+def fill_prompt(prompt: str, text: str) -> str:
+    """``prompt`` with each ``{text}`` replaced by ``text``; other braces are literal (no ``str.format``)."""
+    return prompt.replace("{text}", text)
 
 
 @dataclass
@@ -52,8 +42,10 @@ class LabelTask:
 
     @classmethod
     def create(cls, tokenizer: Any, prompt: str, labels: list[str], max_length: int = 256) -> "LabelTask":
-        if "{text}" not in prompt:
-            raise ValueError(f"prompt must contain the placeholder {{text}}, got {prompt!r}")
+        if not isinstance(prompt, str) or "{text}" not in prompt:
+            raise ValueError(
+                f"prompt must contain the placeholder {{text}} (other braces are kept as written), got {prompt!r}"
+            )
         labels = sorted(set(labels))
         if len(labels) < 2:
             raise ValueError(f"need at least two distinct labels, got {labels}")
@@ -66,7 +58,7 @@ class LabelTask:
         """Left-padded prompts, so every example's next token is at the last position."""
         with padding(self.tokenizer, "left") as tok:
             enc = tok(
-                [self.prompt.format(text=r["text"]) for r in rows],
+                [fill_prompt(self.prompt, r["text"]) for r in rows],
                 return_tensors="pt",
                 padding=True,
                 truncation=True,
