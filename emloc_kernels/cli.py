@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any, cast
 
 
 def _ratio(text: str) -> float | dict[str, float]:
@@ -57,7 +58,7 @@ def cmd_build(a: argparse.Namespace) -> None:
         allocate=a.allocate,
     )
     save_emulator(emulator, out, overwrite=a.overwrite)
-    modules = emulator.emloc_metadata["modules"]
+    modules = cast(Any, emulator).emloc_metadata["modules"]
     kept = sum(m["rank"] * (m["in_features"] + m["out_features"]) for m in modules.values())
     dense = sum(m["in_features"] * m["out_features"] for m in modules.values())
     print(
@@ -90,7 +91,7 @@ def cmd_merge(a: argparse.Namespace) -> None:
     from .files import write_dir_atomically
 
     model = merge_adapter(a.original, a.adapter)
-    write_dir_atomically(a.out, model.save_pretrained, overwrite=a.overwrite)
+    write_dir_atomically(a.out, cast(Any, model).save_pretrained, overwrite=a.overwrite)
     print(f"merged model written to {a.out}")
 
 

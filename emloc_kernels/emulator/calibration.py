@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -11,14 +11,14 @@ from torch import nn
 from ..conventions import padding
 
 
-def _tokenize(texts: list[str], tokenizer, max_length: int) -> dict[str, torch.Tensor]:
+def _tokenize(texts: list[str], tokenizer: Any, max_length: int) -> dict[str, torch.Tensor]:
     """Right-padded batch (padding is masked out of the statistics; right keeps positions)."""
     with padding(tokenizer, "right"):
         return dict(tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length))
 
 
 def as_batches(
-    calibration: Any, tokenizer=None, max_length: int = 512, texts_per_batch: int = 8
+    calibration: Any, tokenizer: Any = None, max_length: int = 512, texts_per_batch: int = 8
 ) -> list[dict[str, torch.Tensor]]:
     """Normalise calibration data to a list of ``{"input_ids", "attention_mask"?}`` batches.
 
@@ -94,8 +94,8 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[
     """
     calls: list[list[tuple]] = []
 
-    def recorder(index: int):
-        def forward(*args, **kwargs):
+    def recorder(index: int) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
             hidden = args[0] if args else kwargs.pop("hidden_states")
             calls[-1].append((hidden, args[1:], kwargs))
             if index == len(blocks) - 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any, Mapping, cast
 
 import torch
 from torch import nn
@@ -22,13 +23,13 @@ def save_emulator(model: nn.Module, path: str | os.PathLike, *, overwrite: bool 
         raise ValueError("model has no emloc_metadata: save an emulator made by build_emulator or load_emulator")
 
     def writer(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        cast(Any, model).save_pretrained(tmp)
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=1))
 
     return write_dir_atomically(path, writer, overwrite=overwrite)
 
 
-def read_metadata(path: str | os.PathLike) -> dict:
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The ``emloc.json`` of an emulator directory."""
     file = Path(path) / METADATA_FILE
     if not file.exists():
@@ -36,7 +37,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return json.loads(file.read_text())
 
 
-def empty_module_for(info: dict, dtype: torch.dtype) -> LowRankLinear:
+def empty_module_for(info: Mapping[str, Any], dtype: torch.dtype) -> LowRankLinear:
     """An unallocated (meta) module with the shape ``info`` describes, ready for ``assign``."""
     args = (info["in_features"], info["out_features"], info["rank"])
     if info.get("quant"):

@@ -13,6 +13,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Callable, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -21,6 +22,7 @@ from ..conventions import refuse_existing
 from ..correction import correct_adapter
 from ..emulator import build_emulator, save_emulator
 from ..files import write_dir_atomically
+from ..modules import LowRankLinear
 from ..transfer import correct_adapter_aware, transfer_adapter
 from . import demo
 from .memory import peak_in_fresh_process
@@ -77,7 +79,7 @@ class FinetuneSettings:
     upper_bound: bool = False  # also train LoRA on the original: report lora_original and recovery
     task: str | None = None  # an embedded task (demo.TASKS); None: Rotten Tomatoes
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.task is not None and (self.data is not None or self.eval_data is not None):
             raise ValueError(
                 f"--task {self.task} and --data/--eval-data exclude each other: "
@@ -106,7 +108,8 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     model.train()
-    losses, pool = [], []
+    losses: list[float] = []
+    pool: list[int] = []
     bar = tqdm(range(steps), desc="LoRA on emulator", unit="step", disable=not progress)
     for _ in bar:
         if len(pool) < batch_size:
@@ -214,14 +217,16 @@ def prepare(s: FinetuneSettings) -> tuple[Path, LabelTask, list[dict], list[dict
         raise ValueError(f"--data has {len(train_rows)} examples; need more than --validation-samples + --batch-size")
     val_rows, train_rows = train_rows[: s.validation_samples], train_rows[s.validation_samples :]
     test_rows = test_rows[: s.eval_samples] if s.eval_samples else test_rows
-    task = LabelTask.create(load_tokenizer(model_path), s.prompt, [r["label"] for r in train_rows], s.max_length)
+    task = LabelTask.create(
+        load_tokenizer(model_path), cast(str, s.prompt), [r["label"] for r in train_rows], s.max_length
+    )
     task.check_labels(test_rows, "--eval-data")
     return model_path, task, train_rows, val_rows, test_rows
 
 
 def calibration_texts(s: FinetuneSettings, train_rows: list[dict]) -> list[str]:
     """The first training examples as the model will see them: prompt and answer."""
-    return [s.prompt.format(text=r["text"]) + " " + r["label"] for r in train_rows[: s.calibration_samples]]
+    return [cast(str, s.prompt).format(text=r["text"]) + " " + r["label"] for r in train_rows[: s.calibration_samples]]
 
 
 def calibration_set(s: FinetuneSettings) -> tuple[Path, list[str]]:
@@ -273,7 +278,7 @@ def _run(r: Run, out: Path) -> dict:
     alpha, variants, train_rows, val_rows, test_rows = r.alpha, r.variants, r.train_rows, r.val_rows, r.test_rows
     timings: dict[str, float] = {}
 
-    def timed(key, fn, *args, **kw):
+    def timed(key: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         t = time.perf_counter()
         result = fn(*args, **kw)
         timings[key] = round(time.perf_counter() - t, 2)
@@ -321,9 +326,10 @@ def _run(r: Run, out: Path) -> dict:
     acc["emulator"] = timed("eval_emulator", accuracy, emulator, task, test_rows)
 
     # stage 2: LoRA on the emulator
+    peft_model: PeftModel | None  # the LoRA on the emulator, later the transferred adapters on the original
     peft_model = attach_lora(emulator, s.lora_rank, alpha, s.seed)
     losses = timed("train", train_as_set, s, peft_model, task, train_rows, device)
-    peft_model.save_pretrained(out / "adapter")  # names the original: the emulator was built in place
+    peft_model.save_pretrained(str(out / "adapter"))  # names the original: the emulator was built in place
     del peft_model, emulator
 
     # stage 3: correction variants, chosen on validation data with the original model
@@ -373,6 +379,7 @@ def _run(r: Run, out: Path) -> dict:
             "dir": d.name,
         }
     chosen = max(results, key=lambda n: results[n]["validation"] or 0.0) if len(variants) > 1 else next(iter(results))
+    assert peft_model is not None  # one adapter directory at least: variants is never empty
     if "uncorrected" in results:
         acc["uncorrected"] = results["uncorrected"]["test"]
     else:
@@ -483,9 +490,9 @@ def weight_sizes(emulator: torch.nn.Module, original_bytes: int) -> dict[str, in
     """Bytes of the emulated linears against the original's (as stored, and in fp16), and of
     the whole emulator against the whole original."""
 
-    infos = emulator.emloc_metadata["modules"]
+    infos = cast(Any, emulator).emloc_metadata["modules"]
     return {
-        "emulator_linears": sum(emulator.get_submodule(n).weight_bytes() for n in infos),
+        "emulator_linears": sum(cast(LowRankLinear, emulator.get_submodule(n)).weight_bytes() for n in infos),
         "original_linears_fp16": sum(2 * (i["in_features"] + i["bias"]) * i["out_features"] for i in infos.values()),
         "emulator_total": tensor_bytes(emulator),
         "original_total": original_bytes,
