@@ -9,6 +9,7 @@ import re
 import shutil
 import sys
 import time
+from typing import Any, cast
 
 RATIO_FORM = "a number in (0, 1) or regex=ratio pairs such as 'mlp=0.3,self_attn=0.5'"
 
@@ -79,7 +80,7 @@ def cmd_build(a: argparse.Namespace) -> None:
 
         demo_model, demo_texts = calibration_set(FinetuneSettings(calibration_samples=a.samples))
         if a.model == "demo":
-            model_dir = demo_model
+            model_dir = str(demo_model)
     inputs = [model_dir, a.data]
     out = check_output(a.out, inputs, overwrite=a.overwrite)
     partial = out.parent / f".{out.name}.partial"  # finished blocks: a rerun after a kill resumes
@@ -101,7 +102,7 @@ def cmd_build(a: argparse.Namespace) -> None:
     )
     save_emulator(emulator, out, overwrite=a.overwrite, inputs=inputs)
     shutil.rmtree(partial)
-    modules = emulator.emloc_metadata["modules"]
+    modules = cast(Any, emulator).emloc_metadata["modules"]
     kept = sum(m["rank"] * (m["in_features"] + m["out_features"]) for m in modules.values())
     dense = sum(m["in_features"] * m["out_features"] for m in modules.values())
     print(
@@ -137,7 +138,9 @@ def cmd_merge(a: argparse.Namespace) -> None:
     inputs = [a.original, a.adapter]
     check_output(a.out, inputs, overwrite=a.overwrite)
     model = merge_adapter(check_model_source(a.original, "--original"), a.adapter)
-    write_dir_atomically(a.out, model.save_pretrained, overwrite=a.overwrite, inputs=inputs, kind="merged model")
+    write_dir_atomically(
+        a.out, cast(Any, model).save_pretrained, overwrite=a.overwrite, inputs=inputs, kind="merged model"
+    )
     print(f"merged model written to {a.out}")
 
 

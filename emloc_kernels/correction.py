@@ -23,7 +23,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import TYPE_CHECKING, Any, Mapping, Union, cast
 
 import torch
 from peft import PeftModel
@@ -47,6 +47,9 @@ from .conventions import (
 from .files import check_output, write_dir_atomically
 from .modules import LowRankLinear
 
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs
+
 __all__ = ["correct_adapter", "merge_adapter", "correct_lora", "lora_scaling", "emulated_weight"]
 
 REPORT = "correction_report.json"
@@ -56,7 +59,7 @@ _LORA_A, _LORA_B = ".lora_A.weight", ".lora_B.weight"
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-def _is_path(x: object) -> bool:
+def _is_path(x: object) -> TypeIs[str | os.PathLike[str]]:
     return isinstance(x, (str, os.PathLike))
 
 
@@ -149,9 +152,12 @@ def emulated_weight(state: Mapping[str, torch.Tensor], info: Mapping[str, Any], 
     """
     if info.get("quant") is not None:  # W_E is the dequantised product, as the emulator computes it
         from .emulator.io import empty_module_for
+        from .modules import QuantLowRankLinear
         from .ops.quant import dequantize
 
-        module = empty_module_for(info, state[next(k for k in state if k.endswith("_scale"))].dtype)
+        module = cast(
+            QuantLowRankLinear, empty_module_for(info, state[next(k for k in state if k.endswith("_scale"))].dtype)
+        )
         module.load_state_dict(state, assign=True)
         return dequantize(module.u_packed).double() @ dequantize(module.v_packed).double()
     if "u" not in state or "v" not in state:
@@ -209,7 +215,7 @@ def _submodule(model: nn.Module, path: str) -> nn.Module | None:
         module = model.get_submodule(path)
     except AttributeError:
         return None
-    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    return cast(Any, module).get_base_layer() if hasattr(module, "get_base_layer") else module
 
 
 def _architecture(model: nn.Module) -> str:

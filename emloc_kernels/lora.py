@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from safetensors.torch import save_file
@@ -61,7 +62,7 @@ def add_lora(
     ``targets``: ``"all-linear"`` (every linear but the output head) or module-name suffixes
     such as ``["q_proj", "v_proj"]`` (PEFT's convention).  Modifies ``model`` in place.
     """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = cast(Any, model).get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     chosen = [
         n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head and _matches(n, targets)
     ]
@@ -74,8 +75,8 @@ def add_lora(
     for p in model.parameters():
         p.requires_grad_(False)
     for name in chosen:
-        replace_submodule(model, name, LoraLinear(model.get_submodule(name), r, alpha, dropout))
-    model.emloc_lora = {
+        replace_submodule(model, name, LoraLinear(cast(nn.Linear, model.get_submodule(name)), r, alpha, dropout))
+    model.emloc_lora = {  # type: ignore[assignment]  # torch types Module.__setattr__ as Tensor | Module; any value works
         "r": r,
         "lora_alpha": alpha,
         "lora_dropout": dropout,

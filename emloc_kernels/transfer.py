@@ -37,9 +37,9 @@ import contextlib
 import json
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from peft import PeftModel
@@ -79,7 +79,7 @@ TRANSFER_REPORT = "transfer_report.json"
 # --------------------------------------------------------------------------- shared helpers
 
 
-def _check_number(value: object, name: str, *, low: float = -math.inf, nonneg: bool = False) -> float:
+def _check_number(value: Any, name: str, *, low: float = -math.inf, nonneg: bool = False) -> float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or (nonneg and value < 0):
         raise ValueError(f"{name} must be a finite {'non-negative ' if nonneg else ''}number, got {value!r}")
@@ -125,7 +125,7 @@ def _linear_at(model: nn.Module, path: str, role: str) -> nn.Module:
         module = model.get_submodule(path)
     except AttributeError:
         raise ValueError(f"the adapter targets {path}, which the {role} does not have") from None
-    module = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    module = cast(Any, module).get_base_layer() if hasattr(module, "get_base_layer") else module
     if not isinstance(module, (nn.Linear, Conv1D)):
         raise TypeError(
             f"{role} module {path} is {type(module).__name__}; expected a linear layer "
@@ -190,7 +190,7 @@ def _write_adapter(
     report: Mapping[str, Any],
     report_name: str,
     overwrite: bool,
-    inputs: list[object],
+    inputs: Sequence[object],
 ) -> None:
     """The same files as :func:`.correction.correct_adapter` writes, atomically."""
 
@@ -283,7 +283,7 @@ def collect_grams(
     calibration: Any,
     paths: list[str] | None = None,
     *,
-    tokenizer=None,
+    tokenizer: Any = None,
     max_length: int = 512,
     device: torch.device | str | None = None,
     progress: bool = True,
@@ -327,7 +327,7 @@ def collect_grams(
             sums: dict[str, Grams] = {}
             try:
                 for b, call in enumerate(calls):
-                    mask = None if masks[b] is None else masks[b].to(work)
+                    mask = None if masks[b] is None else cast(torch.Tensor, masks[b]).to(work)
                     _, args, kwargs = call[i]
                     out = block(hidden[b], *to_device(args, work), **to_device(kwargs, work))
                     hidden[b] = out[0] if isinstance(out, tuple) else out
@@ -341,7 +341,7 @@ def collect_grams(
             for lead, g in sums.items():
                 g.check_finite(lead)
             for p in mine:
-                grams[p] = sums[recorder.leader[p]].oo
+                grams[p] = cast(torch.Tensor, sums[recorder.leader[p]].oo)
     return grams
 
 
@@ -354,7 +354,7 @@ def correct_adapter_aware(
     *,
     lam: Lam = 1.0,
     mu: float = 0.0,
-    tokenizer=None,
+    tokenizer: Any = None,
     max_length: int = 512,
     device: torch.device | str | None = None,
     overwrite: bool = False,
@@ -463,7 +463,7 @@ def _ridged_cholesky(gram: torch.Tensor, ridge: float) -> torch.Tensor:
     """Lower ``S`` with ``S Sᵀ = G + ε·I``, ``ε = ridge·tr(G)/in``, raised until it is defined."""
     g = gram.double()
     n_in = g.shape[0]
-    eps = ridge * torch.trace(g) / n_in
+    eps: torch.Tensor | float = ridge * torch.trace(g) / n_in
     for _ in range(6):  # a numerically singular G: raise the ridge until the Cholesky holds
         s_chol, info = torch.linalg.cholesky_ex(g + eps * torch.eye(n_in, dtype=g.dtype, device=g.device))
         if int(info) == 0:
@@ -573,7 +573,7 @@ def transfer_adapter(
     *,
     lam: Lam = 1.0,
     ridge: float = 1e-6,
-    tokenizer=None,
+    tokenizer: Any = None,
     max_length: int = 512,
     device: torch.device | str | None = None,
     overwrite: bool = False,
@@ -708,15 +708,16 @@ def _stream_blocks(
             for group in _input_groups(emu, i, emu_lin) if mine else []:
                 g_ss = g_ts = g_tt = None
                 for b in range(len(batches)):
-                    mask = None if masks[b] is None else masks[b].to(work)
+                    mask = None if masks[b] is None else cast(torch.Tensor, masks[b]).to(work)
                     x_t = _capture(emu, i, b, [emu_lin[p] for p in group], mask).to(compute, torch.float64)
                     x_s = _capture(orig, i, b, [orig_lin[p] for p in group], mask).to(compute, torch.float64)
                     if x_t.shape != x_s.shape:
                         raise RuntimeError(f"{group[0]}: the emulator and the original saw different token counts")
-                    if g_ss is None:
+                    if g_ss is None or g_ts is None or g_tt is None:
                         g_ss, g_ts, g_tt = x_s.T @ x_s, x_t.T @ x_s, x_t.T @ x_t
                     else:
                         g_ss.addmm_(x_s.T, x_s), g_ts.addmm_(x_t.T, x_s), g_tt.addmm_(x_t.T, x_t)
+                assert g_ss is not None and g_ts is not None and g_tt is not None  # batches is never empty
                 if not (torch.isfinite(g_ss).all() and torch.isfinite(g_tt).all()):
                     raise ValueError(f"calibration activations entering {group[0]} contain NaN or inf")
                 s_chol = _ridged_cholesky(g_ss, ridge)  # one per group: its linears share X_S

@@ -8,7 +8,7 @@ import os
 import re
 import warnings
 from fractions import Fraction
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, cast
 
 import torch
 from torch import nn
@@ -109,14 +109,14 @@ def select_modules(
         if not ratio:
             raise ValueError("ratio mapping is empty: give {regex: ratio}")
         rules = [(_compile(p, "ratio"), _check_ratio(r, f"[{p!r}]")) for p, r in ratio.items()]
-        for p, _ in rules:
-            if not any(p.search(n) for n in candidates):
+        for pattern, _ in rules:
+            if not any(pattern.search(n) for n in candidates):
                 raise ValueError(
-                    f"ratio pattern {p.pattern!r} matches no targeted linear (e.g. {next(iter(candidates))!r})"
+                    f"ratio pattern {pattern.pattern!r} matches no targeted linear (e.g. {next(iter(candidates))!r})"
                 )
-        chosen = {}
+        chosen: dict[str, tuple[nn.Module, float]] = {}
         for n, m in candidates.items():
-            r = next((r for p, r in rules if p.search(n)), None)
+            r = next((r for pattern, r in rules if pattern.search(n)), None)
             if r is not None:
                 chosen[n] = (m, r)
         return chosen
@@ -137,7 +137,7 @@ class InputRecorder:
         self._seen: dict[tuple, str] = {}
         self._alive: list[torch.Tensor] = []  # keeps inputs alive so data_ptr identity is sound
 
-    def hook(self, name: str):
+    def hook(self, name: str) -> Callable[[nn.Module, tuple], None]:
         def pre_hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
             if name not in self.leader:
@@ -194,6 +194,7 @@ class Grams:
         total.tokens = self.tokens + other.tokens
         total.oo = self.oo + other.oo
         if self.paired:
+            assert self.oe is not None and self.ee is not None and other.oe is not None and other.ee is not None
             total.oe, total.ee = self.oe + other.oe, self.ee + other.ee
         else:
             total.oe = total.ee = total.oo
@@ -202,7 +203,7 @@ class Grams:
     def check_finite(self, name: str) -> None:
         """NaN/inf in any activation row shows up in its ``G``."""
         for g in {id(g): g for g in (self.oo, self.oe, self.ee)}.values():
-            if not torch.isfinite(g).all():
+            if not torch.isfinite(cast(torch.Tensor, g)).all():
                 raise ValueError(f"calibration activations entering {name} contain NaN or inf")
 
 
@@ -212,11 +213,12 @@ HELDOUT_EVERY = 4  # every 4th calibration sample is held out to choose shrinkag
 
 def _fit(weight: torch.Tensor, grams: Grams, whitening: Whitening) -> WhitenedSVD:
     """Whitened SVD of the best rank-unconstrained target for ``grams`` (whitened by ``G_EE``)."""
-    target = regression_target(weight, grams.oe, whitening) if grams.paired else weight
+    target = regression_target(weight, cast(torch.Tensor, grams.oe), whitening) if grams.paired else weight
     return WhitenedSVD.of(target, whitening)
 
 
 def _error(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, grams: Grams) -> float:
+    assert grams.oo is not None and grams.oe is not None and grams.ee is not None
     return output_error(weight, u @ v, grams.oo, grams.oe, grams.ee)
 
 
@@ -243,7 +245,7 @@ def _compress_block(
 
     def whitening(lead: str, gamma: float, grams: Grams, whole: bool) -> Whitening:
         if (lead, gamma, whole) not in whitenings:
-            whitenings[lead, gamma, whole] = Whitening.from_gram(grams.ee, shrinkage=gamma)
+            whitenings[lead, gamma, whole] = Whitening.from_gram(cast(torch.Tensor, grams.ee), shrinkage=gamma)
         return whitenings[lead, gamma, whole]
 
     def partial_fit(n: str, gamma: float) -> WhitenedSVD:
@@ -263,7 +265,7 @@ def _compress_block(
                 gamma: sum(_error(weights[n], *partial_fit(n, gamma).factors(uniform[n]), held[lead]) for n in names)
                 for gamma in SHRINKAGE_GRID
             }
-            chosen[lead] = min(scores, key=scores.get)
+            chosen[lead] = min(scores, key=scores.__getitem__)
     total = {lead: fit[lead] + held[lead] for lead in groups}
     svds = {}
     for n in mine:
@@ -347,7 +349,8 @@ def _heldout_masks(batches: list[dict], every: int) -> list[torch.Tensor | None]
     total = sum(b["input_ids"].shape[0] for b in batches)
     if every <= 0 or total < every:
         return [None] * len(batches)
-    masks, seen = [], 0
+    masks: list[torch.Tensor | None] = []
+    seen = 0
     for b in batches:
         n = b["input_ids"].shape[0]
         masks.append((torch.arange(seen, seen + n) % every == every - 1)[:, None])
@@ -365,7 +368,7 @@ def build_emulator(
     calibration: Any,
     ratio: float | Mapping[str, float] = 0.4,
     *,
-    tokenizer=None,
+    tokenizer: Any = None,
     targets: str | list[str] | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
@@ -462,19 +465,19 @@ def build_emulator(
                     block(hidden_e[b], *args, **kwargs)  # the original block on the emulator's stream
                     xe = recorder.take()
                 keep = {
-                    "fit": real[b] if split[b] is None else real[b] & ~split[b].to(work),
-                    "held": None if split[b] is None else real[b] & split[b].to(work),
+                    "fit": real[b] if split[b] is None else real[b] & ~cast(torch.Tensor, split[b]).to(work),
+                    "held": None if split[b] is None else real[b] & cast(torch.Tensor, split[b]).to(work),
                 }
                 for lead, x in xo.items():
                     for part, grams in (("fit", fit), ("held", held)):
                         grams.setdefault(lead, Grams())
-                        if keep[part] is not None and keep[part].any():
-                            grams[lead].add(_rows(x, keep[part]), None if xe is None else _rows(xe[lead], keep[part]))
+                        if (mask := keep[part]) is not None and mask.any():
+                            grams[lead].add(_rows(x, mask), None if xe is None else _rows(xe[lead], mask))
         finally:
             for h in handles:
                 h.remove()
-        for lead, grams in fit.items():
-            (grams + held[lead]).check_finite(lead)
+        for lead, g in fit.items():
+            (g + held[lead]).check_finite(lead)
         report.update(
             _compress_block(
                 model,
@@ -496,7 +499,7 @@ def build_emulator(
         del recorder, mine, fit, held
     model.train(was_training)
     tokens = sum(int(m.sum()) for m in real)
-    model.emloc_metadata = {
+    model.emloc_metadata = {  # type: ignore[assignment]  # torch types Module.__setattr__ as Tensor | Module; any value works
         "format_version": 1,
         "library_version": __version__,
         "original_model": str(getattr(model, "name_or_path", "") or getattr(model.config, "name_or_path", "") or ""),

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -11,7 +11,7 @@ from torch import nn
 from ..conventions import padding
 
 
-def _tokenize(texts: list[str], tokenizer, max_length: int) -> dict[str, torch.Tensor]:
+def _tokenize(texts: list[str], tokenizer: Any, max_length: int) -> dict[str, torch.Tensor]:
     """Right-padded batch (padding is masked out of the statistics; right keeps positions)."""
     with padding(tokenizer, "right"):
         return dict(tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length))
@@ -31,7 +31,7 @@ def max_positions(config: Any) -> int | None:
 
 
 def _vocab_size(model: nn.Module) -> int | None:
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    embeddings = cast(Any, model).get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     size = getattr(embeddings, "num_embeddings", None)
     return size if isinstance(size, int) else None
 
@@ -143,8 +143,8 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[
     """
     calls: list[list[tuple]] = []
 
-    def recorder(index: int):
-        def forward(*args, **kwargs):
+    def recorder(index: int) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
             hidden = args[0] if args else kwargs.pop("hidden_states")
             calls[-1].append((hidden, args[1:], kwargs))
             if index == len(blocks) - 1:

@@ -7,6 +7,7 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any, Mapping, cast
 
 import torch
 from torch import nn
@@ -29,7 +30,7 @@ def save_emulator(
         raise ValueError("model has no emloc_metadata: save an emulator made by build_emulator or load_emulator")
 
     def writer(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        cast(Any, model).save_pretrained(tmp)
         files = {f.name: _sha256(f) for f in sorted(tmp.glob("*.safetensors"))}
         (tmp / METADATA_FILE).write_text(json.dumps({**metadata, "files": files}, indent=1))
 
@@ -64,7 +65,7 @@ def _weight_files(path: Path, metadata: dict, verify: bool) -> list[Path]:
     return files
 
 
-def read_metadata(path: str | os.PathLike) -> dict:
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The ``emloc.json`` of an emulator directory."""
     file = Path(path) / METADATA_FILE
     if not file.exists():
@@ -72,7 +73,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return json.loads(file.read_text())
 
 
-def empty_module_for(info: dict, dtype: torch.dtype) -> LowRankLinear:
+def empty_module_for(info: Mapping[str, Any], dtype: torch.dtype) -> LowRankLinear:
     """An unallocated (meta) module with the shape ``info`` describes, ready for ``assign``."""
     args = (info["in_features"], info["out_features"], info["rank"])
     if info.get("quant"):

@@ -55,7 +55,9 @@ class Whitening:
         raise RuntimeError("Cholesky factorisation of the calibration Gram matrix failed even with a ridge of 0.1")
 
     @classmethod
-    def identity(cls, n: int, dtype: torch.dtype = torch.float64, device=None) -> "Whitening":
+    def identity(
+        cls, n: int, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
+    ) -> "Whitening":
         """``S = I``: plain SVD, the baseline the whitened form must beat."""
         return cls(lower=torch.eye(n, dtype=dtype, device=device))
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -37,7 +37,7 @@ class LowRankLinear(nn.Linear):
                 f"rank must be in [1, min(in_features, out_features)] = [1, {min(in_features, out_features)}], got {rank}"
             )
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        kw = {"device": device, "dtype": dtype}
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.u = nn.Parameter(torch.empty(out_features, rank, **kw), requires_grad=False)
         self.v = nn.Parameter(torch.empty(rank, in_features, **kw), requires_grad=False)
         if bias:
@@ -75,7 +75,7 @@ class LowRankLinear(nn.Linear):
         """Bytes of the stored weights (factors and bias)."""
         return sum(t.numel() * t.element_size() for t in (self.u, self.v, self.bias) if t is not None)
 
-    def _apply(self, fn, recurse=True):
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> LowRankLinear:
         """After ``.to()``/``.cuda()``, pad the rows of CUDA factors to 16 elements
         (:func:`ops.aligned_rows`): ranks such as 819 otherwise defeat the kernels' wide loads."""
         super()._apply(fn, recurse)

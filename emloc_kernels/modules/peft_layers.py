@@ -14,7 +14,7 @@ around a plain ``nn.Linear`` switched to the fused forward by
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
@@ -50,8 +50,8 @@ class _FusedLora(PeftLoraLinear):
         name = self._fusable_adapter(args, kwargs)
         if name is None:
             return PeftLoraLinear.forward(self, x, *args, **kwargs)
-        lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
-        return fused_lora(self.get_base_layer(), x, lora_a, lora_b, self.scaling[name])
+        lora_a, lora_b = cast(torch.Tensor, self.lora_A[name].weight), cast(torch.Tensor, self.lora_B[name].weight)
+        return fused_lora(cast(nn.Linear, self.get_base_layer()), x, lora_a, lora_b, self.scaling[name])
 
 
 class LowRankLoraLinear(_FusedLora):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -21,6 +24,14 @@ class QuantLowRankLinear(LowRankLinear):
     them like any other state; ``.to(dtype)`` changes the compute dtype (the scales). There
     are no float ``u``/``v`` attributes: use :meth:`dense_weight` or ``u_packed``/``v_packed``.
     """
+
+    # the packed buffers registered in __init__ (offsets are None for int8)
+    u_qweight: torch.Tensor
+    u_scale: torch.Tensor
+    u_offset: torch.Tensor | None
+    v_qweight: torch.Tensor
+    v_scale: torch.Tensor
+    v_offset: torch.Tensor | None
 
     def __init__(
         self,
@@ -87,8 +98,8 @@ class QuantLowRankLinear(LowRankLinear):
         return self._packed("v", (self.rank, self.in_features))
 
     def _packed(self, name: str, shape: tuple[int, int]) -> PackedFactor:
-        parts = (getattr(self, f"{name}_{part}") for part in _PARTS)
-        return PackedFactor(*parts, fmt=self.quant, shape=shape, group_size=self.group_size)
+        qweight, scale, offset = (getattr(self, f"{name}_{part}") for part in _PARTS)
+        return PackedFactor(qweight, scale, offset, fmt=self.quant, shape=shape, group_size=self.group_size)
 
     @property
     def weight(self) -> torch.Tensor:  # type: ignore[override]
@@ -111,8 +122,15 @@ class QuantLowRankLinear(LowRankLinear):
         return self.u_packed, self.v_packed
 
     def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):
+        self,
+        state_dict: Mapping[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
         # load_state_dict would cast silently (an int8 checkpoint into uint8 buffers, codes into
         # scales); refuse entries of the wrong dtype kind. Shapes are checked by torch.
         for name, buf in self._buffers.items():

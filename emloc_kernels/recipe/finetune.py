@@ -15,14 +15,17 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Callable, cast
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from .._version import __version__
 from ..correction import correct_adapter
 from ..emulator import build_emulator, load_emulator, save_emulator
 from ..files import check_output, write_dir_atomically, write_dir_resumably
+from ..modules import LowRankLinear
 from ..transfer import correct_adapter_aware, transfer_adapter
 from . import demo
 from .memory import peak_in_fresh_process
@@ -79,7 +82,7 @@ class FinetuneSettings:
     upper_bound: bool = False  # also train LoRA on the original: report lora_original and recovery
     task: str | None = None  # an embedded task (demo.TASKS); None: Rotten Tomatoes
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.task is not None and (self.data is not None or self.eval_data is not None):
             raise ValueError(
                 f"--task {self.task} and --data/--eval-data exclude each other: "
@@ -113,7 +116,8 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     model.train()
-    losses, pool = [], []
+    losses: list[float] = []
+    pool: list[int] = []
     bar = tqdm(range(steps), desc="LoRA on emulator", unit="step", disable=not progress)
     for _ in bar:
         if len(pool) < batch_size:
@@ -221,14 +225,16 @@ def prepare(s: FinetuneSettings) -> tuple[Path, LabelTask, list[dict], list[dict
         raise ValueError(f"--data has {len(train_rows)} examples; need more than --validation-samples + --batch-size")
     val_rows, train_rows = train_rows[: s.validation_samples], train_rows[s.validation_samples :]
     test_rows = test_rows[: s.eval_samples] if s.eval_samples else test_rows
-    task = LabelTask.create(load_tokenizer(model_path), s.prompt, [r["label"] for r in train_rows], s.max_length)
+    task = LabelTask.create(
+        load_tokenizer(model_path), cast(str, s.prompt), [r["label"] for r in train_rows], s.max_length
+    )
     task.check_labels(test_rows, "--eval-data")
     return model_path, task, train_rows, val_rows, test_rows
 
 
 def calibration_texts(s: FinetuneSettings, train_rows: list[dict]) -> list[str]:
     """The first training examples as the model will see them: prompt and answer."""
-    return [fill_prompt(s.prompt, r["text"]) + " " + r["label"] for r in train_rows[: s.calibration_samples]]
+    return [fill_prompt(cast(str, s.prompt), r["text"]) + " " + r["label"] for r in train_rows[: s.calibration_samples]]
 
 
 def calibration_set(s: FinetuneSettings) -> tuple[Path, list[str]]:
@@ -299,7 +305,7 @@ class Stages:
     def __contains__(self, key: str) -> bool:
         return key in self.done
 
-    def run(self, key: str, fn, *args, **kw):
+    def run(self, key: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         """``fn(*args, **kw)`` (a JSON-able result), or its kept result when it already ran."""
         if key not in self.done:
             t = time.perf_counter()
@@ -308,6 +314,10 @@ class Stages:
             tmp = self.file.with_name(f".{self.file.name}.tmp")
             tmp.write_text(json.dumps(self.done))
             os.replace(tmp, self.file)
+        return self.done[key]["result"]
+
+    def result(self, key: str) -> Any:
+        """The kept result of a finished stage."""
         return self.done[key]["result"]
 
     def timings(self) -> dict[str, float]:
@@ -319,15 +329,6 @@ def _run(r: Run, out: Path) -> dict:
     alpha, variants, train_rows, val_rows, test_rows = r.alpha, r.variants, r.train_rows, r.val_rows, r.test_rows
     stages = Stages(out)
     torch.manual_seed(s.seed)
-    original = None
-    if "build_emulator" not in stages:
-        original, _ = load_model(model_path, device, dtype)
-    acc = {
-        "zero_shot": stages.run(
-            "eval_zero_shot", lambda: accuracy(original or load_model(model_path, device, dtype)[0], task, test_rows)
-        )
-    }
-
     # memory of the same batch, each in a fresh process (fine-tuning measured after the emulator exists)
     spec = out / "memory_batch.json"
     spec.write_text(
@@ -341,11 +342,11 @@ def _run(r: Run, out: Path) -> dict:
             }
         )
     )
-
-    # stage 1: the emulator (built in place: the original's weights are not needed again in memory)
     calib = calibration_texts(s, train_rows)
 
-    def build() -> dict[str, int]:
+    def build(original: nn.Module) -> dict[str, int]:
+        """Stage 1: the emulator, built in place (the original's weights are not needed again
+        in memory), kept block by block for a resume."""
         original_bytes = tensor_bytes(original)
         emulator = build_emulator(
             original,
@@ -365,29 +366,31 @@ def _run(r: Run, out: Path) -> dict:
         shutil.rmtree(out / ".emulator.partial")
         return weight_sizes(emulator, original_bytes)
 
-    sizes = stages.run("build_emulator", build)
-    original = None  # it became the emulator, which is read back from its directory
-    emulator = load_emulator(out / "emulator", device=device) if "train" not in stages else None
-    acc["emulator"] = stages.run("eval_emulator", lambda: accuracy(emulator, task, test_rows))
-
-    # stage 2: LoRA on the emulator
-    def train_on_emulator() -> list[float]:
+    def train_on_emulator(emulator: nn.Module) -> list[float]:
+        """Stage 2: LoRA on the emulator; the adapter names the original (load_emulator sets
+        it), as PEFT expects of an adapter for it."""
         peft_model = attach_lora(emulator, s.lora_rank, alpha, s.seed)
         losses = train_as_set(s, peft_model, task, train_rows, device)
-        # names the original (load_emulator sets it), as PEFT expects of an adapter for it
-        write_dir_atomically(out / "adapter", peft_model.save_pretrained, overwrite=True, kind="adapter")
+        write_dir_atomically(out / "adapter", lambda d: peft_model.save_pretrained(str(d)), overwrite=True)
         return losses
 
-    losses = stages.run("train", train_on_emulator)
-    emulator = None
+    if "build_emulator" not in stages:  # the original in memory for the first two stages only
+        original, _ = load_model(model_path, device, dtype)
+        stages.run("eval_zero_shot", accuracy, original, task, test_rows)
+        stages.run("build_emulator", build, original)
+        del original
+    if "train" not in stages:
+        emulator = load_emulator(out / "emulator", device=device)
+        stages.run("eval_emulator", accuracy, emulator, task, test_rows)
+        stages.run("train", train_on_emulator, emulator)
+        del emulator
+    acc = {"zero_shot": stages.result("eval_zero_shot"), "emulator": stages.result("eval_emulator")}
+    sizes, losses = stages.result("build_emulator"), stages.result("train")
 
-    # stage 3: correction variants, chosen on validation data with the original model
-    from peft import PeftModel
-
+    # stage 3: transfer variants, chosen on validation data with the original model
     original, _ = load_model(model_path, device, dtype)
-    dirs = {}
+    dirs = {name: out / _variant_dir(name) for name in variants}
     for name, (method, param) in variants.items():
-        dirs[name] = out / _variant_dir(name)
         if dirs[name].is_dir():  # written atomically: complete
             continue
         if method == "paper":  # reads the original one module at a time from its files
@@ -402,53 +405,27 @@ def _run(r: Run, out: Path) -> dict:
                 progress=False,
             )
         elif method in ("aware", "stream"):  # forward passes of the original, one block at a time
-            fn = correct_adapter_aware if method == "aware" else transfer_adapter
             stages.run(
                 f"transfer_{name}",
-                lambda: (
-                    fn(
-                        out / "adapter",
-                        out / "emulator",
-                        original,
-                        calib,
-                        dirs[name],
-                        lam=param,
-                        tokenizer=task.tokenizer,
-                        device=device,
-                        progress=False,
-                    )
-                    and None
-                ),
+                correct_adapter_aware if method == "aware" else transfer_adapter,
+                out / "adapter",
+                out / "emulator",
+                original,
+                calib,
+                dirs[name],
+                lam=cast(float, param),
+                tokenizer=task.tokenizer,
+                device=device,
+                progress=False,
             )
-
-    def evaluate_variants() -> dict:
-        results: dict[str, dict] = {}
-        peft_model = None
-        for name, d in dirs.items():
-            if peft_model is None:
-                peft_model = PeftModel.from_pretrained(original, d, adapter_name=_key(name))
-            else:
-                peft_model.load_adapter(d, adapter_name=_key(name))
-            peft_model.set_adapter(_key(name))
-            results[name] = {
-                "validation": accuracy(peft_model, task, val_rows) if len(variants) > 1 else None,
-                "test": accuracy(peft_model, task, test_rows),
-                "dir": d.name,
-            }
-        if "uncorrected" in results:
-            uncorrected = results["uncorrected"]["test"]
-        else:
-            peft_model.load_adapter(out / "adapter", adapter_name="uncorrected")
-            peft_model.set_adapter("uncorrected")
-            uncorrected = accuracy(peft_model, task, test_rows)
-        return {"variants": results, "uncorrected": uncorrected}
-
-    evaluated = stages.run("evaluate_variants", evaluate_variants)
+    evaluated = stages.run(
+        "evaluate_variants", _evaluate_variants, original, dirs, out / "adapter", task, val_rows, test_rows
+    )
+    del original
     results = evaluated["variants"]
     chosen = max(results, key=lambda n: results[n]["validation"] or 0.0) if len(variants) > 1 else next(iter(results))
     acc["uncorrected"] = evaluated["uncorrected"]
     acc["corrected"] = results[chosen]["test"]
-    original = None
     if s.upper_bound:
         acc["lora_original"] = stages.run(
             "train_original", lora_on_original, s, model_path, task, train_rows, test_rows, device, dtype, alpha
@@ -489,6 +466,41 @@ def _run(r: Run, out: Path) -> dict:
     (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "table.md").write_text(format_table(report) + "\n")
     return report
+
+
+def _evaluate_variants(
+    original: nn.Module,
+    dirs: dict[str, Path],
+    trained: Path,
+    task: LabelTask,
+    val_rows: list[dict],
+    test_rows: list[dict],
+) -> dict[str, Any]:
+    """Validation and test accuracy of the original with each adapter in ``dirs`` (validation
+    only when there is a choice), and test accuracy with the ``trained`` one as it is."""
+    from peft import PeftModel
+
+    results: dict[str, dict] = {}
+    peft_model: PeftModel | None = None
+    for name, d in dirs.items():
+        if peft_model is None:
+            peft_model = PeftModel.from_pretrained(original, d, adapter_name=_key(name))
+        else:
+            peft_model.load_adapter(d, adapter_name=_key(name))
+        peft_model.set_adapter(_key(name))
+        results[name] = {
+            "validation": accuracy(peft_model, task, val_rows) if len(dirs) > 1 else None,
+            "test": accuracy(peft_model, task, test_rows),
+            "dir": d.name,
+        }
+    assert peft_model is not None, "no adapter to evaluate"
+    if "uncorrected" in results:
+        uncorrected = results["uncorrected"]["test"]
+    else:
+        peft_model.load_adapter(trained, adapter_name="uncorrected")
+        peft_model.set_adapter("uncorrected")
+        uncorrected = accuracy(peft_model, task, test_rows)
+    return {"variants": results, "uncorrected": uncorrected}
 
 
 def train_as_set(
@@ -540,9 +552,9 @@ def weight_sizes(emulator: torch.nn.Module, original_bytes: int) -> dict[str, in
     """Bytes of the emulated linears against the original's (as stored, and in fp16), and of
     the whole emulator against the whole original."""
 
-    infos = emulator.emloc_metadata["modules"]
+    infos = cast(Any, emulator).emloc_metadata["modules"]
     return {
-        "emulator_linears": sum(emulator.get_submodule(n).weight_bytes() for n in infos),
+        "emulator_linears": sum(cast(LowRankLinear, emulator.get_submodule(n)).weight_bytes() for n in infos),
         "original_linears_fp16": sum(2 * (i["in_features"] + i["bias"]) * i["out_features"] for i in infos.values()),
         "emulator_total": tensor_bytes(emulator),
         "original_total": original_bytes,

@@ -4,10 +4,13 @@ the training run and the fresh-process memory measurement both build on it)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 
 def check_model_source(source: str | Path, option: str = "--model") -> str:
@@ -55,12 +58,13 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype) -> tu
     return model, load_tokenizer(path)
 
 
-def attach_lora(model: nn.Module, rank: int, alpha: float, seed: int) -> nn.Module:
+def attach_lora(model: nn.Module, rank: int, alpha: float, seed: int) -> PeftModel:
     """PEFT LoRA on every linear, lean for memory: non-reentrant gradient checkpointing."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    model.config.use_cache = False
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    cast(Any, model).config.use_cache = False
+    cast(Any, model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # PEFT annotates lora_alpha as int; a float alpha scales by alpha / r all the same
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")  # type: ignore[arg-type]
     return get_peft_model(model, config)
