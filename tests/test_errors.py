@@ -274,7 +274,11 @@ def test_merge_refuses_an_adapter_of_another_model(tmp_path):
         ["merge", str(tmp_path / "adapter"), "--original", str(tmp_path / "shorter"), "--out", str(tmp_path / "m")],
         r"targets model\.layers\.1\.\S+, which the original \(LlamaForCausalLM\) does not have",
     )
-    exits(["merge", str(tmp_path), "--original", str(tmp_path / "wider"), "--out", str(tmp_path / "m")], "has no")
+    (tmp_path / "empty").mkdir()
+    exits(
+        ["merge", str(tmp_path / "empty"), "--original", str(tmp_path / "wider"), "--out", str(tmp_path / "m")],
+        "has no",
+    )
     assert not (tmp_path / "m").exists()
     merged = merge_adapter(llama(), tmp_path / "adapter")  # its own model still merges
     assert not any("lora" in n for n, _ in merged.named_parameters())

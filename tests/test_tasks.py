@@ -101,3 +101,17 @@ def test_prepare_runs_the_chosen_task(smollm2_dir):
     assert task.labels == sorted(demo.TASKS["newsgroups"].labels) and task.prompt == demo.NEWSGROUPS_PROMPT
     assert len(val) == s.validation_samples and len(test) == 300 and len(train) > 1500
     assert calibration_texts(s, train)[0].startswith("Newsgroup post: ")
+
+
+def test_a_long_text_loses_its_end_not_the_prompts_question(smollm2_tokenizer):
+
+    prompt = "Review: {text}\nSentiment (positive or negative):"
+    task = LabelTask.create(smollm2_tokenizer, prompt, ["positive", "negative"], max_length=32)
+    short, long = "A fine film.", " ".join(["a rambling review of a long film"] * 40)
+    batch = task.encode([{"text": short, "label": "positive"}, {"text": long, "label": "negative"}])
+    assert batch["input_ids"].shape[1] <= 32
+    ids = batch["input_ids"][1][batch["attention_mask"][1].bool()]
+    assert smollm2_tokenizer.decode(ids).endswith("\nSentiment (positive or negative):")
+    assert smollm2_tokenizer.decode(ids).startswith("Review: a rambling review")
+    plain = smollm2_tokenizer(prompt.replace("{text}", short))["input_ids"]
+    assert batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist() == plain  # short ones as before

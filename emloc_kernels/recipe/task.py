@@ -54,11 +54,27 @@ class LabelTask:
             raise ValueError(f"labels {labels} share their first token; use labels whose first words differ")
         return cls(tokenizer, prompt, labels, torch.tensor(ids), max_length)
 
+    def fill(self, text: str) -> str:
+        """The prompt with ``text``; a text too long for ``max_length`` tokens loses its end, so
+        that the prompt's question (after ``{text}``) survives the truncation."""
+        full = fill_prompt(self.prompt, text)
+        tok: Any = self.tokenizer
+        excess = len(tok(full)["input_ids"]) - self.max_length
+        if excess <= 0:
+            return full
+        ids = tok.encode(text, add_special_tokens=False)
+        keep = max(0, len(ids) - excess)
+        while True:
+            full = fill_prompt(self.prompt, tok.decode(ids[:keep]))
+            if keep == 0 or len(tok(full)["input_ids"]) <= self.max_length:
+                return full  # (with keep == 0 the prompt alone is too long: the tokenizer cuts it)
+            keep = max(0, keep - 8)
+
     def encode(self, rows: list[dict], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """Left-padded prompts, so every example's next token is at the last position."""
         with padding(self.tokenizer, "left") as tok:
             enc = tok(
-                [fill_prompt(self.prompt, r["text"]) for r in rows],
+                [self.fill(r["text"]) for r in rows],
                 return_tensors="pt",
                 padding=True,
                 truncation=True,
