@@ -6,12 +6,15 @@ Stage 1 builds a low-rank *emulator* (:func:`build_emulator`), stage 2 trains Lo
 (:func:`correct_adapter`).  :func:`apply_fused_lora` switches
 PEFT's LoRA layers around plain ``nn.Linear`` modules of a model to the fused kernels
 (:func:`remove_fused_lora` switches them back); importing changes nothing for them.
+Importing also registers the transformers quantization method ``emloc`` (:class:`EmlocConfig`):
+``from_pretrained`` then loads an emulator directory as the emulator, or builds one on load;
+models that do not name the method load as before.
 """
 
 from . import ops
 from ._version import __version__
 from .correction import correct_adapter, merge_adapter
-from .emulator import build_emulator, load_emulator, save_emulator
+from .emulator import EmlocConfig, build_emulator, load_emulator, save_emulator
 from .lora import add_lora, save_lora
 from .modules import LowRankLinear, QuantLowRankLinear
 from .patch import apply_fused_lora, register_peft, remove_fused_lora
@@ -26,6 +29,7 @@ __all__ = [
     "build_emulator",
     "save_emulator",
     "load_emulator",
+    "EmlocConfig",
     "add_lora",
     "save_lora",
     "correct_adapter",

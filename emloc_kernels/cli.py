@@ -9,6 +9,7 @@ import re
 import shutil
 import sys
 import time
+from pathlib import Path
 from typing import Any, cast
 
 RATIO_FORM = "a number in (0, 1) or regex=ratio pairs such as 'mlp=0.3,self_attn=0.5'"
@@ -132,15 +133,19 @@ def cmd_correct(a: argparse.Namespace) -> None:
 
 def cmd_merge(a: argparse.Namespace) -> None:
     from .correction import merge_adapter
-    from .files import check_output, write_dir_atomically
+    from .files import check_output, copy_tokenizer, write_dir_atomically
     from .recipe.models import check_model_source
 
     inputs = [a.original, a.adapter]
     check_output(a.out, inputs, overwrite=a.overwrite)
-    model = merge_adapter(check_model_source(a.original, "--original"), a.adapter)
-    write_dir_atomically(
-        a.out, cast(Any, model).save_pretrained, overwrite=a.overwrite, inputs=inputs, kind="merged model"
-    )
+    original = check_model_source(a.original, "--original")
+    model = merge_adapter(original, a.adapter)
+
+    def write(directory: Path) -> None:
+        cast(Any, model).save_pretrained(directory)
+        copy_tokenizer(original, directory)
+
+    write_dir_atomically(a.out, write, overwrite=a.overwrite, inputs=inputs, kind="merged model")
     print(f"merged model written to {a.out}")
 
 

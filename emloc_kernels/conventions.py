@@ -1,12 +1,15 @@
 """Conventions shared by the stages, in one place: adapter file names and key prefix, the
-emulator's metadata file, replacing a submodule, the out×in weight of a transformers
-``Conv1D``, padding a tokenizer without changing it and loading a model from a directory.
+emulator's metadata file and its transformers quantization config (telling an emulator
+directory, giving a model its quantizer), replacing a submodule, the out×in weight of a
+transformers ``Conv1D``, padding a tokenizer without changing it and loading a model from a
+directory.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Union, cast
@@ -21,6 +24,8 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_KEY_PREFIX = "base_model.model."
 # the emulator's own metadata beside its safetensors and config.json
 EMULATOR_METADATA = "emloc.json"
+# the transformers quantization method of an emulator (the quant_method in its config.json)
+EMULATOR_QUANT_METHOD = "emloc"
 # the linear layer types an emulator replaces (GPT-2 and relatives use Conv1D)
 LINEAR_TYPES = (nn.Linear, Conv1D)
 
@@ -53,6 +58,51 @@ def padding(tokenizer: Any, side: str) -> Iterator[Any]:
         tokenizer.padding_side, tokenizer.pad_token = old_side, old_pad
 
 
+def emulator_quantization_config(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``quantization_config`` of an emulator's ``config.json``: its metadata (as in
+    ``emloc.json``, without the files' checksums) with ``quant_method`` (implemented by
+    :mod:`emloc_kernels.emulator.hf`)."""
+    return {"quant_method": EMULATOR_QUANT_METHOD, **{k: v for k, v in metadata.items() if k != "files"}}
+
+
+def attach_quantizer(model: nn.Module, quantization_config: Mapping[str, Any]) -> None:
+    """Give ``model`` what ``from_pretrained`` gives a model loaded with ``quantization_config``:
+    the quantizer registered with transformers for its ``quant_method`` (made by transformers'
+    own factory), ``config.quantization_config`` and the quantized marks; ``save_pretrained``
+    then writes the config and the tensors that quantizer loads again."""
+    from transformers import PreTrainedModel
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    quantizer = AutoHfQuantizer.from_config(dict(quantization_config), pre_quantized=True)
+    m = cast(Any, model)
+    m.config.quantization_config = quantizer.quantization_config
+    m.hf_quantizer = quantizer
+    m.is_quantized = True
+    m.quantization_method = quantizer.quantization_config.quant_method
+    for sub in model.modules():  # as transformers marks the configs of a quantized model
+        if isinstance(sub, PreTrainedModel):
+            cast(Any, sub).config._is_quantized = True
+
+
+def is_emulator_config(config: Any) -> bool:
+    """Whether a transformers config (or the dict of a ``config.json``) is an emulator's."""
+    q = config.get("quantization_config") if isinstance(config, dict) else getattr(config, "quantization_config", None)
+    method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
+    return method == EMULATOR_QUANT_METHOD
+
+
+def is_emulator_dir(directory: PathLike) -> bool:
+    """Whether ``directory`` holds an emulator: its ``emloc.json``, or a ``config.json`` whose
+    quantization method is the emulator's (a directory its ``save_pretrained`` wrote)."""
+    path = Path(directory)
+    if (path / EMULATOR_METADATA).is_file():
+        return True
+    try:
+        return is_emulator_config(json.loads((path / "config.json").read_text()))
+    except (OSError, ValueError):
+        return False
+
+
 def load_model(directory: PathLike, **kwargs: Any) -> nn.Module:
     """The model class named in the directory's ``config.json``, loaded from it.
 
@@ -61,10 +111,10 @@ def load_model(directory: PathLike, **kwargs: Any) -> nn.Module:
     """
     import transformers
 
-    if (Path(directory) / EMULATOR_METADATA).is_file():
+    if is_emulator_dir(directory):
         raise ValueError(
-            f"{directory} is an emulator (it has {EMULATOR_METADATA}); pass the original model here "
-            "(an emulator loads with emloc_kernels.load_emulator)"
+            f"{directory} is an emulator (it has {EMULATOR_METADATA} or an emloc quantization_config); pass the "
+            "original model here (an emulator loads with emloc_kernels.load_emulator)"
         )
     architectures = transformers.AutoConfig.from_pretrained(directory).architectures or []
     cls = getattr(transformers, architectures[0], None) if architectures else None

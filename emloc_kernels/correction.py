@@ -44,7 +44,7 @@ from .conventions import (
     load_model,
     matches_probe,
 )
-from .files import check_output, write_dir_atomically
+from .files import check_output, copy_tokenizer, write_dir_atomically
 from .modules import LowRankLinear
 
 if TYPE_CHECKING:
@@ -227,13 +227,16 @@ class _Emulator:
 
     def __init__(self, emulator: nn.Module | PathLike) -> None:
         if _is_path(emulator):
+            from .emulator.io import read_metadata
+
             self.checkpoint = _Checkpoint(Path(emulator), "emulator")
-            meta = self.checkpoint.directory / EMULATOR_METADATA
-            if not meta.is_file():
+            try:  # emloc.json, or the quantization config of a directory save_pretrained wrote
+                self.metadata = read_metadata(self.checkpoint.directory)
+            except FileNotFoundError:
                 raise FileNotFoundError(
-                    f"emulator directory {emulator} has no {EMULATOR_METADATA}; is it an EMLoC emulator?"
-                )
-            self.metadata = json.loads(meta.read_text())
+                    f"emulator directory {emulator} has no {EMULATOR_METADATA} (nor an emloc quantization_config); "
+                    "is it an EMLoC emulator?"
+                ) from None
         elif isinstance(emulator, nn.Module):
             self.model = _unwrap(emulator)
             self.metadata = getattr(self.model, "emloc_metadata", None) or {}
@@ -247,8 +250,8 @@ class _Emulator:
 
     def kept_dense(self, path: str) -> bool:
         """The emulator left this linear as it was (outside the blocks, or no ratio pattern)."""
-        if hasattr(self, "checkpoint"):
-            return self.checkpoint.find(path + ".weight") is not None and self.checkpoint.find(path + ".u") is None
+        if hasattr(self, "checkpoint"):  # a compressed linear also stores an empty weight (emulator.hf)
+            return not self.info(path) and self.checkpoint.find(path + ".weight") is not None
         return isinstance(_submodule(self.model, path), LINEAR_TYPES) and not isinstance(
             _submodule(self.model, path), LowRankLinear
         )
@@ -258,6 +261,8 @@ class _Emulator:
             prefix = path + "."
             keys = [k for k in self.checkpoint.files if k.startswith(prefix) and "." not in k[len(prefix) :]]
             state = {k[len(prefix) :]: self.checkpoint.get(k) for k in keys}
+            if self.info(path):  # the empty weight a compressed linear is saved with (emulator.hf)
+                state.pop("weight", None)
         else:
             module = _submodule(self.model, path)
             state = {} if module is None else module.state_dict()
@@ -455,6 +460,7 @@ def correct_adapter(
         )
         (directory / ADAPTER_CONFIG).write_text(json.dumps(out_config, indent=2, sort_keys=True))
         (directory / REPORT).write_text(json.dumps(report, indent=2))
+        copy_tokenizer(out_config["base_model_name_or_path"], directory)
 
     write_dir_atomically(out_dir, write, overwrite=overwrite, inputs=inputs, kind="adapter")
     return report

@@ -1,4 +1,5 @@
-"""Writing output directories without ever leaving a half-written one or losing a user's files.
+"""Writing output directories without ever leaving a half-written one or losing a user's files,
+and the tokenizer files every model or adapter directory carries (:func:`copy_tokenizer`).
 
 Every directory the library writes carries a marker file (:data:`MARKER`); ``overwrite`` only
 ever replaces such a directory, never a user's file, symbolic link or foreign directory, and
@@ -181,3 +182,45 @@ def write_dir_resumably(
     writer(work)
     _publish(work, path, overwrite=overwrite, inputs=inputs)
     return path
+
+
+# what a model directory holds besides its config and weights that a model or adapter written
+# from it should carry: the tokenizer (the files any tokenizer class saves) and generation settings
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+TOKENIZER_PATTERNS = ("tokenizer*", "*.tiktoken")  # vocabularies under other names
+TOKENIZER_DIRS = ("additional_chat_templates",)
+GENERATION_CONFIG = "generation_config.json"
+
+
+def copy_tokenizer(source: object, directory: PathLike) -> list[str]:
+    """Copy the tokenizer files and ``generation_config.json`` of the model directory ``source``
+    into ``directory`` (an output being written), keeping any file of the same name already
+    there; returns the names copied. Nothing happens when ``source`` is not a local directory
+    (a Hub id, a model object, empty)."""
+    if not isinstance(source, (str, os.PathLike)) or not os.path.isdir(source):
+        return []
+    src, dst = Path(source), Path(directory)
+    copied = []
+    found = {f.name for pattern in TOKENIZER_PATTERNS for f in src.glob(pattern)}
+    for name in sorted({*TOKENIZER_FILES, *found, GENERATION_CONFIG}):
+        if (src / name).is_file() and not (dst / name).exists():
+            shutil.copyfile(src / name, dst / name)
+            copied.append(name)
+    for name in TOKENIZER_DIRS:
+        if (src / name).is_dir() and not (dst / name).exists():
+            shutil.copytree(src / name, dst / name)
+            copied.append(name)
+    return copied

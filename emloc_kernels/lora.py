@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .conventions import ADAPTER_WEIGHTS, PEFT_KEY_PREFIX, replace_submodule
-from .files import write_dir_atomically
+from .files import copy_tokenizer, write_dir_atomically
 from .modules.fused import fusable, fused_lora
 
 
@@ -117,5 +117,6 @@ def save_lora(
     def writer(tmp: Path) -> None:
         save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         config.save_pretrained(str(tmp))  # PEFT writes its own adapter_config.json
+        copy_tokenizer(base_model_name_or_path, tmp)
 
     return write_dir_atomically(out_dir, writer, overwrite=overwrite, kind="adapter")

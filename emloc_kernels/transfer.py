@@ -66,7 +66,7 @@ from .correction import (
 )
 from .emulator.build import Grams, InputRecorder
 from .emulator.calibration import as_batches, capture_block_inputs, find_blocks, to_device, token_mask
-from .files import check_output, write_dir_atomically
+from .files import check_output, copy_tokenizer, write_dir_atomically
 from .modules import LowRankLinear
 
 __all__ = ["collect_grams", "correct_adapter_aware", "correct_lora_aware", "reduced_rank_lora", "transfer_adapter"]
@@ -192,7 +192,8 @@ def _write_adapter(
     overwrite: bool,
     inputs: Sequence[object],
 ) -> None:
-    """The same files as :func:`.correction.correct_adapter` writes, atomically."""
+    """The same files as :func:`.correction.correct_adapter` writes, atomically (with the
+    tokenizer of the original's directory)."""
 
     def write(directory: Path) -> None:
         save_file(
@@ -200,6 +201,7 @@ def _write_adapter(
         )
         (directory / ADAPTER_CONFIG).write_text(json.dumps(dict(config), indent=2, sort_keys=True))
         (directory / report_name).write_text(json.dumps(report, indent=2))
+        copy_tokenizer(config.get("base_model_name_or_path"), directory)
 
     write_dir_atomically(out_dir, write, overwrite=overwrite, inputs=inputs, kind="adapter")
 

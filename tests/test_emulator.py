@@ -23,6 +23,7 @@ from safetensors import safe_open
 from torch import nn
 
 from emloc_kernels import LowRankLinear
+from emloc_kernels.emulator import build as emloc_build
 from emloc_kernels.emulator import build_emulator, load_emulator, save_emulator
 from emloc_kernels.emulator.calibration import as_batches, token_mask
 from emloc_kernels.emulator.svd import Whitening, calibration_error, rank_for, truncated_factors
@@ -220,16 +221,19 @@ def test_report_error_matches_direct_computation(smol, smol_inputs):
 def test_save_load_smollm2(smol, tmp_path, monkeypatch):
     path = save_emulator(smol.emulator, tmp_path / "emu")
     with safe_open(str(next(path.glob("*.safetensors"))), "pt") as f:
-        keys = set(f.keys())
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
     for name in smol.emulator.emloc_metadata["modules"]:
-        assert {f"{name}.u", f"{name}.v"} <= keys and f"{name}.weight" not in keys
+        # the factors, and no dense weight: only the empty one that stops a dense load (emulator.hf)
+        assert {f"{name}.u", f"{name}.v"} <= shapes.keys() and shapes[f"{name}.weight"] == [0]
     # loading reads only the emulator directory: no original, no calibration, no build
     read = []
-    real_load_file = safetensors.torch.load_file
+    real_safe_open = transformers.modeling_utils.safe_open
     monkeypatch.setattr(
-        safetensors.torch, "load_file", lambda f, *a, **k: read.append(Path(f)) or real_load_file(f, *a, **k)
+        transformers.modeling_utils,
+        "safe_open",
+        lambda f, *a, **k: read.append(Path(f)) or real_safe_open(f, *a, **k),
     )
-    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", None)
+    monkeypatch.setattr(emloc_build, "build_emulator", None)
     loaded = load_emulator(path)
     assert read and all(f.parent == path for f in read)
     assert loaded.emloc_metadata == smol.emulator.emloc_metadata

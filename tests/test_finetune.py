@@ -70,6 +70,7 @@ def run(material, out, *extra):
 
 def test_finetune_smoke_writes_report_and_adapters(material, tmp_path, capsys):
     report = run(material, tmp_path / "run", "--transfer", "auto")
+    tok = AutoTokenizer.from_pretrained(material / "model")
     table = capsys.readouterr().out
     assert "original, zero-shot" in table and "← delivered" in table and "peak memory" in table
     # the peaks hold at least the weights that were loaded after the baseline
@@ -90,6 +91,8 @@ def test_finetune_smoke_writes_report_and_adapters(material, tmp_path, capsys):
         "stream-0.5",
     ):
         assert (tmp_path / "run" / d).is_dir()
+        # every model and adapter directory carries the original's tokenizer
+        assert AutoTokenizer.from_pretrained(tmp_path / "run" / d)("a film")["input_ids"] == tok("a film")["input_ids"]
     adapter_config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str(material / "model")  # the original, not the emulator
     # the reported accuracies are those of the models as saved, recomputed here

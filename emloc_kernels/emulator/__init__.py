@@ -1,6 +1,8 @@
-"""Stage 1: calibration statistics, whitened SVD, streaming build, save/load."""
+"""Stage 1: calibration statistics, whitened SVD, streaming build, save/load, and the
+``emloc`` quantization method that lets transformers load (or build) an emulator."""
 
 from .build import build_emulator
+from .hf import EmlocConfig
 from .io import load_emulator, save_emulator
 
-__all__ = ["build_emulator", "save_emulator", "load_emulator"]
+__all__ = ["build_emulator", "save_emulator", "load_emulator", "EmlocConfig"]

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from .._version import __version__
-from ..conventions import LINEAR_TYPES, weight_probe
+from ..conventions import LINEAR_TYPES, attach_quantizer, emulator_quantization_config, weight_probe
 from ..conventions import out_in_weight as dense_weight_of
 from ..conventions import replace_submodule as _replace
 from ..modules import LowRankLinear
@@ -508,6 +508,8 @@ def build_emulator(
         "build": {"propagate": propagate, "shrinkage": shrinkage, "allocate": allocate},
         "modules": report,
     }
+    if hasattr(model, "config"):  # its save_pretrained writes a directory that loads as this emulator
+        attach_quantizer(model, emulator_quantization_config(cast(Any, model).emloc_metadata))
     logger.info(
         "emulator: %d linears compressed, mean calibration error %.4f",
         len(report),

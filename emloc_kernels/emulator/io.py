@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from ..conventions import EMULATOR_METADATA as METADATA_FILE
-from ..conventions import replace_submodule
-from ..files import write_dir_atomically
+from ..conventions import attach_quantizer, emulator_quantization_config, is_emulator_config
+from ..files import copy_tokenizer, write_dir_atomically
 from ..modules import LowRankLinear
 
 
@@ -23,16 +23,23 @@ def save_emulator(
 ) -> Path:
     """Write ``model`` (an emulator from :func:`build_emulator`) to a new directory ``path``.
 
+    The directory is a transformers checkpoint whose ``config.json`` carries the emulator as its
+    ``quantization_config`` (``AutoModelForCausalLM.from_pretrained(path)`` loads the emulator
+    once ``emloc_kernels`` is imported), with ``emloc.json`` (metadata and the weight files'
+    SHA-256) and the tokenizer files of the original model's directory when it is local.
     ``path`` may not be, contain or lie inside the original model's directory or ``inputs``
     (see :func:`~emloc_kernels.files.write_dir_atomically`, also for ``overwrite``)."""
     metadata = getattr(model, "emloc_metadata", None)
     if metadata is None:
         raise ValueError("model has no emloc_metadata: save an emulator made by build_emulator or load_emulator")
+    if hasattr(model, "config"):  # config.json describes the emulator as its metadata stands now
+        attach_quantizer(model, emulator_quantization_config(metadata))
 
     def writer(tmp: Path) -> None:
         cast(Any, model).save_pretrained(tmp)
         files = {f.name: _sha256(f) for f in sorted(tmp.glob("*.safetensors"))}
         (tmp / METADATA_FILE).write_text(json.dumps({**metadata, "files": files}, indent=1))
+        copy_tokenizer(metadata.get("original_model"), tmp)
 
     protected = [metadata.get("original_model") or "", *inputs]
     return write_dir_atomically(path, writer, overwrite=overwrite, inputs=protected, kind="emulator")
@@ -66,11 +73,35 @@ def _weight_files(path: Path, metadata: dict, verify: bool) -> list[Path]:
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``emloc.json`` of an emulator directory."""
+    """The metadata of an emulator directory: its ``emloc.json`` or, in a directory that
+    ``save_pretrained`` wrote, the same (without the files' checksums) from the
+    ``quantization_config`` in ``config.json``."""
     file = Path(path) / METADATA_FILE
-    if not file.exists():
-        raise FileNotFoundError(f"{path} is not an emulator directory (no {METADATA_FILE})")
-    return json.loads(file.read_text())
+    if file.exists():
+        return json.loads(file.read_text())
+    config = Path(path) / "config.json"
+    if config.is_file():
+        content = json.loads(config.read_text())
+        if is_emulator_config(content):
+            return {k: v for k, v in content["quantization_config"].items() if k != "quant_method"}
+    raise FileNotFoundError(f"{path} is not an emulator directory (no {METADATA_FILE}, no emloc quantization_config)")
+
+
+def _check_tensor_files(path: Path, files: list[Path]) -> None:
+    """Each file a readable safetensors file, no tensor in two of them (from their headers)."""
+    from safetensors import safe_open
+
+    seen: set[str] = set()
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                keys = set(handle.keys())
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
+        twice = sorted(keys & seen)
+        if twice:
+            raise ValueError(f"{path}: tensors {twice[:3]} appear in more than one file")
+        seen |= keys
 
 
 def empty_module_for(info: Mapping[str, Any], dtype: torch.dtype) -> LowRankLinear:
@@ -95,45 +126,31 @@ def load_emulator(
 ) -> nn.Module:
     """Rebuild an emulator saved by :func:`save_emulator`; needs neither calibration nor the original.
 
-    ``verify``: check each weight file against the SHA-256 recorded at save time (about a
-    second per GB); ``False`` skips it."""
+    transformers' ``from_pretrained`` loads it (the ``emloc`` quantization method puts the
+    low-rank layers in place), after the checks a plain ``from_pretrained`` does not make: each
+    weight file against the SHA-256 recorded at save time (``verify``; about a second per GB,
+    ``False`` skips it), no file this emulator did not write, no tensor twice; and after it: no
+    tensor missing or left over. Unlike ``from_pretrained`` the model names the original
+    (``name_or_path``), as PEFT adapters trained on it should, and carries ``emloc.json``'s
+    metadata. A directory written before ``config.json`` carried the emulator loads the same."""
     import transformers
-    from accelerate import init_empty_weights
-    from safetensors.torch import load_file
-    from transformers import AutoConfig
 
     path = Path(path)
     metadata = read_metadata(path)
-    config = AutoConfig.from_pretrained(path)
+    files = _weight_files(path, metadata, verify)
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {path}")
+    _check_tensor_files(path, files)
     cls = getattr(transformers, metadata["architecture"], None)
     if cls is None:
         raise ValueError(f"transformers has no class {metadata['architecture']!r} (saved by a newer version?)")
-    state: dict[str, torch.Tensor] = {}
-    for file in _weight_files(path, metadata, verify):
-        try:
-            tensors = load_file(file)
-        except Exception as e:  # safetensors raises its own error types for damaged files
-            raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
-        twice = sorted(set(tensors) & set(state))
-        if twice:
-            raise ValueError(f"{path}: tensors {twice[:3]} appear in more than one file")
-        state.update(tensors)
-    if not state:
-        raise FileNotFoundError(f"no *.safetensors in {path}")
-    with init_empty_weights(include_buffers=False):
-        model = cls._from_config(config)
-    for name, info in metadata["modules"].items():
-        dtype = (
-            state[f"{name}.bias"].dtype
-            if info["bias"]
-            else next(t.dtype for k, t in state.items() if k.startswith(name + "."))
-        )
-        replace_submodule(model, name, empty_module_for(info, dtype))
-    incompatible = model.load_state_dict(state, strict=False, assign=True)
-    if incompatible.unexpected_keys:
-        raise ValueError(f"{path}: tensors that fit no module: {incompatible.unexpected_keys[:5]}")
-    model.tie_weights()
-    missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    kwargs: dict[str, Any] = {}
+    if not is_emulator_config(json.loads((path / "config.json").read_text())):
+        kwargs["quantization_config"] = emulator_quantization_config(metadata)
+    model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
+    if info["unexpected_keys"]:
+        raise ValueError(f"{path}: tensors that fit no module: {sorted(info['unexpected_keys'])[:5]}")
+    missing = sorted(info["missing_keys"]) + [str(k[0]) for k in info.get("mismatched_keys") or []]
     if missing:
         raise ValueError(f"{path}: tensors missing for {missing[:5]}")
     model.emloc_metadata = {k: v for k, v in metadata.items() if k != "files"}  # "files" describes a directory

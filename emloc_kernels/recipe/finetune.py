@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .._version import __version__
 from ..correction import correct_adapter
 from ..emulator import build_emulator, load_emulator, save_emulator
-from ..files import check_output, write_dir_atomically, write_dir_resumably
+from ..files import check_output, copy_tokenizer, write_dir_atomically, write_dir_resumably
 from ..modules import LowRankLinear
 from ..transfer import correct_adapter_aware, transfer_adapter
 from . import demo
@@ -371,7 +371,12 @@ def _run(r: Run, out: Path) -> dict:
         it), as PEFT expects of an adapter for it."""
         peft_model = attach_lora(emulator, s.lora_rank, alpha, s.seed)
         losses = train_as_set(s, peft_model, task, train_rows, device)
-        write_dir_atomically(out / "adapter", lambda d: peft_model.save_pretrained(str(d)), overwrite=True)
+
+        def write(directory: Path) -> None:
+            peft_model.save_pretrained(str(directory))
+            copy_tokenizer(model_path, directory)
+
+        write_dir_atomically(out / "adapter", write, overwrite=True)
         return losses
 
     if "build_emulator" not in stages:  # the original in memory for the first two stages only

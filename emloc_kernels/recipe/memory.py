@@ -53,7 +53,7 @@ class PeakMeter:
 def measure(
     kind: str, model_dir: str, batch_file: str, device: str, dtype: str, rank: int, alpha: float, lr: float
 ) -> int:
-    from ..conventions import EMULATOR_METADATA
+    from ..conventions import is_emulator_dir
     from ..emulator.io import load_emulator
     from .models import attach_lora, load_model, load_tokenizer
     from .task import LabelTask, loss_on, next_token_logits
@@ -61,7 +61,7 @@ def measure(
     dev = torch.device(device)
     spec = json.loads(Path(batch_file).read_text())
     meter = PeakMeter(dev)
-    if (Path(model_dir) / EMULATOR_METADATA).exists():  # an emulator
+    if is_emulator_dir(model_dir):
         model, tokenizer = load_emulator(model_dir, device=dev), load_tokenizer(spec["tokenizer"])
     else:
         model, tokenizer = load_model(model_dir, dev, getattr(torch, dtype))
