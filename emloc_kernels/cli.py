@@ -66,12 +66,16 @@ def cmd_build(a: argparse.Namespace) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from .conventions import load_model
+    from .conventions import check_device, load_model
     from .emulator import build_emulator, save_emulator
+    from .emulator.checkpoint import check_checkpoint_dir
     from .files import check_output
 
     start = time.perf_counter()
     ratio = _ratio(a.ratio)
+    if not 1 <= a.samples <= 10**7:
+        raise ValueError(f"--samples must be an integer from 1 to {10**7}, got {a.samples}")
+    check_device(a.device)
     if a.model != "demo":
         from .recipe.models import check_model_source
 
@@ -84,7 +88,8 @@ def cmd_build(a: argparse.Namespace) -> None:
             model_dir = str(demo_model)
     inputs = [model_dir, a.data]
     out = check_output(a.out, inputs, overwrite=a.overwrite)
-    partial = out.parent / f".{out.name}.partial"  # finished blocks: a rerun after a kill resumes
+    # finished blocks: a rerun after a kill resumes (refused early if a user's folder is there)
+    partial = check_checkpoint_dir(out.parent / f".{out.name}.partial")
     texts = demo_texts if a.data == "demo" else _texts(a.data, a.samples)
     model = load_model(model_dir, dtype=getattr(torch, a.dtype))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -297,8 +302,15 @@ def main(argv: list[str] | None = None) -> None:
         log.setLevel(logging.INFO)
     try:
         args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError, PermissionError) as e:
-        sys.exit(f"emloc {args.command}: error: {e}")
+    except KeyboardInterrupt:
+        sys.stderr.write(f"emloc {args.command}: interrupted; run the same command again to resume\n")
+        sys.exit(130)
+    except (ValueError, OSError) as e:  # OSError: files that cannot be read or written, a full disk
+        sys.exit(f"emloc {args.command}: error: {' '.join(str(e).split())}")
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError":  # safetensors' error for a damaged file
+            raise
+        sys.exit(f"emloc {args.command}: error: a damaged safetensors file ({' '.join(str(e).split())})")
 
 
 if __name__ == "__main__":

@@ -122,7 +122,12 @@ def load_model(directory: PathLike, **kwargs: Any) -> nn.Module:
         raise ValueError(
             f"config.json in {directory} names no transformers model class (architectures={architectures})"
         )
-    model, info = cls.from_pretrained(directory, output_loading_info=True, **kwargs)
+    try:
+        model, info = cls.from_pretrained(directory, output_loading_info=True, **kwargs)
+    except RuntimeError as e:
+        if "ignore_mismatched_sizes" not in str(e):
+            raise
+        raise ValueError(f"{directory}: tensors of the checkpoint have another shape than config.json says") from e
     broken = sorted(info.get("missing_keys") or []) + [str(k) for k in info.get("mismatched_keys") or []]
     if broken:
         raise ValueError(
@@ -155,3 +160,24 @@ def matches_probe(weight: torch.Tensor, probe: dict[str, Any]) -> bool:
         return bool(torch.equal(a, b))
     eps = max(torch.finfo(getattr(torch, d)).eps for d in (now["dtype"], probe["dtype"]))
     return bool(((a - b).abs() <= eps * torch.maximum(a.abs(), b.abs())).all())
+
+
+def check_device(name: str | None, option: str = "--device") -> torch.device | None:
+    """``name`` as a device this process can use (``None`` stays ``None``); else a ValueError
+    naming ``option``."""
+    if name is None:
+        return None
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{option} {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ValueError(f"{option} {name}: this machine has {count} CUDA device(s)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"{option} {name}: MPS is not available here")
+    elif device.type != "cpu":
+        raise ValueError(f"{option} {name!r}: use cpu, cuda, cuda:N or mps")
+    return device

@@ -179,7 +179,14 @@ class _Checkpoint:
             raise FileNotFoundError(f"{role} directory {directory} does not exist")
         self.directory = directory
         index = directory / "model.safetensors.index.json"
-        if index.is_file():
+        if (directory / EMULATOR_METADATA).is_file():  # an emulator: its recorded files, checksums verified
+            from .emulator.io import _weight_files, read_metadata
+
+            self.files = {}
+            for file in _weight_files(directory, read_metadata(directory), verify=True):
+                with safe_open(str(file), framework="pt") as handle:
+                    self.files.update(dict.fromkeys(handle.keys(), file))
+        elif index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
             self.files = {key: directory / name for key, name in weight_map.items()}
         else:
@@ -369,6 +376,9 @@ def weights_for(
             f"{path}: the adapter is out×in = {expected}, the emulator {tuple(w_e.shape)}, the original "
             f"{tuple(w.shape)}; the adapter, emulator and original must belong to the same model"
         )
+    for name, t in (("original", w), ("emulator", w_e), ("adapter's lora_A", lora_a), ("adapter's lora_B", lora_b)):
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{path}: the {name} weight holds NaN or inf; check that checkpoint (or the training run)")
     probe = info.get("original_probe")
     if probe is not None and not matches_probe(w, probe):
         raise ValueError(
@@ -492,8 +502,12 @@ def _check_adapter_fits(directory: Path, model: nn.Module) -> None:
     for file in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (directory / file).is_file():
             raise FileNotFoundError(f"adapter directory {directory} has no {file}")
+    config = json.loads((directory / ADAPTER_CONFIG).read_text())
     with safe_open(str(directory / ADAPTER_WEIGHTS), framework="pt") as handle:
         shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+        broken = [k for k in handle.keys() if not torch.isfinite(handle.get_tensor(k)).all()]
+    if broken:
+        raise ValueError(f"adapter {directory}: {broken[:3]} hold NaN or inf; it cannot be merged")
     base = _unwrap(model)
     for key, shape_a in shapes.items():
         if not (key.startswith(_KEY_PREFIX) and key.endswith(_LORA_A)):
@@ -506,7 +520,14 @@ def _check_adapter_fits(directory: Path, model: nn.Module) -> None:
                 f"adapter {directory} targets {path}, which the original ({type(base).__name__}) does not have; "
                 "was the adapter trained for another model?"
             )
-        if shape_b is None or not isinstance(module, LINEAR_TYPES) or len(shape_a) != 2 or len(shape_b) != 2:
+        if shape_b is None:
+            raise ValueError(f"adapter {directory} has a lora_A for {path} but no lora_B")
+        rank = lora_scaling(config, path)[0]
+        if shape_a[0] != rank:
+            raise ValueError(
+                f"adapter {directory}: its config gives {path} rank {rank}, but its lora_A has rank {shape_a[0]}"
+            )
+        if not isinstance(module, LINEAR_TYPES) or len(shape_a) != 2 or len(shape_b) != 2:
             continue  # PEFT reports what it cannot load
         stored = tuple(module.weight.shape)  # out×in, in×out for a Conv1D
         expected = stored[::-1] if isinstance(module, Conv1D) else stored

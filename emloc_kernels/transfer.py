@@ -48,7 +48,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from .conventions import load_model, out_in_weight
+from .conventions import load_model, matches_probe, out_in_weight
 from .correction import (
     _KEY_PREFIX,
     _LORA_A,
@@ -181,6 +181,23 @@ def _lora_hook(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> Ca
         return out + scaling * ((x @ a.T) @ b.T)
 
     return hook
+
+
+def _check_fits_original(
+    path: str, lora_a: torch.Tensor, lora_b: torch.Tensor, original: nn.Module, emulator: nn.Module
+) -> None:
+    """Refuse a LoRA whose out×in differs from the original's linear, and an original other than
+    the one the emulator was built from (the probe recorded at build time)."""
+    module = original.get_submodule(path)
+    weight = out_in_weight(module)
+    if tuple(weight.shape) != (lora_b.shape[0], lora_a.shape[1]):
+        raise ValueError(
+            f"{path}: the adapter is out×in = {(lora_b.shape[0], lora_a.shape[1])}, the original "
+            f"{tuple(weight.shape)}; the adapter, emulator and original must belong to the same model"
+        )
+    info = ((getattr(emulator, "emloc_metadata", None) or {}).get("modules") or {}).get(path) or {}
+    if "original_probe" in info and not matches_probe(weight, info["original_probe"]):
+        raise ValueError(f"{path}: the original is not the model the emulator was built from: its weights differ")
 
 
 def _write_adapter(
@@ -635,6 +652,7 @@ def transfer_adapter(
                 raise ValueError(
                     f"{path}: the adapter config gives rank {r}, but its lora_A has rank {lora_a.shape[0]}"
                 )
+            _check_fits_original(path, lora_a, lora_b, orig_model, emu_model)
             trained[path] = (lora_a, lora_b, s)
         modes = (emu_model.training, orig_model.training)
         emu_model.eval()

@@ -121,3 +121,43 @@ def test_check_output_ignores_objects_and_missing_names(tmp_path):
     assert check_output(out, [object(), "HuggingFaceTB/SmolLM2-135M", None]) == out
     with pytest.raises(ValueError, match="--out .* lies inside the input"):
         check_output(tmp_path, [out.parent.parent])
+
+
+def test_a_users_folder_in_place_of_the_build_checkpoint_is_refused(sandbox):
+    from emloc_kernels.emulator.checkpoint import SETTINGS_FILE, BlockCheckpoint
+
+    partial = sandbox / ".emu.partial"
+    partial.mkdir()
+    (partial / "precious.txt").write_text("mine\n")
+    before = snapshot(sandbox)
+    with pytest.raises(SystemExit, match="is not a block checkpoint of emloc_kernels"):
+        cli.main("build P/a --data data.txt --out emu".split())
+    (sandbox / ".emu2.partial").symlink_to(sandbox / "P" / "b")
+    with pytest.raises(SystemExit, match="is a symbolic link"):
+        cli.main("build P/a --data data.txt --out emu2".split())
+    (partial / SETTINGS_FILE).write_text('{"tool": "make"}')  # someone else's build.json
+    before = snapshot(sandbox)
+    with pytest.raises(FileExistsError, match="not a block checkpoint"):
+        BlockCheckpoint(partial, "settings of a build")
+    assert snapshot(sandbox) == before
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ("finetune --steps 0", "--steps must be an integer from 1"),
+        ("finetune --batch-size -1", "--batch-size must be an integer from 1"),
+        ("finetune --lora-rank 1000000000000", "--lora-rank must be an integer from 1 to 4096"),
+        ("finetune --calibration-samples -1", "--calibration-samples must be an integer from 1"),
+        ("finetune --eval-samples 0", "--eval-samples must be an integer from 1"),
+        ("finetune --lr inf", "--lr must be a positive finite number"),
+        ("finetune --device bogus", "--device 'bogus' is not a device"),
+        ("finetune --device cuda:9", "CUDA device"),
+        ("build P/a --data data.txt --out e --samples -1", "--samples must be an integer from 1"),
+        ("build P/a --data data.txt --out e --device meta", "--device 'meta': use cpu"),
+    ],
+)
+def test_out_of_range_numbers_and_devices_are_refused(sandbox, argv, message):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv.split())
+    assert message in str(e.value.code) and "\n" not in str(e.value.code)

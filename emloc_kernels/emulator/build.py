@@ -441,9 +441,11 @@ def build_emulator(
         # would stay there, and on the CPU the whole original would stay beside the emulator)
         mine = {n: plan.pop(n) for n in [n for n in plan if n.startswith(prefix)]}
         block.to(work)
-        if kept is not None and kept.done(i):  # replay the forward passes the build made here
+        loaded = kept.load(i, work) if kept is not None and kept.done(i) else None
+        if loaded is not None:  # replay the forward passes the build made here
             _replay(block, calls, i, hidden, work)
-            report.update(kept.restore(i, model, work))
+            BlockCheckpoint.place(model, loaded[0])
+            report.update(loaded[1])
             if hidden_e is not None:
                 _replay(block, calls, i, hidden_e, work)
             block.to(home)

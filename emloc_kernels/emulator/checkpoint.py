@@ -47,12 +47,33 @@ def _write_atomically(path: Path, write: Any) -> None:
     os.replace(tmp, path)
 
 
+WRITER = "emloc_kernels block checkpoint"
+
+
+def check_checkpoint_dir(directory: str | os.PathLike) -> Path:
+    """``directory`` as a Path when it is absent or a block checkpoint this library wrote;
+    anything else (a user's folder, a file, a symbolic link) is refused, never emptied."""
+    path = Path(directory)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise FileExistsError(f"checkpoint {path} is a symbolic link or a file; remove it or choose another")
+    if path.exists():
+        try:
+            ours = json.loads((path / SETTINGS_FILE).read_text()).get("written_by") == WRITER
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise FileExistsError(
+                f"checkpoint {path} exists and is not a block checkpoint of emloc_kernels; remove it or choose another"
+            )
+    return path
+
+
 class BlockCheckpoint:
     """The finished blocks of one build in ``directory``, valid for one ``settings`` digest; a
-    directory kept for other settings is emptied first."""
+    checkpoint kept for other settings is emptied first, a directory that is not one is refused."""
 
     def __init__(self, directory: str | os.PathLike, settings: str) -> None:
-        self.directory = Path(directory)
+        self.directory = check_checkpoint_dir(directory)
         file = self.directory / SETTINGS_FILE
         if file.is_file() and json.loads(file.read_text()).get("settings") != settings:
             logger.warning(
@@ -62,7 +83,7 @@ class BlockCheckpoint:
             shutil.rmtree(self.directory)
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not file.is_file():
-            _write_atomically(file, lambda p: p.write_text(json.dumps({"settings": settings})))
+            _write_atomically(file, lambda p: p.write_text(json.dumps({"settings": settings, "written_by": WRITER})))
 
     def _files(self, i: int) -> tuple[Path, Path]:
         return self.directory / f"block{i:05d}.safetensors", self.directory / f"block{i:05d}.json"
@@ -88,18 +109,36 @@ class BlockCheckpoint:
         _write_atomically(tensors_file, lambda p: save_file(state, str(p)))
         _write_atomically(report_file, lambda p: p.write_text(json.dumps(report)))
 
-    def restore(self, i: int, model: nn.Module, device: torch.device) -> dict[str, dict]:
-        """Put block ``i``'s emulated linears into ``model`` (on ``device``); its report."""
+    def load(self, i: int, device: torch.device) -> tuple[dict[str, nn.Module], dict[str, dict]] | None:
+        """Block ``i``'s emulated linears (on ``device``) and report; ``None`` when its files are
+        damaged, after removing them and those of every later block (they are fitted again)."""
         tensors_file, report_file = self._files(i)
-        report = json.loads(report_file.read_text())
-        state = load_file(str(tensors_file))
-        for name, info in report.items():
-            mine = {k[len(name) + 1 :]: t for k, t in state.items() if k.startswith(name + ".")}
-            dtype = mine["bias"].dtype if info["bias"] else next(iter(mine.values())).dtype  # as load_emulator
-            module = empty_module_for(info, dtype)
-            module.load_state_dict(mine, assign=True)
-            replace_submodule(model, name, module.to(device))
-        return report
+        try:
+            report = json.loads(report_file.read_text())
+            state = load_file(str(tensors_file))
+            modules: dict[str, nn.Module] = {}
+            for name, info in report.items():
+                mine = {k[len(name) + 1 :]: t for k, t in state.items() if k.startswith(name + ".")}
+                dtype = mine["bias"].dtype if info["bias"] else next(iter(mine.values())).dtype  # as load_emulator
+                module = empty_module_for(info, dtype)
+                module.load_state_dict(mine, assign=True)
+                modules[name] = module.to(device)
+        except Exception as e:  # a damaged file of any kind: fit this block again
+            logger.warning(
+                "block %d kept in %s is damaged (%s): fitting it and the later ones again", i, self.directory, e
+            )
+            j = i
+            while self.done(j) or self._files(j)[0].exists():
+                for f in self._files(j):
+                    f.unlink(missing_ok=True)
+                j += 1
+            return None
+        return modules, report
+
+    @staticmethod
+    def place(model: nn.Module, modules: dict[str, nn.Module]) -> None:
+        for name, module in modules.items():
+            replace_submodule(model, name, module)
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -22,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._version import __version__
+from ..conventions import check_device
 from ..correction import correct_adapter
 from ..emulator import build_emulator, load_emulator, save_emulator
 from ..files import check_output, copy_tokenizer, write_dir_atomically, write_dir_resumably
@@ -46,6 +48,19 @@ TRANSFERS = {
     "stream:0.5": ("stream", 0.5),
 }
 PAPER_TRANSFERS = ("uncorrected", "L=1", "L=3", "unclamped")
+
+
+# counts a run accepts: (smallest, largest)
+COUNTS = {
+    "steps": (1, 10**8),
+    "batch_size": (1, 4096),
+    "lora_rank": (1, 4096),
+    "calibration_samples": (1, 10**7),
+    "validation_samples": (1, 10**7),
+    "eval_samples": (1, 10**9),
+    "max_length": (8, 10**6),
+    "seed": (0, 2**32 - 1),
+}
 
 
 @dataclass
@@ -83,6 +98,7 @@ class FinetuneSettings:
     task: str | None = None  # an embedded task (demo.TASKS); None: Rotten Tomatoes
 
     def __post_init__(self) -> None:
+        self._check_numbers()
         if self.task is not None and (self.data is not None or self.eval_data is not None):
             raise ValueError(
                 f"--task {self.task} and --data/--eval-data exclude each other: "
@@ -97,6 +113,20 @@ class FinetuneSettings:
                     f"--prompt must contain the placeholder {{text}} (other braces are kept as written), "
                     f"got {self.prompt!r}"
                 )
+
+    def _check_numbers(self) -> None:
+        """Counts, learning rate and device in range, before any work (the CLI's options by name)."""
+        for name, (low, high) in COUNTS.items():
+            value = getattr(self, name)
+            if value is None and name == "eval_samples":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer from {low} to {high}, got {value!r}")
+        for name in ("lr", "lora_alpha"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive finite number, got {value!r}")
+        check_device(self.device)
 
 
 def train(
@@ -211,7 +241,7 @@ def format_table(report: dict) -> str:
 
 def device_and_dtype(s: FinetuneSettings) -> tuple[torch.device, torch.dtype]:
     """CUDA in bf16 when there is a GPU, else the CPU in fp32."""
-    device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device(s.device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return device, torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
@@ -230,6 +260,19 @@ def prepare(s: FinetuneSettings) -> tuple[Path, LabelTask, list[dict], list[dict
     )
     task.check_labels(test_rows, "--eval-data")
     return model_path, task, train_rows, val_rows, test_rows
+
+
+def _check_vocabulary(model_path: Path, task: LabelTask) -> None:
+    """Refuse a tokenizer with more ids than the model's embedding has rows (they do not belong
+    together: ids past the end would index out of range)."""
+    from transformers import AutoConfig
+
+    vocab = getattr(AutoConfig.from_pretrained(model_path), "vocab_size", None)
+    size = len(cast(Any, task.tokenizer))
+    if isinstance(vocab, int) and size > vocab:
+        raise ValueError(
+            f"--model {model_path}: its tokenizer has {size} ids but the model only {vocab}; they do not belong together"
+        )
 
 
 def calibration_texts(s: FinetuneSettings, train_rows: list[dict]) -> list[str]:
@@ -266,6 +309,7 @@ class Run:
         device, dtype = device_and_dtype(s)
         alpha = float(s.lora_alpha if s.lora_alpha is not None else s.lora_rank)
         model_path, task, train_rows, val_rows, test_rows = prepare(s)
+        _check_vocabulary(model_path, task)
         return cls(s, model_path, task, train_rows, val_rows, test_rows, device, dtype, alpha, variants)
 
 

@@ -47,6 +47,8 @@ class LabelTask:
                 f"prompt must contain the placeholder {{text}} (other braces are kept as written), got {prompt!r}"
             )
         labels = sorted(set(labels))
+        if any(not label.strip() for label in labels):
+            raise ValueError("labels must be words: an empty or blank label cannot be scored as a next token")
         if len(labels) < 2:
             raise ValueError(f"need at least two distinct labels, got {labels}")
         ids = [tokenizer.encode(" " + label, add_special_tokens=False)[0] for label in labels]
