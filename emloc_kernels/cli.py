@@ -154,6 +154,17 @@ def cmd_merge(a: argparse.Namespace) -> None:
     print(f"merged model written to {a.out}")
 
 
+def cmd_plan(a: argparse.Namespace) -> None:
+    from .recipe.plan import Workload, architecture, choose, format_plan, parse_size, read_config
+
+    budget = parse_size(a.budget, "--budget")
+    workload = Workload(a.seq, a.batch, a.lora_rank, a.dtype, a.loss_positions)
+    config, name = read_config(a.model)
+    arch = architecture(config)
+    choice = choose(arch, workload, budget, a.quant, a.group_size, a.max_ratio)
+    print(format_plan(arch, workload, budget, choice, name, a.model))
+
+
 def _shrinkage(text: str) -> float | str:
     return text if text == "auto" else float(text)
 
@@ -282,6 +293,40 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--clamp", default="3", help="per-row bound L on the correction (default 3); 'none' disables it")
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     c.set_defaults(func=cmd_correct)
+
+    pl = sub.add_parser(
+        "plan",
+        help="the largest emulator ratio (and least quantisation) whose LoRA fine-tuning fits a memory budget, "
+        "estimated from config.json alone",
+    )
+    pl.add_argument("model", help="model directory, Hugging Face id in the local cache, or 'demo' (SmolLM2-135M)")
+    pl.add_argument(
+        "--budget", required=True, help="memory budget: 24GB (10⁹ bytes), 24GiB (2³⁰), 500MB, 0.5GiB, bytes"
+    )
+    pl.add_argument("--seq", type=int, default=2048, help="tokens per sequence (default 2048)")
+    pl.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
+    pl.add_argument("--lora-rank", type=int, default=16, help="LoRA rank on every block linear (default 16)")
+    pl.add_argument(
+        "--quant",
+        default="auto",
+        choices=["auto", "none", "int8", "int4"],
+        help="emulator factors: auto (default) takes the least quantisation that reaches the largest ratio",
+    )
+    pl.add_argument("--group-size", type=int, default=128, choices=[64, 128], help="int4 group size (default 128)")
+    pl.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float16", "float32"],
+        help="training dtype (default bfloat16)",
+    )
+    pl.add_argument(
+        "--loss-positions",
+        default="all",
+        choices=["all", "last"],
+        help="all (default): causal-LM loss on every position; last: the last position only (emloc finetune's task)",
+    )
+    pl.add_argument("--max-ratio", type=float, default=0.5, help="largest ratio considered (default 0.5)")
+    pl.set_defaults(func=cmd_plan)
 
     m = sub.add_parser("merge", help="merge a (corrected) adapter into the original model and save it")
     m.add_argument("adapter", help="PEFT LoRA directory")

@@ -6,4 +6,5 @@ task (``emloc finetune``).
 - :mod:`.models`    model/tokenizer loading and the recipe's LoRA attachment (a leaf)
 - :mod:`.memory`    peak memory of inference and fine-tuning, each in a fresh process
 - :mod:`.demo`      the embedded default material (SmolLM2-135M-Instruct, Rotten Tomatoes)
+- :mod:`.plan`      ``emloc plan``: fine-tuning memory from ``config.json``, the ratio that fits a budget
 """

@@ -6,6 +6,8 @@ peak reset through ``/proc/self/clear_refs``).  The child runs with a fixed glib
 threshold, so freed tensors go back to the OS and RSS follows live memory rather than the
 allocator's retained heap (which otherwise depends on the order of frees).  CUDA: ``torch.cuda.max_memory_allocated``.
 Run as ``python -m emloc_kernels.recipe.memory {inference,finetune} ...``; prints one JSON line.
+The batch file's optional ``"loss_positions": "all"`` trains on the causal-LM loss of every
+position instead of the label task's last position (``"last"``, the default).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def measure(
     from ..conventions import is_emulator_dir
     from ..emulator.io import load_emulator
     from .models import attach_lora, load_model, load_tokenizer
-    from .task import LabelTask, loss_on, next_token_logits
+    from .task import LabelTask, lm_loss_on, loss_on, next_token_logits
 
     dev = torch.device(device)
     spec = json.loads(Path(batch_file).read_text())
@@ -67,6 +69,7 @@ def measure(
         model, tokenizer = load_model(model_dir, dev, getattr(torch, dtype))
     task = LabelTask.create(tokenizer, spec["prompt"], spec["labels"], spec["max_length"])
     batch = task.encode(spec["rows"], dev)
+    loss_fn = {"last": loss_on, "all": lm_loss_on}[spec.get("loss_positions", "last")]
     if kind == "inference":
         with torch.no_grad():
             next_token_logits(model, batch)
@@ -75,7 +78,7 @@ def measure(
         peft_model.train()  # gradient checkpointing acts in training mode only, as in finetune.train
         opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
         for _ in range(2):  # the second step runs with the optimiser state allocated
-            loss_on(peft_model, batch).backward()
+            loss_fn(peft_model, batch).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
     return meter.peak()

@@ -114,6 +114,20 @@ def loss_on(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(next_token_logits(model, batch).float(), batch["targets"])
 
 
+def lm_loss_on(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Causal-LM cross-entropy: every non-padded position predicts the next token (the loss of
+    ordinary fine-tuning; its logits over every position are what ``emloc plan`` budgets for)."""
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        labels=labels,
+        use_cache=False,
+    )
+    return out.loss
+
+
 @torch.no_grad()
 def accuracy(
     model: nn.Module, task: LabelTask, rows: list[dict], batch_size: int = 32, device: torch.device | str | None = None
