@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except KeyboardInterrupt:
-        sys.stderr.write(f"emloc {args.command}: interrupted; run the same command again to resume\n")
+        sys.stderr.write(f"emloc {args.command}: error: interrupted; run the same command again to resume\n")
         sys.exit(130)
     except (ValueError, OSError) as e:  # OSError: files that cannot be read or written, a full disk
         sys.exit(f"emloc {args.command}: error: {' '.join(str(e).split())}")

@@ -59,6 +59,10 @@ def read_jsonl(path: str | os.PathLike, what: str, fields: Sequence[str]) -> lis
                 raise ValueError(f'{what} {path}:{i} has no field "{field}" (each line needs {_names(fields)})')
             if not isinstance(row[field], str):
                 raise ValueError(f'{what} {path}:{i} field "{field}" must be a string, got {_short(row[field])}')
+            try:
+                row[field].encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate escape such as "\ud800"
+                raise ValueError(f'{what} {path}:{i} field "{field}" holds an unpaired surrogate; not text') from None
         rows.append({field: row[field] for field in fields})
     return rows
 
