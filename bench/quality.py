@@ -41,21 +41,22 @@ COLUMNS = [
     "seconds",
 ]
 
-PLAIN = {}
+# the paper's build, spelled out: the recipe's own default allocation is "block"
+PAPER = {"allocate": "uniform"}
 NEW = {"propagate": True, "shrinkage": "auto", "allocate": "block"}
 PRESETS = {
     # each technique alone and combined, at ratio 0.4 (fp32 and int4 g64) and 0.3
     "ablation": {
-        "paper build, 0.4": dict(ratio=0.4),
-        "calibration 256, 0.4": dict(ratio=0.4, calibration_samples=256),
-        "shrinkage auto, 0.4": dict(ratio=0.4, shrinkage="auto"),
-        "propagate, 0.4": dict(ratio=0.4, propagate=True),
+        "paper build, 0.4": dict(ratio=0.4, **PAPER),
+        "calibration 256, 0.4": dict(ratio=0.4, calibration_samples=256, **PAPER),
+        "shrinkage auto, 0.4": dict(ratio=0.4, shrinkage="auto", **PAPER),
+        "propagate, 0.4": dict(ratio=0.4, propagate=True, **PAPER),
         "allocate block, 0.4": dict(ratio=0.4, allocate="block"),
         "combined, 0.4": dict(ratio=0.4, **NEW),
         "combined, 0.4 int4-g64": dict(ratio=0.4, quant="int4", group_size=64, **NEW),
         "combined, 0.3": dict(ratio=0.3, **NEW),
     },
-    "ratios": {f"paper build, {r}": dict(ratio=r) for r in (0.3, 0.4, 0.6)},
+    "ratios": {f"paper build, {r}": dict(ratio=r, **PAPER) for r in (0.3, 0.4, 0.6)},
 }
 
 

@@ -93,7 +93,7 @@ class FinetuneSettings:
     # stage-1 options of build_emulator (see its docstring)
     propagate: bool = False
     shrinkage: float | str = 0.0
-    allocate: str = "block"  # measured: recovery 0.61 → 0.86 on Rotten Tomatoes (bench/RESULTS.md)
+    allocate: str = "block"  # RT seed 0: recovery 0.61 → 0.86; seed 1: 0.29 (not established; bench/RESULTS.md)
     upper_bound: bool = False  # also train LoRA on the original: report lora_original and recovery
     task: str | None = None  # an embedded task (demo.TASKS); None: Rotten Tomatoes
 
