@@ -145,8 +145,11 @@ def load_emulator(
     if cls is None:
         raise ValueError(f"transformers has no class {metadata['architecture']!r} (saved by a newer version?)")
     kwargs: dict[str, Any] = {}
-    if not is_emulator_config(json.loads((path / "config.json").read_text())):
+    config = json.loads((path / "config.json").read_text())
+    if not is_emulator_config(config):
         kwargs["quantization_config"] = emulator_quantization_config(metadata)
+    elif config["quantization_config"].get("modules") != metadata.get("modules"):
+        raise ValueError(f"{path}: the modules in emloc.json and in config.json's quantization_config differ")
     model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
     if info["unexpected_keys"]:
         raise ValueError(f"{path}: tensors that fit no module: {sorted(info['unexpected_keys'])[:5]}")
