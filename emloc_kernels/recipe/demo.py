@@ -143,6 +143,7 @@ class Task:
     labels: tuple[str, ...]  # the label words, each scored by its first token after the prompt
     install_hint: str
     description: str
+    format: str = "label"  # the rows' format (recipe.data): "label", "messages", "prompt-completion" or "text"
 
 
 TASKS = {
