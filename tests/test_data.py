@@ -187,6 +187,11 @@ GOOD_CHAT = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant"
         (GOOD_CHAT, {"messages": [{"role": "bot", "content": "a"}]}, r':3 field "messages"\[0\] "role" must be one of'),
         (GOOD_CHAT, {"messages": [{"role": "user", "content": "a"}]}, r":3 .*has no assistant turn"),
         (GOOD_CHAT, "[1, 2]", r":3 must be a JSON object"),
+        (
+            GOOD_CHAT,
+            {"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]},
+            r':3 field "messages" starts with an assistant turn',
+        ),
         ({"question": "a"}, {"question": "a"}, r':1 has none of the known forms \(keys: "question"\)'),
     ],
 )

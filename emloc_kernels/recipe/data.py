@@ -77,6 +77,8 @@ def check_row(fmt: str, row: dict, where: str) -> None:
             raise ValueError(f'{at} "role" must be one of {", ".join(ROLES)}, got {datafiles._short(m["role"])}')
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError(f'{where} field "messages" has no assistant turn: nothing to train on')
+    if messages[0]["role"] == "assistant":
+        raise ValueError(f'{where} field "messages" starts with an assistant turn; put a user or system message first')
 
 
 def read_rows(path: str | os.PathLike, what: str) -> tuple[str, list[dict]]:

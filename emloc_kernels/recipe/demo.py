@@ -165,7 +165,15 @@ def chitchat(seed: int = 0, n_test: int = 300) -> tuple[list[dict], list[dict]]:
             for turn in turns
             if turn
         ]
-        messages = [m for m in messages if m["content"]]
+        merged: list[dict] = []  # a turn of empty messages only is dropped: its neighbours join
+        for m in messages:
+            if not m["content"]:
+                continue
+            if merged and merged[-1]["role"] == m["role"]:
+                merged[-1]["content"] += "\n" + m["content"]
+            else:
+                merged.append(m)
+        messages = merged[1:] if merged and merged[0]["role"] == "assistant" else merged
         if any(m["role"] == "assistant" for m in messages):
             rows.append({"messages": messages})
     random.Random(seed).shuffle(rows)
