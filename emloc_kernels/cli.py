@@ -211,7 +211,9 @@ def parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_build)
 
     f = sub.add_parser(
-        "finetune", help="the whole method on a classification task (default: SmolLM2 on Rotten Tomatoes)"
+        "finetune",
+        help="the whole method on a task: label classification or generative data (chat, prompt-completion, "
+        "text) (default: SmolLM2 on Rotten Tomatoes)",
     )
     f.add_argument("--model", default=None, help="causal LM directory (default: the embedded SmolLM2-135M-Instruct)")
     f.add_argument(
