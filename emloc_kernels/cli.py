@@ -232,7 +232,9 @@ def parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_build)
 
     f = sub.add_parser(
-        "finetune", help="the whole method on a classification task (default: SmolLM2 on Rotten Tomatoes)"
+        "finetune",
+        help="the whole method on a task: label classification or generative data (chat, prompt-completion, "
+        "text) (default: SmolLM2 on Rotten Tomatoes)",
     )
     f.add_argument("--model", default=None, help="causal LM directory (default: the embedded SmolLM2-135M-Instruct)")
     f.add_argument(
@@ -244,17 +246,42 @@ def parser() -> argparse.ArgumentParser:
         + f" (default {DEFAULT_TASK})",
     )
     f.add_argument(
-        "--data", default=None, help='training .jsonl, lines {"text": ..., "label": ...} (instead of --task)'
+        "--data",
+        default=None,
+        help='training .jsonl (instead of --task), each line one of: {"messages": [{"role", "content"}, ...]} '
+        '(chat template, loss on the assistant turns), {"prompt", "completion"} (loss on the completion), '
+        '{"text"} (loss on all tokens) or {"text", "label"} (label classification); the first line sets the format',
     )
     f.add_argument("--eval-data", default=None, help="held-out .jsonl in the same format (needed with --data)")
     f.add_argument(
-        "--prompt", default=None, help="template with {text}; the label is the next word (default: the task's)"
+        "--prompt",
+        default=None,
+        help="label data: template with {text}; the label is the next word (default: the task's)",
     )
     f.add_argument("--ratio", type=float, default=0.4, help="emulator ratio in (0, 1) (default 0.4)")
     f.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (default 8; alpha = rank)")
-    f.add_argument("--steps", type=int, default=120, help="training steps (default 120)")
+    f.add_argument("--steps", type=int, default=120, help="training (optimiser) steps (default 120)")
     f.add_argument("--batch-size", type=int, default=8, help="training batch size (default 8)")
     f.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    f.add_argument("--max-length", type=int, default=256, help="tokens per example; longer ones are cut (default 256)")
+    t = f.add_argument_group("training on generative data (transformers' Trainer)")
+    t.add_argument("--grad-accum", type=int, default=1, help="batches per optimiser step (default 1)")
+    t.add_argument(
+        "--lr-scheduler",
+        default="linear",
+        choices=["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"],
+        help="learning-rate schedule (default linear)",
+    )
+    t.add_argument("--warmup-ratio", type=float, default=0.0, help="share of the steps warming up (default 0)")
+    t.add_argument("--epochs", type=float, default=None, help="passes over the training data, instead of --steps")
+    t.add_argument(
+        "--save-steps",
+        type=int,
+        default=50,
+        help="a checkpoint every N steps in the hidden work directory; the same command, rerun after a kill, "
+        "resumes the training from the last one (default 50)",
+    )
+    t.add_argument("--log-steps", type=int, default=10, help="log the training loss every N steps (default 10)")
     f.add_argument(
         "--transfer",
         default="paper",
@@ -267,7 +294,11 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     f.add_argument("--calibration-samples", type=int, default=64, help="emulator calibration samples (default 64)")
     f.add_argument(
-        "--validation-samples", type=int, default=200, help="training examples held out to choose the transfer"
+        "--validation-samples",
+        type=int,
+        default=200,
+        help="training examples held out to choose the transfer "
+        "(default 200; a dataset too small for it holds out 20%% of its examples)",
     )
     f.add_argument("--eval-samples", type=int, default=None, help="use only the first N evaluation examples")
     f.add_argument("--quant", default=None, choices=["int8", "int4"], help="quantise the emulator's factors")

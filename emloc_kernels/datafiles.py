@@ -41,9 +41,9 @@ def read_text_lines(path: str | os.PathLike, what: str) -> list[str]:
     return [line for _, line in _lines(path, what)]
 
 
-def read_jsonl(path: str | os.PathLike, what: str, fields: Sequence[str]) -> list[dict[str, str]]:
-    """Rows ``{field: str, ...}`` of a JSONL file, one JSON object per non-blank line; other
-    keys of a row are dropped."""
+def read_jsonl_objects(path: str | os.PathLike, what: str, expected: str = "a JSON object") -> list[tuple[int, dict]]:
+    """``(line number, object)`` of a JSONL file, one JSON object per non-blank line; a line that
+    is not an object is refused with ``expected`` in the message."""
     rows = []
     for i, line in _lines(path, what):
         try:
@@ -53,18 +53,33 @@ def read_jsonl(path: str | os.PathLike, what: str, fields: Sequence[str]) -> lis
         except RecursionError:
             raise ValueError(f"{what} {path}:{i} is not JSON this reader accepts: nested too deeply") from None
         if not isinstance(row, dict):
-            raise ValueError(f"{what} {path}:{i} must be a JSON object with string fields {_names(fields)}")
-        for field in fields:
-            if field not in row:
-                raise ValueError(f'{what} {path}:{i} has no field "{field}" (each line needs {_names(fields)})')
-            if not isinstance(row[field], str):
-                raise ValueError(f'{what} {path}:{i} field "{field}" must be a string, got {_short(row[field])}')
-            try:
-                row[field].encode("utf-8")
-            except UnicodeEncodeError:  # a lone surrogate escape such as "\ud800"
-                raise ValueError(f'{what} {path}:{i} field "{field}" holds an unpaired surrogate; not text') from None
+            raise ValueError(f"{what} {path}:{i} must be {expected}")
+        rows.append((i, row))
+    return rows
+
+
+def read_jsonl(path: str | os.PathLike, what: str, fields: Sequence[str]) -> list[dict[str, str]]:
+    """Rows ``{field: str, ...}`` of a JSONL file, one JSON object per non-blank line; other
+    keys of a row are dropped."""
+    rows = []
+    for i, row in read_jsonl_objects(path, what, f"a JSON object with string fields {_names(fields)}"):
+        check_string_fields(row, fields, f"{what} {path}:{i}")
         rows.append({field: row[field] for field in fields})
     return rows
+
+
+def check_string_fields(row: dict, fields: Sequence[str], where: str, needed: str | None = None) -> None:
+    """Each of ``fields`` is in ``row`` and a string; else an error starting with ``where``
+    (such as ``--data FILE:LINE``) that names the field."""
+    for field in fields:
+        if field not in row:
+            raise ValueError(f'{where} has no field "{field}" (each line needs {needed or _names(fields)})')
+        if not isinstance(row[field], str):
+            raise ValueError(f'{where} field "{field}" must be a string, got {_short(row[field])}')
+        try:
+            row[field].encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate escape such as "\ud800"
+            raise ValueError(f'{where} field "{field}" holds an unpaired surrogate; not text') from None
 
 
 def _names(fields: Sequence[str]) -> str:

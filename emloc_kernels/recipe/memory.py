@@ -57,6 +57,7 @@ def measure(
 ) -> int:
     from ..conventions import is_emulator_dir
     from ..emulator.io import load_emulator
+    from .data import GenerativeTask
     from .models import attach_lora, load_model, load_tokenizer
     from .task import LabelTask, lm_loss_on, loss_on, next_token_logits
 
@@ -67,18 +68,36 @@ def measure(
         model, tokenizer = load_emulator(model_dir, device=dev), load_tokenizer(spec["tokenizer"])
     else:
         model, tokenizer = load_model(model_dir, dev, getattr(torch, dtype))
-    task = LabelTask.create(tokenizer, spec["prompt"], spec["labels"], spec["max_length"])
-    batch = task.encode(spec["rows"], dev)
-    loss_fn = {"last": loss_on, "all": lm_loss_on}[spec.get("loss_positions", "last")]
+    if "features" in spec:  # generative data: the whole sequence's logits and loss
+        generative = GenerativeTask(tokenizer, spec["format"], spec["max_length"])
+        batch = {k: v.to(dev) for k, v in generative.collate(spec["features"]).items()}
+
+        def forward(m: torch.nn.Module) -> torch.Tensor:
+            return m(**batch, use_cache=False).loss
+
+        def loss_of(m: torch.nn.Module) -> torch.Tensor:
+            return forward(m)
+    else:
+        task = LabelTask.create(tokenizer, spec["prompt"], spec["labels"], spec["max_length"])
+        batch = task.encode(spec["rows"], dev)
+        # "last": the label's next token (emloc finetune); "all": every position (emloc plan's LM loss)
+        label_loss = {"last": loss_on, "all": lm_loss_on}[spec.get("loss_positions", "last")]
+
+        def forward(m: torch.nn.Module) -> torch.Tensor:
+            return next_token_logits(m, batch)
+
+        def loss_of(m: torch.nn.Module) -> torch.Tensor:
+            return label_loss(m, batch)
+
     if kind == "inference":
         with torch.no_grad():
-            next_token_logits(model, batch)
+            forward(model)
     else:
         peft_model = attach_lora(model, rank, alpha, seed=0)
         peft_model.train()  # gradient checkpointing acts in training mode only, as in finetune.train
         opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
         for _ in range(2):  # the second step runs with the optimiser state allocated
-            loss_fn(peft_model, batch).backward()
+            loss_of(peft_model).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
     return meter.peak()
