@@ -11,7 +11,7 @@ PEFT's LoRA layers around plain ``nn.Linear`` modules of a model to the fused ke
 from . import ops
 from ._version import __version__
 from .correction import correct_adapter, merge_adapter
-from .emulator import build_emulator, load_emulator, save_emulator
+from .emulator import build_emulator, build_emulator_from_pretrained, load_emulator, save_emulator
 from .lora import add_lora, save_lora
 from .modules import LowRankLinear, QuantLowRankLinear
 from .patch import apply_fused_lora, register_peft, remove_fused_lora
@@ -24,6 +24,7 @@ __all__ = [
     "LowRankLinear",
     "QuantLowRankLinear",
     "build_emulator",
+    "build_emulator_from_pretrained",
     "save_emulator",
     "load_emulator",
     "add_lora",

@@ -53,12 +53,10 @@ def padding(tokenizer: Any, side: str) -> Iterator[Any]:
         tokenizer.padding_side, tokenizer.pad_token = old_side, old_pad
 
 
-def load_model(directory: PathLike, **kwargs: Any) -> nn.Module:
-    """The model class named in the directory's ``config.json``, loaded from it.
+def model_class(directory: PathLike) -> type:
+    """The transformers model class named in the directory's ``config.json``.
 
-    Refused, instead of being filled with random weights by transformers: an emulator
-    directory, and a checkpoint that lacks tensors of the model or holds them in another shape.
-    """
+    Refused: an emulator directory, and a config that names no transformers model class."""
     import transformers
 
     if (Path(directory) / EMULATOR_METADATA).is_file():
@@ -72,7 +70,16 @@ def load_model(directory: PathLike, **kwargs: Any) -> nn.Module:
         raise ValueError(
             f"config.json in {directory} names no transformers model class (architectures={architectures})"
         )
-    model, info = cls.from_pretrained(directory, output_loading_info=True, **kwargs)
+    return cls
+
+
+def load_model(directory: PathLike, **kwargs: Any) -> nn.Module:
+    """The model class named in the directory's ``config.json``, loaded from it.
+
+    Refused, instead of being filled with random weights by transformers: an emulator
+    directory, and a checkpoint that lacks tensors of the model or holds them in another shape.
+    """
+    model, info = cast(Any, model_class(directory)).from_pretrained(directory, output_loading_info=True, **kwargs)
     broken = sorted(info.get("missing_keys") or []) + [str(k) for k in info.get("mismatched_keys") or []]
     if broken:
         raise ValueError(

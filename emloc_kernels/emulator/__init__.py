@@ -2,5 +2,6 @@
 
 from .build import build_emulator
 from .io import load_emulator, save_emulator
+from .stream import NotStreamable, build_emulator_from_pretrained
 
-__all__ = ["build_emulator", "save_emulator", "load_emulator"]
+__all__ = ["build_emulator", "build_emulator_from_pretrained", "NotStreamable", "save_emulator", "load_emulator"]
