@@ -66,8 +66,8 @@ def cmd_build(a: argparse.Namespace) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from .conventions import check_device, load_model
-    from .emulator import build_emulator, save_emulator
+    from .conventions import check_device, load_model, model_class
+    from .emulator import NotStreamable, build_emulator, build_emulator_from_pretrained, save_emulator
     from .emulator.checkpoint import check_checkpoint_dir
     from .files import check_output
 
@@ -91,13 +91,10 @@ def cmd_build(a: argparse.Namespace) -> None:
     # finished blocks: a rerun after a kill resumes (refused early if a user's folder is there)
     partial = check_checkpoint_dir(out.parent / f".{out.name}.partial")
     texts = demo_texts if a.data == "demo" else _texts(a.data, a.samples)
-    model = load_model(model_dir, dtype=getattr(torch, a.dtype))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    emulator = build_emulator(
-        model,
-        texts,
-        ratio,
-        tokenizer=tokenizer,
+    dtype = getattr(torch, a.dtype)
+    model_class(model_dir)  # an emulator directory or a config without a model class: refused before the tokenizer
+    options: dict[str, Any] = dict(
+        tokenizer=AutoTokenizer.from_pretrained(model_dir),
         device=a.device,
         quant=a.quant,
         group_size=a.group_size,
@@ -106,6 +103,11 @@ def cmd_build(a: argparse.Namespace) -> None:
         allocate=a.allocate,
         checkpoint=partial,
     )
+    try:  # one block of the original in memory at a time
+        emulator = build_emulator_from_pretrained(model_dir, texts, ratio, dtype=dtype, **options)
+    except NotStreamable as e:  # refused before any work: weights not in safetensors under the model's names
+        logging.getLogger(__name__).warning("%s: loading the whole model instead", e)
+        emulator = build_emulator(load_model(model_dir, dtype=dtype), texts, ratio, **options)
     save_emulator(emulator, out, overwrite=a.overwrite, inputs=inputs)
     shutil.rmtree(partial)
     modules = cast(Any, emulator).emloc_metadata["modules"]

@@ -103,12 +103,10 @@ def is_emulator_dir(directory: PathLike) -> bool:
         return False
 
 
-def load_model(directory: PathLike, **kwargs: Any) -> nn.Module:
-    """The model class named in the directory's ``config.json``, loaded from it.
+def model_class(directory: PathLike) -> type:
+    """The transformers model class named in the directory's ``config.json``.
 
-    Refused, instead of being filled with random weights by transformers: an emulator
-    directory, and a checkpoint that lacks tensors of the model or holds them in another shape.
-    """
+    Refused: an emulator directory, and a config that names no transformers model class."""
     import transformers
 
     if is_emulator_dir(directory):
@@ -122,8 +120,17 @@ def load_model(directory: PathLike, **kwargs: Any) -> nn.Module:
         raise ValueError(
             f"config.json in {directory} names no transformers model class (architectures={architectures})"
         )
+    return cls
+
+
+def load_model(directory: PathLike, **kwargs: Any) -> nn.Module:
+    """The model class named in the directory's ``config.json``, loaded from it.
+
+    Refused, instead of being filled with random weights by transformers: an emulator
+    directory, and a checkpoint that lacks tensors of the model or holds them in another shape.
+    """
     try:
-        model, info = cls.from_pretrained(directory, output_loading_info=True, **kwargs)
+        model, info = cast(Any, model_class(directory)).from_pretrained(directory, output_loading_info=True, **kwargs)
     except RuntimeError as e:
         if "ignore_mismatched_sizes" not in str(e):
             raise

@@ -4,5 +4,13 @@
 from .build import build_emulator
 from .hf import EmlocConfig
 from .io import load_emulator, save_emulator
+from .stream import NotStreamable, build_emulator_from_pretrained
 
-__all__ = ["build_emulator", "save_emulator", "load_emulator", "EmlocConfig"]
+__all__ = [
+    "build_emulator",
+    "build_emulator_from_pretrained",
+    "NotStreamable",
+    "save_emulator",
+    "load_emulator",
+    "EmlocConfig",
+]

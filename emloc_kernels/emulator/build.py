@@ -54,6 +54,13 @@ def _at_least(x: Fraction, digits: int = 3) -> str:
 def check_modules(plan: Mapping[str, tuple[nn.Module, float]]) -> None:
     """Refuse, before any work, a ratio that keeps less than rank 1 of a linear and a linear
     whose weight or bias holds NaN or inf (its decomposition would fail or be meaningless)."""
+    check_ranks(plan)
+    for name, (module, _) in plan.items():
+        check_finite(name, module)
+
+
+def check_ranks(plan: Mapping[str, tuple[nn.Module, float]]) -> None:
+    """Refuse a ratio that keeps less than rank 1 of a linear (shapes only: works on meta modules)."""
     too_small = {}
     for name, (module, ratio) in plan.items():
         n_out, n_in = dense_weight_of(module).shape
@@ -68,13 +75,33 @@ def check_modules(plan: Mapping[str, tuple[nn.Module, float]]) -> None:
             f"ratio {ratio!r} keeps less than one rank of {name}{others}: out×in = {n_out}×{n_in} gives rank "
             f"⌊in·out·ratio/(in+out)⌋ = 0; rank 1 needs a ratio of at least {_at_least(needed)}"
         )
-    for name, (module, _) in plan.items():
-        for part in ("weight", "bias"):
-            tensor = getattr(module, part, None)
-            if isinstance(tensor, torch.Tensor) and not bool(torch.isfinite(tensor).all()):
-                raise ValueError(
-                    f"the {part} of {name} contains NaN or inf; an emulator needs finite weights (check the checkpoint)"
-                )
+
+
+def check_finite(name: str, module: nn.Module) -> None:
+    """Refuse a linear whose weight or bias holds NaN or inf."""
+    for part in ("weight", "bias"):
+        tensor = getattr(module, part, None)
+        if isinstance(tensor, torch.Tensor) and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(
+                f"the {part} of {name} contains NaN or inf; an emulator needs finite weights (check the checkpoint)"
+            )
+
+
+class Originals:
+    """Where the original's tensors come from while the blocks are processed.
+
+    This one: the model holds them already, and :meth:`load` and :meth:`release` do nothing.
+    A streaming source (:class:`~emloc_kernels.emulator.stream.SafetensorsOriginals`) keeps
+    the blocks on the meta device and materialises a module's tensors on :meth:`load` (a
+    block, or a single linear) and puts them back on the meta device on :meth:`release`;
+    the build drops a replaced linear itself, so only one block's originals exist at a time.
+    """
+
+    def load(self, module: nn.Module, name: str) -> None:
+        """Materialise the tensors of ``module`` (named ``name`` in the model) and of its submodules."""
+
+    def release(self, module: nn.Module) -> None:
+        """Free what :meth:`load` materialised for ``module``."""
 
 
 def select_modules(
@@ -266,6 +293,10 @@ def _compress_block(
                 for gamma in SHRINKAGE_GRID
             }
             chosen[lead] = min(scores, key=scores.__getitem__)
+            for n in names:  # only the chosen shrinkage's fits are used again
+                for gamma in SHRINKAGE_GRID:
+                    if gamma != chosen[lead]:
+                        del partial[n, gamma]
     total = {lead: fit[lead] + held[lead] for lead in groups}
     svds = {}
     for n in mine:
@@ -279,12 +310,22 @@ def _compress_block(
     else:
         ranks = uniform
     report = {}
+    # each linear's fits, and each input group's statistics after its last linear, are dropped
+    # once used: the fp64 in×in matrices dominate a block's working memory
+    last = {leader[n]: n for n in mine}
     for name, (module, r) in mine.items():
         weight, lead, rank = weights[name], leader[name], ranks[name]
-        u, v = svds[name].factors(rank)
+        u, v = svds.pop(name).factors(rank)
+        calibration_error = _error(weight, u, v, total[lead])
+        if last[lead] == name:
+            del total[lead], whitenings[lead, chosen[lead], True]
         heldout = None
         if held[lead].oo is not None:  # the fit without the held-out samples, scored on them
             heldout = _error(weight, *partial_fit(name, chosen[lead]).factors(rank), held[lead])
+            del partial[name, chosen[lead]]
+        if last[lead] == name:
+            for key in [k for k in whitenings if k[0] == lead]:
+                del whitenings[key]
         layer = LowRankLinear.from_factors(
             u.to(weight.dtype).contiguous(), v.to(weight.dtype).contiguous(), module.bias
         )
@@ -301,7 +342,7 @@ def _compress_block(
             "group_size": 0,
             "shrinkage": chosen[lead],
             "original_probe": weight_probe(weight),
-            "calibration_error": _error(weight, u, v, total[lead]),
+            "calibration_error": calibration_error,
             "heldout_error": heldout,
         }
         if quant is not None:
@@ -400,7 +441,51 @@ def build_emulator(
     settings and checkpoint resumes after the last kept block, with a bit-identical result
     (same machine and thread count). Removing the directory afterwards is the caller's choice.
     Returns the same model, with ``model.emloc_metadata`` holding the per-module report.
+    :func:`~emloc_kernels.emulator.stream.build_emulator_from_pretrained` builds the same
+    emulator from a model directory with one block of the original in memory at a time.
     """
+    return _build(
+        model,
+        calibration,
+        ratio,
+        Originals(),
+        tokenizer=tokenizer,
+        targets=targets,
+        device=device,
+        progress=progress,
+        quant=quant,
+        group_size=group_size,
+        max_length=max_length,
+        propagate=propagate,
+        shrinkage=shrinkage,
+        allocate=allocate,
+        heldout=heldout,
+        checkpoint=checkpoint,
+    )
+
+
+def _build(
+    model: nn.Module,
+    calibration: Any,
+    ratio: float | Mapping[str, float],
+    originals: Originals,
+    *,
+    tokenizer: Any = None,
+    targets: str | list[str] | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    quant: str | None = None,
+    group_size: int = 128,
+    max_length: int = 512,
+    propagate: bool = False,
+    shrinkage: float | str = 0.0,
+    allocate: str = "uniform",
+    heldout: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+) -> nn.Module:
+    """:func:`build_emulator` with the original's block tensors taken from ``originals``: each
+    planned linear is loaded (and released) once to check it and take its probe, then each
+    block is loaded when its turn comes; the linears it replaces are dropped with it."""
     if quant is not None:
         from ..ops.quant import FORMATS
 
@@ -412,10 +497,18 @@ def build_emulator(
         raise ValueError(f"shrinkage must be 'auto' or a number >= 0 (relative ridge), got {shrinkage!r}")
     blocks_name, blocks = find_blocks(model)
     plan = select_modules(blocks_name, blocks, ratio, targets)
-    check_modules(plan)
+    check_ranks(plan)
+    probes = []  # recognise the original in a checkpoint's settings
+    for name, (module, _) in plan.items():  # one linear at a time, before any work
+        originals.load(module, name)
+        check_finite(name, module)
+        if checkpoint is not None:
+            probes.append(weight_probe(dense_weight_of(module)))
+        originals.release(module)
     batches = as_batches(calibration, tokenizer, max_length, model=model)
     _check_calibration_size(batches, plan)
-    home = next(model.parameters()).device
+    # where the model's tensors are (a streamed model's blocks wait on the meta device)
+    home = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
     work = torch.device(device) if device is not None else home
     was_training = model.training
     model.eval()
@@ -427,7 +520,6 @@ def build_emulator(
     kept = None
     if checkpoint is not None:
         settings = [ratio, targets, quant, group_size, max_length, propagate, shrinkage, allocate, heldout]
-        probes = [weight_probe(dense_weight_of(m)) for m, _ in plan.values()]
         version = [__version__, torch.__version__, torch.get_num_threads(), str(work)]
         calibration_digest = [t for b in batches for t in (b["input_ids"], batch_token_mask(b))]
         kept = BlockCheckpoint(checkpoint, digest(settings, probes, version, *calibration_digest))
@@ -440,6 +532,7 @@ def build_emulator(
         # popped, not copied: a replaced original must not outlive its block (on a GPU it
         # would stay there, and on the CPU the whole original would stay beside the emulator)
         mine = {n: plan.pop(n) for n in [n for n in plan if n.startswith(prefix)]}
+        originals.load(block, f"{blocks_name}.{i}")
         block.to(work)
         loaded = kept.load(i, work) if kept is not None and kept.done(i) else None
         if loaded is not None:  # replay the forward passes the build made here

@@ -139,7 +139,8 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[
 
     The model runs with every block replaced by a pass-through that records its call, so
     only the embeddings and what the model computes outside its blocks (masks, rotary
-    tables) are evaluated; per-block arguments (e.g. sliding-window masks) are kept apart.
+    tables) are evaluated, and the blocks' own tensors may still be on the meta device;
+    per-block arguments (e.g. sliding-window masks) are kept apart.
     """
     calls: list[list[tuple]] = []
 
@@ -156,7 +157,8 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[
     for i, block in enumerate(blocks):
         block.forward = recorder(i)
     try:
-        device = next(model.parameters()).device
+        # the first materialised tensor: a streamed model's blocks are on the meta device
+        device = next(p.device for p in model.parameters() if not p.is_meta)
         for batch in batches:
             calls.append([])
             try:

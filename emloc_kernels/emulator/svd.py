@@ -45,12 +45,16 @@ class Whitening:
         g = gram.to(dtype)
         n = g.shape[0]
         f = (torch.trace(g) / n).clamp_min(torch.finfo(torch.float32).tiny)
-        eye = torch.eye(n, dtype=dtype, device=g.device)
         eps = max(EIG_FLOOR, float(shrinkage))
         for _ in range(8):
-            lower, info = torch.linalg.cholesky_ex(g / f + eps * eye)
+            # g/f + eps·I with two n×n matrices alive rather than five (at n = 11008 in fp64,
+            # 1 GB each); "+ 0.0" turns -0.0 into 0.0 as the sum with eps·I does off the diagonal
+            ridged = (g / f).add_(0.0)
+            ridged.diagonal().add_(eps)
+            lower, info = torch.linalg.cholesky_ex(ridged)
+            del ridged
             if int(info) == 0:
-                return cls(lower=lower * f.sqrt(), ridge=eps * f.item())
+                return cls(lower=lower.mul_(f.sqrt()), ridge=eps * f.item())
             eps *= 10  # not positive definite in floating point: grow the ridge
         raise RuntimeError("Cholesky factorisation of the calibration Gram matrix failed even with a ridge of 0.1")
 
@@ -71,7 +75,12 @@ class Factors:
 
 @dataclass
 class WhitenedSVD:
-    """``M S = U Σ Vᵀ`` of a target weight ``M`` whitened by ``S``: every rank's optimum at once."""
+    """``M S = U Σ Vᵀ`` of a target weight ``M`` whitened by ``S``: every rank's optimum at once.
+
+    ``uu``, ``sigma`` and ``vh`` are kept as the SVD made them (fp32, half the memory of the
+    whitening's fp64 while a block's fits wait for their ranks); :meth:`factors` works in the
+    whitening's dtype.
+    """
 
     uu: torch.Tensor
     sigma: torch.Tensor
@@ -86,15 +95,16 @@ class WhitenedSVD:
         # on CUDA through cuSOLVER's QR-based gesvd: the default may pick the Jacobi solver, whose
         # tolerance left a 10× higher error floor on near-exact fits than LAPACK's
         driver = "gesvd" if ws.is_cuda else None
-        uu, sigma, vh = (t.to(s.dtype) for t in torch.linalg.svd(ws.float(), full_matrices=False, driver=driver))
+        uu, sigma, vh = torch.linalg.svd(ws.float(), full_matrices=False, driver=driver)
         return cls(uu, sigma, vh, whitening)
 
     def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``u = U_r Σ_r^½``, ``v = Σ_r^½ V_rᵀ S⁻¹``."""
-        root = self.sigma[:rank].sqrt()
-        u = self.uu[:, :rank] * root
+        dtype = self.whitening.lower.dtype
+        root = self.sigma[:rank].to(dtype).sqrt()
+        u = self.uu[:, :rank].to(dtype) * root
         # v S = Σ^½ V_rᵀ  ⇔  Sᵀ vᵀ = V_r Σ^½ (Sᵀ upper triangular)
-        v = torch.linalg.solve_triangular(self.whitening.lower.T, self.vh[:rank].T * root, upper=True).T
+        v = torch.linalg.solve_triangular(self.whitening.lower.T, self.vh[:rank].to(dtype).T * root, upper=True).T
         return u, v
 
 
@@ -131,9 +141,12 @@ def output_error(
 ) -> float:
     """``‖X_E W_Eᵀ − X_O Wᵀ‖_F / ‖X_O Wᵀ‖_F`` from the Gram matrices alone (fp64)."""
     w, e = weight.double(), emulated.double()
-    g_oo, g_oe, g_ee = g_oo.double(), g_oe.double(), g_ee.double()
-    total = torch.einsum("ij,ij->", w @ g_oo, w)
-    lost = torch.einsum("ij,ij->", e @ g_ee, e) - 2 * torch.einsum("ij,ij->", w @ g_oe, e) + total
+    # without error propagation the three are one matrix: one fp64 copy (in×in) serves all
+    oo = g_oo.double()
+    oe = oo if g_oe is g_oo else g_oe.double()
+    ee = oo if g_ee is g_oo else oe if g_ee is g_oe else g_ee.double()
+    total = torch.einsum("ij,ij->", w @ oo, w)
+    lost = torch.einsum("ij,ij->", e @ ee, e) - 2 * torch.einsum("ij,ij->", w @ oe, e) + total
     return (lost.clamp_min(0) / total.clamp_min(torch.finfo(total.dtype).tiny)).sqrt().item()
 
 

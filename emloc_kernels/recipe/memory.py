@@ -1,5 +1,5 @@
-"""Peak memory of one inference batch and of LoRA fine-tuning (of an emulator or of the
-original), each in a fresh process.
+"""Peak memory of one inference batch, of LoRA fine-tuning (of an emulator or of the
+original) and of building an emulator, each in a fresh process.
 
 CPU: peak RSS above the process's RSS before the model is loaded (``/proc/self/status``,
 peak reset through ``/proc/self/clear_refs``).  The child runs with a fixed glibc mmap
@@ -8,6 +8,7 @@ allocator's retained heap (which otherwise depends on the order of frees).  CUDA
 Run as ``python -m emloc_kernels.recipe.memory {inference,finetune} ...``; prints one JSON line.
 The batch file's optional ``"loss_positions": "all"`` trains on the causal-LM loss of every
 position instead of the label task's last position (``"last"``, the default).
+:func:`build_peak_in_fresh_process` measures :func:`measure_build` the same way.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -101,6 +103,50 @@ def measure(
             opt.step()
             opt.zero_grad(set_to_none=True)
     return meter.peak()
+
+
+def tensor_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's parameters and buffers, each storage counted once (tied weights)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.state_dict().values()}
+    return sum(storages.values())
+
+
+def measure_build(model_dir: str, samples: int, ratio: float, stream: bool) -> dict[str, int]:
+    """Peak bytes of building the fp32 emulator of ``model_dir`` on the CPU from ``samples``
+    demo calibration texts (the ``emloc build`` defaults otherwise): streamed from its
+    safetensors (:func:`build_emulator_from_pretrained`, as ``emloc build`` does) or from the
+    whole loaded model (``stream=False``). The baseline is taken with the texts and the
+    tokenizer ready; also returns the emulator's own bytes."""
+    from transformers import AutoTokenizer
+
+    from ..conventions import load_model
+    from ..emulator import build_emulator, build_emulator_from_pretrained
+    from .finetune import FinetuneSettings, calibration_set
+
+    _, texts = calibration_set(FinetuneSettings(calibration_samples=samples))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    meter = PeakMeter(torch.device("cpu"))
+    options: dict[str, Any] = dict(tokenizer=tokenizer, progress=False)
+    if stream:
+        emulator = build_emulator_from_pretrained(model_dir, texts, ratio, dtype=torch.float32, **options)
+    else:
+        emulator = build_emulator(load_model(model_dir, dtype=torch.float32), texts, ratio, **options)
+    return {"peak_bytes": meter.peak(), "emulator_bytes": tensor_bytes(emulator)}
+
+
+def build_peak_in_fresh_process(model_dir: str | Path, *, samples: int, ratio: float, stream: bool) -> dict[str, int]:
+    """Run :func:`measure_build` in a new Python process (glibc mmap threshold as for
+    :func:`peak_in_fresh_process`)."""
+    code = (
+        "import json, sys; from emloc_kernels.recipe.memory import measure_build; "
+        "print(json.dumps(measure_build(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4] == 'stream')))"
+    )
+    cmd = [sys.executable, "-c", code, str(model_dir), str(samples), repr(ratio), "stream" if stream else "whole"]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory measurement (build) failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def peak_in_fresh_process(
