@@ -326,7 +326,10 @@ def test_streamed_build_peak_memory(smollm2_dir):
     build of the loaded model peaks at 730 MiB (872 MiB before its working set was trimmed)."""
     weights = weight_bytes(Path(smollm2_dir))
     assert weights == pytest.approx(513 * 2**20, rel=0.01)
-    figures = build_peak_in_fresh_process(smollm2_dir, samples=64, ratio=0.4, stream=True)
+    from emloc_kernels.recipe.finetune import FinetuneSettings, calibration_set
+
+    _, texts = calibration_set(FinetuneSettings(calibration_samples=64))
+    figures = build_peak_in_fresh_process(smollm2_dir, texts=texts, ratio=0.4, stream=True)
     peak, emulator = figures["peak_bytes"], figures["emulator_bytes"]
     print(f"streamed build: peak {peak / 2**20:.0f} MiB above baseline, emulator {emulator / 2**20:.0f} MiB")
     assert emulator == pytest.approx(0.525 * weights, rel=0.02)

@@ -111,9 +111,9 @@ def tensor_bytes(model: torch.nn.Module) -> int:
     return sum(storages.values())
 
 
-def measure_build(model_dir: str, samples: int, ratio: float, stream: bool) -> dict[str, int]:
-    """Peak bytes of building the fp32 emulator of ``model_dir`` on the CPU from ``samples``
-    demo calibration texts (the ``emloc build`` defaults otherwise): streamed from its
+def measure_build(model_dir: str, texts_file: str, ratio: float, stream: bool) -> dict[str, int]:
+    """Peak bytes of building the fp32 emulator of ``model_dir`` on the CPU from the calibration
+    texts in ``texts_file`` (a JSON list; the ``emloc build`` defaults otherwise): streamed from its
     safetensors (:func:`build_emulator_from_pretrained`, as ``emloc build`` does) or from the
     whole loaded model (``stream=False``). The baseline is taken with the texts and the
     tokenizer ready; also returns the emulator's own bytes."""
@@ -121,9 +121,8 @@ def measure_build(model_dir: str, samples: int, ratio: float, stream: bool) -> d
 
     from ..conventions import load_model
     from ..emulator import build_emulator, build_emulator_from_pretrained
-    from .finetune import FinetuneSettings, calibration_set
 
-    _, texts = calibration_set(FinetuneSettings(calibration_samples=samples))
+    texts = json.loads(Path(texts_file).read_text())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     meter = PeakMeter(torch.device("cpu"))
     options: dict[str, Any] = dict(tokenizer=tokenizer, progress=False)
@@ -134,16 +133,25 @@ def measure_build(model_dir: str, samples: int, ratio: float, stream: bool) -> d
     return {"peak_bytes": meter.peak(), "emulator_bytes": tensor_bytes(emulator)}
 
 
-def build_peak_in_fresh_process(model_dir: str | Path, *, samples: int, ratio: float, stream: bool) -> dict[str, int]:
-    """Run :func:`measure_build` in a new Python process (glibc mmap threshold as for
-    :func:`peak_in_fresh_process`)."""
+def build_peak_in_fresh_process(
+    model_dir: str | Path, *, texts: list[str], ratio: float, stream: bool
+) -> dict[str, int]:
+    """Run :func:`measure_build` on ``texts`` in a new Python process (glibc mmap threshold as
+    for :func:`peak_in_fresh_process`)."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(texts, f)
     code = (
         "import json, sys; from emloc_kernels.recipe.memory import measure_build; "
-        "print(json.dumps(measure_build(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4] == 'stream')))"
+        "print(json.dumps(measure_build(sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4] == 'stream')))"
     )
-    cmd = [sys.executable, "-c", code, str(model_dir), str(samples), repr(ratio), "stream" if stream else "whole"]
+    cmd = [sys.executable, "-c", code, str(model_dir), f.name, repr(ratio), "stream" if stream else "whole"]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    finally:
+        os.unlink(f.name)
     if done.returncode != 0:
         raise RuntimeError(f"memory measurement (build) failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
