@@ -117,3 +117,28 @@ def tiny_model():
         return getattr(transformers, model_cls)(config).eval()
 
     return make
+
+
+@pytest.fixture(scope="session")
+def save_tiny_llama(smollm2_dir):
+    """``save(directory, **config)``: a tiny random Llama (seed 0; 2 blocks, hidden 64, tied
+    embeddings unless overridden) with SmolLM2's tokenizer, saved as a model directory."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+
+    def save(directory, **overrides) -> None:
+        torch.manual_seed(0)
+        config = dict(
+            hidden_size=64,
+            intermediate_size=112,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=len(tokenizer),
+            tie_word_embeddings=True,
+        )
+        LlamaForCausalLM(LlamaConfig(**{**config, **overrides})).save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    return save

@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from emloc_kernels import cli
 from emloc_kernels.recipe import demo
@@ -15,23 +15,11 @@ from emloc_kernels.recipe.task import LabelTask, accuracy, read_jsonl
 
 
 @pytest.fixture(scope="module")
-def material(tmp_path_factory, smollm2_dir):
+def material(tmp_path_factory, save_tiny_llama):
     """A tiny random Llama with SmolLM2's tokenizer, and a small slice of Rotten Tomatoes
     (skipped when the demo material is not installed)."""
     root = tmp_path_factory.mktemp("material")
-    tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=112,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tok),
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
+    save_tiny_llama(root / "model")
     try:
         train, test = demo.rotten_tomatoes()
     except FileNotFoundError as e:

@@ -12,8 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 BLOCKS = 4
 PAUSE = 0.5  # seconds each block's fit is made to take, so that the kill lands mid-build
@@ -33,21 +31,12 @@ cli.main(sys.argv[1:])
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, smollm2_dir, reviews) -> Path:
+def model_dir(tmp_path_factory, save_tiny_llama, reviews) -> Path:
     """A tiny random Llama of four blocks with SmolLM2's tokenizer, and calibration texts."""
     root = tmp_path_factory.mktemp("resume")
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=BLOCKS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    save_tiny_llama(
+        root / "model", hidden_size=32, intermediate_size=64, num_hidden_layers=BLOCKS, tie_word_embeddings=False
     )
-    LlamaForCausalLM(config).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
     (root / "data.txt").write_text("\n".join(reviews) + "\n")
     return root
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, Trainer
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
 
 from emloc_kernels import cli
 from emloc_kernels.recipe.data import GenerativeTask, lm_loss, read_rows
@@ -52,21 +52,9 @@ def write(path, rows) -> str:
 
 
 @pytest.fixture(scope="module")
-def material(tmp_path_factory, smollm2_dir):
+def material(tmp_path_factory, save_tiny_llama):
     root = tmp_path_factory.mktemp("sft")
-    tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=112,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tok),
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
+    save_tiny_llama(root / "model")
     rows = [chat(c, k) for c, k in COUNTRIES]
     write(root / "chat-train.jsonl", rows[:12] * 2)
     write(root / "chat-test.jsonl", rows[12:])
