@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from emloc_kernels.emulator import build_emulator
+from emloc_kernels.emulator.calibration import as_batches
+from emloc_kernels.emulator.distill import distill_emulator, teacher_states
 from emloc_kernels.recipe.finetune import FinetuneSettings, calibration_texts, prepare
 from emloc_kernels.recipe.models import load_model
 from emloc_kernels.recipe.task import accuracy, fill_prompt
@@ -66,9 +68,9 @@ def main() -> None:
     s = FinetuneSettings(validation_samples=200, calibration_samples=max(args.samples or [64]))
     model_path, task, train_rows, val_rows, _ = prepare(s)
     val_rows = val_rows[: args.validation]
-    texts = [fill_prompt(s.prompt, r["text"]) + " " + r["label"] for r in val_rows]
+    val_texts = [fill_prompt(s.prompt, r["text"]) + " " + r["label"] for r in val_rows]
     original, _ = load_model(model_path, torch.device("cpu"), torch.float32)
-    reference = logits_on(original, task, texts)
+    reference = logits_on(original, task, val_texts)
     zero_shot = accuracy(original, task, val_rows)
     del original
     rows = []
@@ -77,6 +79,14 @@ def main() -> None:
         for setting in args.setting:
             model, _ = load_model(model_path, torch.device("cpu"), torch.float32)
             t = time.perf_counter()
+            options = parse_setting(setting)
+            # distill=STEPS[,distill_rank=ρ,distill_texts=N]: distil on N training texts (default: the calibration)
+            steps, rank = int(options.pop("distill", 0)), int(options.pop("distill_rank", 8))
+            texts = int(options.pop("distill_texts", samples))
+            if steps:
+                distill_calib = calibration_texts(FinetuneSettings(calibration_samples=texts), train_rows)
+                batches = as_batches(distill_calib, task.tokenizer, 256, model=model)
+                teacher = teacher_states(model, batches)
             build_emulator(
                 model,
                 calib,
@@ -84,11 +94,15 @@ def main() -> None:
                 tokenizer=task.tokenizer,
                 progress=False,
                 quant=args.quant,
-                **parse_setting(setting),
+                reserve_rank=rank if steps else 0,
+                **options,
             )
+            if steps:
+                distilled = distill_emulator(model, batches, teacher, rank=rank, steps=steps, progress=False)
+                print(json.dumps({k: v for k, v in distilled.items() if k != "losses"}), flush=True)
             seconds = time.perf_counter() - t
             kl = loss = n = 0.0
-            for (ids, ref), (_, emu) in zip(reference, logits_on(model, task, texts)):
+            for (ids, ref), (_, emu) in zip(reference, logits_on(model, task, val_texts)):
                 kl += F.kl_div(emu.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="sum").item()
                 loss += F.cross_entropy(emu[:-1], ids[0, 1:], reduction="sum").item()
                 n += ids.shape[1]

@@ -316,6 +316,19 @@ def parser() -> argparse.ArgumentParser:
         "accuracy (lora_original) and the share of its gain the delivered adapter keeps (recovery)",
     )
     _build_options(f, "block")
+    f.add_argument(
+        "--distill-steps",
+        type=int,
+        default=0,
+        help="after the build, train each emulated linear's last --distill-rank ranks for N steps so that the "
+        "emulator's next-token distribution matches the original's on the calibration texts (default 0: off)",
+    )
+    f.add_argument(
+        "--distill-rank",
+        type=int,
+        default=8,
+        help="ranks of each emulated linear's budget left to the distillation (default 8)",
+    )
     f.set_defaults(func=cmd_finetune)
 
     c = sub.add_parser("correct", help="stage 3: correct an adapter trained on the emulator for the original model")

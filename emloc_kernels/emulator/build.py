@@ -260,10 +260,13 @@ def _compress_block(
     allocate: str,
     quant: str | None,
     group_size: int,
+    reserve_rank: int,
 ) -> dict:
     """Replace one block's targeted linears; returns their report entries."""
     weights = {n: dense_weight_of(m) for n, (m, _) in mine.items()}
-    uniform = {n: rank_for(weights[n].shape[1], weights[n].shape[0], r) for n, (_, r) in mine.items()}
+    uniform = {
+        n: max(1, rank_for(weights[n].shape[1], weights[n].shape[0], r) - reserve_rank) for n, (_, r) in mine.items()
+    }
     groups: dict[str, list[str]] = {}
     for n in mine:
         groups.setdefault(leader[n], []).append(n)
@@ -304,7 +307,7 @@ def _compress_block(
         svds[n] = _fit(weights[n], total[lead], whitening(lead, chosen[lead], total[lead], True))
     if allocate == "block":
         costs = {n: sum(weights[n].shape) for n in mine}
-        caps = {n: max(1, math.prod(weights[n].shape) // costs[n]) for n in mine}
+        caps = {n: max(1, math.prod(weights[n].shape) // costs[n] - reserve_rank) for n in mine}
         budget = sum(uniform[n] * costs[n] for n in mine)
         ranks = allocate_ranks({n: svds[n].sigma for n in mine}, costs, budget, caps)
     else:
@@ -353,6 +356,23 @@ def _compress_block(
         _replace(model, name, layer)
         report[name] = info
     return report
+
+
+def quantize_emulator(model: nn.Module, quant: str, group_size: int = 128) -> nn.Module:
+    """Pack the float factors of an emulator (e.g. after distillation) as ``quant``, in place."""
+    from ..modules.quantized import QuantLowRankLinear
+    from ..ops.quant import check_format
+
+    check_format(quant, group_size)
+    modules = getattr(model, "emloc_metadata", {}).get("modules", {})
+    for name, module in list(model.named_modules()):
+        if type(module) is LowRankLinear:
+            _replace(model, name, QuantLowRankLinear.from_lowrank(module, quant, group_size))
+            if name in modules:
+                modules[name].update(quant=quant, group_size=group_size if quant == "int4" else 0)
+    if modules and hasattr(model, "config"):
+        attach_quantizer(model, emulator_quantization_config(cast(Any, model).emloc_metadata))
+    return model
 
 
 def _replay(block: nn.Module, calls: list, i: int, hidden: list[torch.Tensor], work: torch.device) -> None:
@@ -421,6 +441,7 @@ def build_emulator(
     allocate: str = "uniform",
     heldout: bool = True,
     checkpoint: str | os.PathLike | None = None,
+    reserve_rank: int = 0,
 ) -> nn.Module:
     """Replace the linears inside ``model``'s blocks by whitened-SVD ``LowRankLinear`` s, in place.
 
@@ -437,6 +458,8 @@ def build_emulator(
     ``allocate``: ``"uniform"`` gives every linear the rank of its ratio; ``"block"`` spends
     the same parameters per block where the whitened spectra say they remove most error.
     ``heldout``: hold every 4th sample out of a second fit to report ``heldout_error``.
+    ``reserve_rank``: build each linear at its ratio's rank minus this many (at least 1),
+    leaving them to :func:`~emloc_kernels.emulator.distill.distill_emulator`.
     ``checkpoint``: a directory where each finished block is kept; a build with the same
     settings and checkpoint resumes after the last kept block, with a bit-identical result
     (same machine and thread count). Removing the directory afterwards is the caller's choice.
@@ -461,6 +484,7 @@ def build_emulator(
         allocate=allocate,
         heldout=heldout,
         checkpoint=checkpoint,
+        reserve_rank=reserve_rank,
     )
 
 
@@ -482,6 +506,7 @@ def _build(
     allocate: str = "uniform",
     heldout: bool = True,
     checkpoint: str | os.PathLike | None = None,
+    reserve_rank: int = 0,
 ) -> nn.Module:
     """:func:`build_emulator` with the original's block tensors taken from ``originals``: each
     planned linear is loaded (and released) once to check it and take its probe, then each
@@ -491,6 +516,8 @@ def _build(
 
         if quant not in FORMATS:
             raise ValueError(f"quant must be one of {FORMATS} or None, got {quant!r}")
+    if not isinstance(reserve_rank, int) or isinstance(reserve_rank, bool) or reserve_rank < 0:
+        raise ValueError(f"reserve_rank must be an integer >= 0, got {reserve_rank!r}")
     if allocate not in ALLOCATIONS:
         raise ValueError(f"allocate must be one of {ALLOCATIONS}, got {allocate!r}")
     if shrinkage != "auto" and not (isinstance(shrinkage, (int, float)) and 0 <= shrinkage < 1e3):
@@ -520,6 +547,7 @@ def _build(
     kept = None
     if checkpoint is not None:
         settings = [ratio, targets, quant, group_size, max_length, propagate, shrinkage, allocate, heldout]
+        settings += [reserve_rank] if reserve_rank else []  # checkpoints of earlier builds stay valid
         version = [__version__, torch.__version__, torch.get_num_threads(), str(work)]
         calibration_digest = [t for b in batches for t in (b["input_ids"], batch_token_mask(b))]
         kept = BlockCheckpoint(checkpoint, digest(settings, probes, version, *calibration_digest))
@@ -584,6 +612,7 @@ def _build(
                 allocate=allocate,
                 quant=quant,
                 group_size=group_size,
+                reserve_rank=reserve_rank,
             )
         )
         if kept is not None:
@@ -600,7 +629,7 @@ def _build(
         "original_model": str(getattr(model, "name_or_path", "") or getattr(model.config, "name_or_path", "") or ""),
         "architecture": type(model).__name__,
         "calibration": {"samples": sum(b["input_ids"].shape[0] for b in batches), "tokens": tokens},
-        "build": {"propagate": propagate, "shrinkage": shrinkage, "allocate": allocate},
+        "build": {"propagate": propagate, "shrinkage": shrinkage, "allocate": allocate, "reserve_rank": reserve_rank},
         "modules": report,
     }
     if hasattr(model, "config"):  # its save_pretrained writes a directory that loads as this emulator

@@ -32,6 +32,9 @@ from .._version import __version__
 from ..conventions import check_device
 from ..correction import correct_adapter
 from ..emulator import build_emulator, load_emulator, save_emulator
+from ..emulator.build import quantize_emulator
+from ..emulator.calibration import as_batches
+from ..emulator.distill import distill_emulator, teacher_states
 from ..files import check_output, copy_tokenizer, write_dir_atomically, write_dir_resumably
 from ..modules import LowRankLinear
 from ..transfer import correct_adapter_aware, transfer_adapter
@@ -73,6 +76,8 @@ COUNTS = {
     "eval_samples": (1, 10**9),
     "max_length": (8, 10**6),
     "seed": (0, 2**32 - 1),
+    "distill_steps": (0, 10**8),
+    "distill_rank": (1, 4096),
 }
 
 
@@ -107,6 +112,8 @@ class FinetuneSettings:
     propagate: bool = False
     shrinkage: float | str = 0.0
     allocate: str = "block"  # RT seed 0: recovery 0.61 → 0.86; seed 1: 0.29 (not established; bench/RESULTS.md)
+    distill_steps: int = 0  # stage 1b: steps distilling the emulator toward the original (0: none)
+    distill_rank: int = 8  # rank each emulated linear spends on the distillation (within its budget)
     upper_bound: bool = False  # also train LoRA on the original: report lora_original and recovery
     task: str | None = None  # an embedded task (demo.TASKS); None: Rotten Tomatoes
     # generative data (transformers' Trainer) only
@@ -556,8 +563,13 @@ def _run(r: Run, out: Path) -> dict:
 
     def build(original: nn.Module) -> dict[str, int]:
         """Stage 1: the emulator, built in place (the original's weights are not needed again
-        in memory), kept block by block for a resume."""
+        in memory), kept block by block for a resume; with ``distill_steps``, then distilled
+        toward the original's outputs on the calibration texts (computed before the build)."""
         original_bytes = tensor_bytes(original)
+        distilling = s.distill_steps > 0
+        if distilling:
+            batches = as_batches(calib, task.tokenizer, model=original)
+            teacher = teacher_states(original, batches)
         emulator = build_emulator(
             original,
             calib,
@@ -565,13 +577,26 @@ def _run(r: Run, out: Path) -> dict:
             tokenizer=task.tokenizer,
             device=device,
             progress=s.progress,
-            quant=s.quant,
+            quant=None if distilling else s.quant,
             group_size=s.group_size,
             propagate=s.propagate,
             shrinkage=s.shrinkage,
             allocate=s.allocate,
             checkpoint=out / ".emulator.partial",
+            reserve_rank=s.distill_rank if distilling else 0,
         )
+        if distilling:
+            distill_emulator(
+                emulator,
+                batches,
+                teacher,
+                rank=s.distill_rank,
+                steps=s.distill_steps,
+                seed=s.seed,
+                progress=s.progress,
+            )
+            if s.quant is not None:
+                quantize_emulator(emulator, s.quant, s.group_size)
         save_emulator(emulator, out / "emulator", overwrite=True)
         shutil.rmtree(out / ".emulator.partial")
         return weight_sizes(emulator, original_bytes)
