@@ -8,8 +8,9 @@ shrink ``[t_v | t_A] = x·[v; A]ᵀ`` (``gemm_2n``: one read of x), expand
 
 Both are torch custom ops (``emloc::*``) with fake and autograd registrations, so
 ``torch.compile(fullgraph=True)``, non-reentrant checkpointing and autocast (inputs are cast
-like ``F.linear`` casts them) work; an eager call that records no gradient (inference,
-decode) runs the op's body without the dispatcher (see ``_call_directly``).  Gradients flow
+like ``F.linear`` casts them) work; an eager call runs the op's bodies without the
+dispatcher: directly when it records no gradient (inference, decode), else under a plain
+``torch.autograd.Function`` (see ``_eager``).  Gradients flow
 to x, lora_a, lora_b and bias; the frozen factors u, v (or weight) must not require grad -- a clear error is raised instead
 (train them through ``lowrank_lora_reference``).  LoRA dropout is not an argument: with
 dropout > 0 the LoRA branch sees a different x, so callers use the unfused path.
@@ -19,6 +20,7 @@ dequantise inside the tile loop.  Backend choice: :func:`emloc_kernels.ops.gemm.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Union
 
 import torch
@@ -41,6 +43,14 @@ def _autocast(x: torch.Tensor, *ts):
     dt = torch.get_autocast_dtype(x.device.type)
     cast = lambda t: t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
     return tuple(cast(t) for t in (x, *ts))
+
+
+def _autocast_off(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast switched off inside the bodies (inputs are cast already), entered only when it
+    is on: the context costs more host time than a decode kernel takes."""
+    if torch.is_autocast_enabled(t.device.type):
+        return torch.autocast(t.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _check_2d(op: str, name: str, t, shape: tuple[int, int], x: torch.Tensor) -> None:
@@ -99,14 +109,11 @@ def _check(op, x, frozen: dict, out_f: int, in_f: int, lora_a, lora_b, bias) -> 
             raise ValueError(f"{op}: bias is on {bias.device} but x is on {x.device}")
 
 
-def _call_directly(*tensors) -> bool:
-    """Whether an eager call may skip the custom op and run its body: no gradient to record,
-    not tracing (torch.compile), no dispatch or function mode, no functorch transform (vmap),
-    plain tensors only.  The op's dispatcher round trips (Python → C++ → autograd → Python)
-    cost more than both kernel launches at decode; everything that needs the registered op
-    still gets it."""
-    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
-        return False
+def _eager(*tensors) -> bool:
+    """Whether a call may bypass the registered custom op: not tracing (torch.compile), no
+    dispatch or function mode, no functorch transform (vmap), plain tensors only.  The op's
+    dispatcher round trips (Python → C++ → autograd → Python) cost more than the kernel
+    launches at small shapes; everything that needs the registered op still gets it."""
     if (
         torch.compiler.is_compiling()
         or torch._C._is_torch_function_mode_enabled()
@@ -115,6 +122,10 @@ def _call_directly(*tensors) -> bool:
     ):
         return False
     return all(t is None or type(t) is torch.Tensor for t in tensors)
+
+
+def _records_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
 def _lora_dtype(x: torch.Tensor, lora: Optional[torch.Tensor]) -> torch.dtype:
@@ -174,7 +185,7 @@ def _lowrank_fwd_body(
     """x: M×in.  Returns y (M×out) and ``t_A = x Aᵀ`` (M×ρ; M×0 without LoRA) for backward."""
     tri = use_triton(x)
     fu, fv = _unpack(x, u, u_scale, u_offset, v, v_scale, v_offset, quant)
-    with torch.autocast(x.device.type, enabled=False):
+    with _autocast_off(x):
         if lora_a is None or lora_b is None:  # given together (checked by the op's caller)
             t_v = gemm_2k(x, _t(fv), triton=tri)
             return gemm_2k(t_v, _t(fu), bias=bias, triton=tri), x.new_empty(x.shape[0], 0)
@@ -192,8 +203,7 @@ def _(x, u, u_scale, u_offset, v, v_scale, v_offset, lora_a, lora_b, scaling, bi
     return x.new_empty(x.shape[0], u.shape[0]), x.new_empty(x.shape[0], rho, dtype=_lora_dtype(x, lora_a))
 
 
-@torch.library.custom_op("emloc::lowrank_lora_bwd", mutates_args=())
-def _lowrank_bwd(
+def _lowrank_bwd_body(
     dy: torch.Tensor,
     x: torch.Tensor,
     t_a: torch.Tensor,
@@ -212,7 +222,7 @@ def _lowrank_bwd(
     """Returns (dx, dA, dB); an empty tensor stands for a gradient not asked for / no LoRA."""
     tri = use_triton(dy)
     fu, fv = _unpack(x, u, u_scale, u_offset, v, v_scale, v_offset, quant)
-    with torch.autocast(dy.device.type, enabled=False):
+    with _autocast_off(dy):
         if lora_a is None or lora_b is None:
             dx = gemm_2k(gemm_2k(dy, _n(fu), triton=tri), _n(fv), triton=tri) if need_dx else dy.new_empty(0)
             return dx, dy.new_empty(0), dy.new_empty(0)
@@ -228,6 +238,9 @@ def _lowrank_bwd(
     return dx, da, db
 
 
+_lowrank_bwd = torch.library.custom_op("emloc::lowrank_lora_bwd", mutates_args=())(_lowrank_bwd_body)
+
+
 @_lowrank_bwd.register_fake
 def _(dy, x, t_a, u, u_scale, u_offset, v, v_scale, v_offset, lora_a, lora_b, scaling, quant, need_dx):
     dx = x.new_empty(x.shape) if need_dx else dy.new_empty(0)
@@ -238,21 +251,20 @@ def _(dy, x, t_a, u, u_scale, u_offset, v, v_scale, v_offset, lora_a, lora_b, sc
 
 def _lowrank_setup(ctx, inputs, output):
     x, u, us, uo, v, vs, vo, lora_a, lora_b, scaling, bias, quant = inputs
-    ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(x, output[1], u, us, uo, v, vs, vo, lora_a, lora_b)
     ctx.scaling, ctx.quant = scaling, quant
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _lowrank_backward(ctx, dy, _dt_a):
+def _lowrank_grads(ctx, dy, bwd) -> tuple:
+    """Gradients of (x, u, u_scale, u_offset, v, v_scale, v_offset, lora_a, lora_b, scaling,
+    bias, quant) from ``bwd`` (the registered op, or its body on the eager path)."""
     x, t_a, u, us, uo, v, vs, vo, lora_a, lora_b = ctx.saved_tensors
     need = ctx.needs_input_grad
     dx = da = db = None
-    if need[0] or need[7] or need[8]:
-        dx, da, db = torch.ops.emloc.lowrank_lora_bwd(
-            dy, x, t_a, u, us, uo, v, vs, vo, lora_a, lora_b, ctx.scaling, ctx.quant, need[0]
-        )
-    dbias = dy.sum(0).to(ctx.bias_dtype) if need[10] else None
+    if dy is not None and (need[0] or need[7] or need[8]):
+        dx, da, db = bwd(dy, x, t_a, u, us, uo, v, vs, vo, lora_a, lora_b, ctx.scaling, ctx.quant, need[0])
+    dbias = dy.sum(0).to(ctx.bias_dtype) if dy is not None and need[10] else None
     return (
         dx if need[0] else None,
         None,
@@ -269,7 +281,32 @@ def _lowrank_backward(ctx, dy, _dt_a):
     )
 
 
-_lowrank_fwd.register_autograd(_lowrank_backward, setup_context=_lowrank_setup)
+def _lowrank_setup_op(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1])
+    _lowrank_setup(ctx, inputs, output)
+
+
+def _lowrank_backward(ctx, dy, _dt_a):
+    return _lowrank_grads(ctx, dy, torch.ops.emloc.lowrank_lora_bwd)
+
+
+_lowrank_fwd.register_autograd(_lowrank_backward, setup_context=_lowrank_setup_op)
+
+
+class _LowRankLora(torch.autograd.Function):
+    """Eager training: the op's bodies under a plain autograd.Function, without the custom-op
+    dispatcher round trips (about 200 µs a call); t_A gets no gradient buffer at all."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        y, t_a = _lowrank_fwd_body(*inputs)
+        ctx.set_materialize_grads(False)
+        _lowrank_setup(ctx, inputs, (y, t_a))
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _lowrank_grads(ctx, dy, _lowrank_bwd_body)
 
 
 def lowrank_lora(
@@ -297,8 +334,13 @@ def lowrank_lora(
     _check("lowrank_lora", x, {"u": u, "v": v}, out_f, in_f, lora_a, lora_b, bias)
     (ut, us, uo, um, ug), (vt, vs, vo, vm, vg) = _flat(u), _flat(v)
     args = (x.reshape(-1, in_f), ut, us, uo, vt, vs, vo, lora_a, lora_b, float(scaling), bias, [um, ug, vm, vg])
-    direct = _call_directly(x, ut, us, uo, vt, vs, vo, lora_a, lora_b, bias)
-    y, _ = _lowrank_fwd_body(*args) if direct else torch.ops.emloc.lowrank_lora_fwd(*args)
+    tensors = (x, ut, us, uo, vt, vs, vo, lora_a, lora_b, bias)
+    if not _eager(*tensors):
+        y, _ = torch.ops.emloc.lowrank_lora_fwd(*args)
+    elif _records_grad(*tensors):
+        y = _LowRankLora.apply(*args)
+    else:  # inference, decode
+        y, _ = _lowrank_fwd_body(*args)
     return y.reshape(*x.shape[:-1], out_f)
 
 
@@ -315,7 +357,7 @@ def _dense_fwd_body(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x: M×in.  ``t_A = x Aᵀ``; ``y = [x | t_A]·[W | s·B]ᵀ + b``; returns (y, t_A)."""
     tri = use_triton(x)
-    with torch.autocast(x.device.type, enabled=False):
+    with _autocast_off(x):
         t_a = gemm_2k(x, lora_a.t(), out_dtype=_lora_dtype(x, lora_a), triton=tri)
         y = gemm_2k(x, weight.t(), t_a, lora_b.t(), alpha2=scaling, bias=bias, out_dtype=x.dtype, triton=tri)
     return y, t_a
@@ -331,8 +373,7 @@ def _(x, weight, lora_a, lora_b, scaling, bias):
     )
 
 
-@torch.library.custom_op("emloc::dense_lora_bwd", mutates_args=())
-def _dense_bwd(
+def _dense_bwd_body(
     dy: torch.Tensor,
     x: torch.Tensor,
     t_a: torch.Tensor,
@@ -344,12 +385,15 @@ def _dense_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``dt_A = s·dy B``; ``dx = [dy | dt_A]·[W; A]``; ``dA = dt_Aᵀ x``; ``dB = s·dyᵀ t_A``."""
     tri = use_triton(dy)
-    with torch.autocast(dy.device.type, enabled=False):
+    with _autocast_off(dy):
         dt_a = gemm_2k(dy, lora_b, alpha1=scaling, out_dtype=_lora_dtype(dy, lora_b), triton=tri)
         dx = gemm_2k(dy, weight, dt_a, lora_a, out_dtype=x.dtype, triton=tri) if need_dx else dy.new_empty(0)
         da = gemm_2k(dt_a.t(), x, out_dtype=lora_a.dtype, triton=tri)
         db = gemm_2k(dy.t(), t_a, alpha1=scaling, out_dtype=lora_b.dtype, triton=tri)
     return dx, da, db
+
+
+_dense_bwd = torch.library.custom_op("emloc::dense_lora_bwd", mutates_args=())(_dense_bwd_body)
 
 
 @_dense_bwd.register_fake
@@ -360,23 +404,47 @@ def _(dy, x, t_a, weight, lora_a, lora_b, scaling, need_dx):
 
 def _dense_setup(ctx, inputs, output):
     x, weight, lora_a, lora_b, scaling, bias = inputs
-    ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(x, output[1], weight, lora_a, lora_b)
     ctx.scaling = scaling
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _dense_backward(ctx, dy, _dt_a):
+def _dense_setup_op(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1])
+    _dense_setup(ctx, inputs, output)
+
+
+def _dense_grads(ctx, dy, bwd) -> tuple:
+    """Gradients of (x, weight, lora_a, lora_b, scaling, bias) from ``bwd``."""
     x, t_a, weight, lora_a, lora_b = ctx.saved_tensors
     need = ctx.needs_input_grad
     dx = da = db = None
-    if need[0] or need[2] or need[3]:
-        dx, da, db = torch.ops.emloc.dense_lora_bwd(dy, x, t_a, weight, lora_a, lora_b, ctx.scaling, need[0])
-    dbias = dy.sum(0).to(ctx.bias_dtype) if need[5] else None
+    if dy is not None and (need[0] or need[2] or need[3]):
+        dx, da, db = bwd(dy, x, t_a, weight, lora_a, lora_b, ctx.scaling, need[0])
+    dbias = dy.sum(0).to(ctx.bias_dtype) if dy is not None and need[5] else None
     return (dx if need[0] else None, None, da if need[2] else None, db if need[3] else None, None, dbias)
 
 
-_dense_fwd.register_autograd(_dense_backward, setup_context=_dense_setup)
+def _dense_backward(ctx, dy, _dt_a):
+    return _dense_grads(ctx, dy, torch.ops.emloc.dense_lora_bwd)
+
+
+_dense_fwd.register_autograd(_dense_backward, setup_context=_dense_setup_op)
+
+
+class _DenseLora(torch.autograd.Function):
+    """Eager training of ``dense_lora`` without the dispatcher (as :class:`_LowRankLora`)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        y, t_a = _dense_fwd_body(*inputs)
+        ctx.set_materialize_grads(False)
+        _dense_setup(ctx, inputs, (y, t_a))
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _dense_grads(ctx, dy, _dense_bwd_body)
 
 
 def dense_lora(
@@ -401,6 +469,11 @@ def dense_lora(
     _check_2d("dense_lora", "weight", weight, (out_f, in_f), x)
     _check("dense_lora", x, {"weight": weight}, out_f, in_f, lora_a, lora_b, bias)
     args = (x.reshape(-1, in_f), weight, lora_a, lora_b, float(scaling), bias)
-    direct = _call_directly(x, weight, lora_a, lora_b, bias)
-    y, _ = _dense_fwd_body(*args) if direct else torch.ops.emloc.dense_lora_fwd(*args)
+    tensors = (x, weight, lora_a, lora_b, bias)
+    if not _eager(*tensors):
+        y, _ = torch.ops.emloc.dense_lora_fwd(*args)
+    elif _records_grad(*tensors):
+        y = _DenseLora.apply(*args)
+    else:
+        y, _ = _dense_fwd_body(*args)
     return y.reshape(*x.shape[:-1], out_f)

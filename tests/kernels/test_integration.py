@@ -180,9 +180,10 @@ def test_op_outputs_match_fake_strides(device):
             assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype), op
 
 
-def test_inference_calls_skip_the_dispatcher_only_in_eager(monkeypatch):
-    """Without autograd an eager call runs the op body directly, with the op's exact result;
-    with gradients to record, or under a dispatch mode (as tracing uses), the registered op runs."""
+def test_eager_calls_skip_the_dispatcher(monkeypatch):
+    """An eager call runs the op's body without the dispatcher, with the op's exact result:
+    directly without autograd, under a plain autograd.Function with gradients to record.
+    Under a dispatch mode (as tracing uses) or vmap the registered op runs."""
     import importlib
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -211,5 +212,13 @@ def test_inference_calls_skip_the_dispatcher_only_in_eager(monkeypatch):
     assert body_calls == [1]
     torch.testing.assert_close(mapped, direct)  # per-sample GEMMs may block differently
     with_grad = ops.lowrank_lora(x, u, v, a, b, 0.5, bias)
-    assert body_calls == [1] and with_grad.requires_grad
+    node = with_grad.grad_fn.next_functions[0][0]  # under the reshape's view
+    assert body_calls == [1, 1] and type(node).__name__ == "_LowRankLoraBackward"
     torch.testing.assert_close(with_grad.detach(), direct, rtol=0, atol=0)
+    seen.clear()
+    with Log():
+        traced = ops.lowrank_lora(x, u, v, a, b, 0.5, bias)
+    assert torch.ops.emloc.lowrank_lora_fwd.default in seen and body_calls == [1, 1]
+    (g_eager,) = torch.autograd.grad(with_grad.square().sum(), a)
+    (g_op,) = torch.autograd.grad(traced.square().sum(), a)
+    torch.testing.assert_close(g_eager, g_op, rtol=0, atol=0)

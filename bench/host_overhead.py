@@ -1,0 +1,173 @@
+"""Host time of the fused op, with its Triton launches replaced by no-ops, against the unfused
+torch composition at the same (tiny) shapes: what a GPU step pays on the CPU before any kernel
+runs.  Runs on the CPU in seconds; no GPU involved.
+
+    python bench/host_overhead.py [--repeats 7] [--iterations 300]
+
+Providers, per call (µs, median of ``--repeats`` timings of ``--iterations`` calls):
+* fused, eager: ``ops.lowrank_lora`` as a training step or a decode call uses it;
+* fused, registered op: the same through the ``emloc::`` custom op (torch.compile's path);
+* unfused torch: ``F.linear(F.linear(x, v), u, b) + s·F.linear(F.linear(x, A), B)`` on the CPU,
+  its tiny GEMMs included (which favours the fused op slightly).
+The Triton launcher's own host time (a few µs per launch on a GPU host) is not included; the
+context managers that stub the launches cost the fused rows about 1 µs.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors take the Triton path (whose launches are stubbed below)
+os.environ.pop("EMLOC_FORCE_REFERENCE", None)
+
+import argparse  # noqa: E402
+import importlib  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Callable, Iterator  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from emloc_kernels import ops  # noqa: E402
+from emloc_kernels.ops import _triton_gemm  # noqa: E402
+
+op_module = importlib.import_module("emloc_kernels.ops.lowrank_lora")  # the module (ops exports the function)
+
+OUT = Path(__file__).parent / "results" / "host_overhead.json"
+
+
+class _NoLaunch:
+    """Stands for a ``@triton.jit`` kernel: ``kernel[grid](...)`` does nothing."""
+
+    def __getitem__(self, grid: object) -> Callable[..., None]:
+        return lambda *args, **kwargs: None
+
+
+@contextmanager
+def stubbed_launches() -> Iterator[None]:
+    saved = _triton_gemm._gemm_2k_kernel, _triton_gemm._gemm_2n_kernel
+    _triton_gemm._gemm_2k_kernel = _triton_gemm._gemm_2n_kernel = _NoLaunch()  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        _triton_gemm._gemm_2k_kernel, _triton_gemm._gemm_2n_kernel = saved
+
+
+@contextmanager
+def registered_op_only() -> Iterator[None]:
+    saved = op_module._eager
+    op_module._eager = lambda *tensors: False  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        op_module._eager = saved
+
+
+def per_call_us(fns: dict[str, Callable[[], object]], repeats: int, iterations: int) -> dict[str, float]:
+    """Median µs per call of each function; the functions take turns in every repeat, so that
+    a change of the machine's load hits all of them alike."""
+    for fn in fns.values():
+        for _ in range(max(10, iterations // 10)):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            for _ in range(iterations):
+                fn()
+            times[name].append((time.perf_counter() - t) / iterations * 1e6)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+class _Stubbed:
+    """A provider run with the kernels stubbed (and optionally only through the registered op)."""
+
+    def __init__(self, fn: Callable[[], object], registered: bool = False) -> None:
+        self.fn, self.registered = fn, registered
+
+    def __call__(self) -> object:
+        with stubbed_launches():
+            if not self.registered:
+                return self.fn()
+            with registered_op_only():
+                return self.fn()
+
+
+def tensors(device: str, tokens: int, n: int = 64, rank: int = 16, rho: int = 8) -> dict:
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) / shape[-1] ** 0.5).to(device)
+
+    return {
+        "x": r(tokens, n),
+        "u": r(n, rank),
+        "v": r(rank, n),
+        "a": r(rho, n).requires_grad_(),
+        "b": r(n, rho).requires_grad_(),
+        "bias": r(n),
+        "dy": r(tokens, n),
+    }
+
+
+def fused(t: dict, train: bool) -> Callable[[], object]:
+    def step() -> object:
+        if not train:
+            with torch.no_grad():
+                return ops.lowrank_lora(t["x"], t["u"], t["v"], t["a"], t["b"], 2.0, t["bias"])
+        y = ops.lowrank_lora(t["x"], t["u"], t["v"], t["a"], t["b"], 2.0, t["bias"])
+        torch.autograd.backward(y, t["dy"])
+        return y
+
+    return step
+
+
+def unfused(t: dict, train: bool) -> Callable[[], object]:
+    def forward() -> torch.Tensor:
+        return F.linear(F.linear(t["x"], t["v"]), t["u"], t["bias"]) + 2.0 * F.linear(F.linear(t["x"], t["a"]), t["b"])
+
+    def step() -> object:
+        if not train:
+            with torch.no_grad():
+                return forward()
+        y = forward()
+        torch.autograd.backward(y, t["dy"])
+        return y
+
+    return step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--iterations", type=int, default=300)
+    p.add_argument("--out", type=Path, default=OUT)
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    rows = []
+    for case, tokens, train in (("fwd+bwd, 64 tokens", 64, True), ("decode, 1 token", 1, False)):
+        cpu = tensors("cpu", tokens)
+        us = per_call_us(
+            {
+                "fused_eager_us": _Stubbed(fused(cpu, train)),
+                "fused_registered_op_us": _Stubbed(fused(cpu, train), registered=True),
+                "unfused_torch_us": unfused(cpu, train),
+            },
+            a.repeats,
+            a.iterations,
+        )
+        row = {"case": case, **{k: round(v, 1) for k, v in us.items()}}
+        row["fused_eager_vs_unfused"] = round(us["fused_eager_us"] / us["unfused_torch_us"], 2)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"torch": torch.__version__, "threads": 1, "repeats": a.repeats, "iterations": a.iterations}
+    a.out.write_text(json.dumps({"settings": meta, "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
