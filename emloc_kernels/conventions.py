@@ -188,3 +188,20 @@ def check_device(name: str | None, option: str = "--device") -> torch.device | N
     elif device.type != "cpu":
         raise ValueError(f"{option} {name!r}: use cpu, cuda, cuda:N or mps")
     return device
+
+
+def set_checkpointing(model: nn.Module, on: bool) -> bool:
+    """Switch transformers' non-reentrant activation checkpointing of ``model`` on or off
+    (``activation_checkpointing_*``, or the older ``gradient_checkpointing_*`` names);
+    returns whether it was on before.  A model without either does nothing."""
+    m = cast(Any, model)
+    was = bool(getattr(m, "is_activation_checkpointing", None) or getattr(m, "is_gradient_checkpointing", False))
+    if on and hasattr(m, "activation_checkpointing_enable"):
+        m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif on and hasattr(m, "gradient_checkpointing_enable"):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif not on and hasattr(m, "activation_checkpointing_disable"):
+        m.activation_checkpointing_disable()
+    elif not on and hasattr(m, "gradient_checkpointing_disable"):
+        m.gradient_checkpointing_disable()
+    return was

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..conventions import attach_quantizer, emulator_quantization_config, replace_submodule
+from ..conventions import attach_quantizer, emulator_quantization_config, replace_submodule, set_checkpointing
 from ..lora import LoraLinear
 from ..modules import LowRankLinear
 from .build import HELDOUT_EVERY, batch_token_mask
@@ -146,7 +146,6 @@ def distill_emulator(
             return sum(_kl(decoder, head, b, s, device).item() for b, s in held) / len(held)
 
     was_training, config = emulator.training, getattr(emulator, "config", None)
-    checkpointing = bool(getattr(emulator, "is_activation_checkpointing", False))
     use_cache = getattr(config, "use_cache", None)
     emulator.eval()
     before = heldout_kl()
@@ -162,8 +161,7 @@ def distill_emulator(
             replace_submodule(emulator, name, added[name])
     params = [p for m in added.values() for p in (m.lora_A.weight, m.lora_B.weight)]
     opt = torch.optim.AdamW(params, lr=lr)
-    if hasattr(emulator, "activation_checkpointing_enable") and not checkpointing:
-        cast(Any, emulator).activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    checkpointing = set_checkpointing(emulator, True)
     if config is not None and use_cache is not None:
         config.use_cache = False
     order = random.Random(seed)
@@ -188,8 +186,8 @@ def distill_emulator(
             replace_submodule(emulator, name, fold_lora(lora))
         for p, flag in frozen.items():
             p.requires_grad_(flag)
-        if hasattr(emulator, "activation_checkpointing_disable") and not checkpointing:
-            cast(Any, emulator).activation_checkpointing_disable()
+        if not checkpointing:
+            set_checkpointing(emulator, False)
         if config is not None and use_cache is not None:
             config.use_cache = use_cache
     after = heldout_kl()

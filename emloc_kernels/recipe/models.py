@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
+from ..conventions import set_checkpointing
+
 if TYPE_CHECKING:
     from peft import PeftModel
 
@@ -64,7 +66,7 @@ def attach_lora(model: nn.Module, rank: int, alpha: float, seed: int) -> PeftMod
 
     torch.manual_seed(seed)
     cast(Any, model).config.use_cache = False
-    cast(Any, model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    set_checkpointing(model, True)
     # PEFT annotates lora_alpha as int; a float alpha scales by alpha / r all the same
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")  # type: ignore[arg-type]
     return get_peft_model(model, config)
