@@ -84,7 +84,9 @@ def _check(op, x, frozen: dict, out_f: int, in_f: int, lora_a, lora_b, bias) -> 
                 raise ValueError(f"{op}: {name} must have x's dtype {x.dtype}, got {f.dtype}")
             if f.requires_grad and torch.is_grad_enabled():
                 raise ValueError(
-                    f"{op}: {name} is a frozen factor and must not require grad (use {op}_reference to train it)"
+                    f"{op}: {name} is a frozen factor and must not require grad (use {op}_reference to train it; "
+                    "FSDP1 makes frozen parameters that share a flat parameter with trainable ones require grad: "
+                    "shard with FSDP2 instead, torch's fully_shard or accelerate's fsdp_version: 2)"
                 )
     if (lora_a is None) != (lora_b is None):
         raise ValueError(f"{op}: lora_a and lora_b must be given together")

@@ -155,7 +155,7 @@ def _good():
         (lambda t: t.update(v=t["v"][:-1]), r"v must have shape \(23, 70\)"),
         (lambda t: t.update(v=t["v"][0]), "v must be a 2-D tensor or PackedFactor"),
         (lambda t: t.update(u=t["u"].half()), "u must have x's dtype"),
-        (lambda t: t.update(u=t["u"].clone().requires_grad_()), "u is a frozen factor"),
+        (lambda t: t.update(u=t["u"].clone().requires_grad_()), "u is a frozen factor.*shard with FSDP2"),
         (lambda t: t.pop("lora_b"), "lora_a and lora_b must be given together"),
         (lambda t: t.update(lora_b=t["lora_b"][:-1]), r"lora_b must have shape \(45, 5\)"),
         (lambda t: t.update(lora_a=t["lora_a"].double(), lora_b=t["lora_b"].double()), "float32 or x's"),
