@@ -164,9 +164,35 @@ def test_upper_bound_and_build_options_reach_the_report(material, tmp_path):
         assert report["recovery"] == pytest.approx((report["corrected"] - report["zero_shot"]) / gain)
     assert "train_original" in report["timings_s"]
     meta = json.loads((tmp_path / "ub" / "emulator" / "emloc.json").read_text())
-    assert meta["build"] == {"propagate": True, "shrinkage": "auto", "allocate": "block"}
+    assert meta["build"] == {"propagate": True, "shrinkage": "auto", "allocate": "block", "reserve_rank": 0}
     assert all(m["heldout_error"] is not None for m in meta["modules"].values())
     assert report["settings"]["upper_bound"] is True
+
+
+def test_distilled_quantised_emulator_keeps_the_ranks_of_the_plain_build(material, tmp_path):
+    run(material, tmp_path / "plain", "--clamp", "uncorrected", "--allocate", "uniform")
+    run(
+        material,
+        tmp_path / "distilled",
+        "--clamp",
+        "uncorrected",
+        "--allocate",
+        "uniform",
+        "--distill-steps",
+        "3",
+        "--distill-rank",
+        "2",
+        "--quant",
+        "int8",
+    )
+    plain, distilled = (
+        json.loads((tmp_path / d / "emulator" / "emloc.json").read_text()) for d in ("plain", "distilled")
+    )
+    assert distilled["build"]["reserve_rank"] == 2 and distilled["build"]["distill"]["steps"] == 3
+    assert {n: m["rank"] for n, m in distilled["modules"].items()} == {
+        n: m["rank"] for n, m in plain["modules"].items()
+    }
+    assert {m["quant"] for m in distilled["modules"].values()} == {"int8"}
 
 
 def test_interrupted_run_resumes_at_the_first_unfinished_stage(material, tmp_path, monkeypatch):
