@@ -55,8 +55,9 @@ PRESETS = {
         "combined, 0.4": dict(ratio=0.4, **NEW),
         "combined, 0.4 int4-g64": dict(ratio=0.4, quant="int4", group_size=64, **NEW),
         "combined, 0.3": dict(ratio=0.3, **NEW),
-        "distill 200, 0.4": dict(ratio=0.4, distill_steps=200, **PAPER),
-        "distill 200 + block, 0.4": dict(ratio=0.4, distill_steps=200, allocate="block"),
+        "distill 200, 0.4": dict(ratio=0.4, distill_steps=200, distill_samples=64, **PAPER),
+        "distill 300 on 256, 0.4": dict(ratio=0.4, distill_steps=300, distill_samples=256, **PAPER),
+        "distill 300 on 256 + block, 0.4": dict(ratio=0.4, distill_steps=300, distill_samples=256, allocate="block"),
     },
     "ratios": {f"paper build, {r}": dict(ratio=r, **PAPER) for r in (0.3, 0.4, 0.6)},
 }

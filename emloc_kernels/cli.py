@@ -329,6 +329,12 @@ def parser() -> argparse.ArgumentParser:
         default=8,
         help="ranks of each emulated linear's budget left to the distillation (default 8)",
     )
+    f.add_argument(
+        "--distill-samples",
+        type=int,
+        default=256,
+        help="training examples the distillation matches the original on (default 256; teacher outputs only)",
+    )
     f.set_defaults(func=cmd_finetune)
 
     c = sub.add_parser("correct", help="stage 3: correct an adapter trained on the emulator for the original model")

@@ -78,6 +78,7 @@ COUNTS = {
     "seed": (0, 2**32 - 1),
     "distill_steps": (0, 10**8),
     "distill_rank": (1, 4096),
+    "distill_samples": (1, 10**7),
 }
 
 
@@ -114,6 +115,7 @@ class FinetuneSettings:
     allocate: str = "block"  # RT seed 0: recovery 0.61 → 0.86; seed 1: 0.29 (not established; bench/RESULTS.md)
     distill_steps: int = 0  # stage 1b: steps distilling the emulator toward the original (0: none)
     distill_rank: int = 8  # rank each emulated linear spends on the distillation (within its budget)
+    distill_samples: int = 256  # training examples the distillation matches the original on
     upper_bound: bool = False  # also train LoRA on the original: report lora_original and recovery
     task: str | None = None  # an embedded task (demo.TASKS); None: Rotten Tomatoes
     # generative data (transformers' Trainer) only
@@ -406,10 +408,13 @@ def _check_vocabulary(model_path: Path, task: Task) -> None:
         )
 
 
-def calibration_texts(s: FinetuneSettings, train_rows: list[dict], task: Task | None = None) -> list[str]:
-    """The first training examples as the model will see them: prompt and answer (the chat
-    template's rendering, prompt and completion, or the text for generative data)."""
-    rows = train_rows[: s.calibration_samples]
+def calibration_texts(
+    s: FinetuneSettings, train_rows: list[dict], task: Task | None = None, count: int | None = None
+) -> list[str]:
+    """The first ``count`` (default ``calibration_samples``) training examples as the model will
+    see them: prompt and answer (the chat template's rendering, prompt and completion, or the
+    text for generative data)."""
+    rows = train_rows[: s.calibration_samples if count is None else count]
     if isinstance(task, GenerativeTask):
         return [task.render(r) for r in rows]
     return [fill_prompt(cast(str, s.prompt), r["text"]) + " " + r["label"] for r in rows]
@@ -568,7 +573,8 @@ def _run(r: Run, out: Path) -> dict:
         original_bytes = tensor_bytes(original)
         distilling = s.distill_steps > 0
         if distilling:
-            batches = as_batches(calib, task.tokenizer, model=original)
+            texts = calibration_texts(s, train_rows, task, count=s.distill_samples)
+            batches = as_batches(texts, task.tokenizer, model=original)
             teacher = teacher_states(original, batches)
         emulator = build_emulator(
             original,
