@@ -114,3 +114,15 @@ def test_quantising_after_the_build_equals_quantising_in_it(tiny_model):
         torch.testing.assert_close(after(**batches[0]).logits, in_build(**batches[0]).logits, rtol=0, atol=0)
     assert after.emloc_metadata["modules"] == in_build.emloc_metadata["modules"]
     assert after.config.quantization_config.to_dict() == in_build.config.quantization_config.to_dict()
+
+
+def test_distillation_trains_under_no_grad(tiny_model):
+    """Callers inside ``torch.no_grad()`` (as the build is) still get a trained update."""
+    batches = as_batches(calibration())
+    model = tiny_model("llama")
+    teacher = teacher_states(model, batches)
+    build_emulator(model, batches, RATIO, reserve_rank=RESERVE, progress=False)
+    with torch.no_grad():
+        result = distill_emulator(model, batches, teacher, rank=RESERVE, steps=2, progress=False)
+        assert not torch.is_grad_enabled()
+    assert result["heldout_kl_after"] != result["heldout_kl_before"]

@@ -168,6 +168,8 @@ def distill_emulator(
     losses: list[float] = []
     pool: list[int] = []
     emulator.train()
+    grad_was = torch.is_grad_enabled()
+    torch.set_grad_enabled(True)  # also when called under no_grad, as from a build (restored below)
     try:
         bar = tqdm(range(steps), desc="distil emulator", unit="step", disable=not progress)
         for _ in bar:
@@ -181,6 +183,7 @@ def distill_emulator(
             losses.append(loss.item())
             bar.set_postfix(kl=f"{losses[-1]:.3f}")
     finally:
+        torch.set_grad_enabled(grad_was)
         emulator.eval()
         for name, lora in added.items():
             replace_submodule(emulator, name, fold_lora(lora))
