@@ -58,6 +58,9 @@ PRESETS = {
         "distill 200, 0.4": dict(ratio=0.4, distill_steps=200, distill_samples=64, **PAPER),
         "distill 300 on 256, 0.4": dict(ratio=0.4, distill_steps=300, distill_samples=256, **PAPER),
         "distill 300 on 256 + block, 0.4": dict(ratio=0.4, distill_steps=300, distill_samples=256, allocate="block"),
+        "distill rank 16, 300 on 256, 0.4": dict(
+            ratio=0.4, distill_steps=300, distill_samples=256, distill_rank=16, **PAPER
+        ),
     },
     "ratios": {f"paper build, {r}": dict(ratio=r, **PAPER) for r in (0.3, 0.4, 0.6)},
 }

@@ -69,12 +69,17 @@ def cmd_build(a: argparse.Namespace) -> None:
     from .conventions import check_device, load_model, model_class
     from .emulator import NotStreamable, build_emulator, build_emulator_from_pretrained, save_emulator
     from .emulator.checkpoint import check_checkpoint_dir
+    from .emulator.distill import Distillation
     from .files import check_output
 
     start = time.perf_counter()
     ratio = _ratio(a.ratio)
-    if not 1 <= a.samples <= 10**7:
-        raise ValueError(f"--samples must be an integer from 1 to {10**7}, got {a.samples}")
+    for option, value, low in (("samples", a.samples, 1), ("distill-steps", a.distill_steps, 0)):
+        if not low <= value <= 10**7:
+            raise ValueError(f"--{option} must be an integer from {low} to {10**7}, got {value}")
+    for option, value in (("distill-rank", a.distill_rank), ("distill-samples", a.distill_samples)):
+        if not 1 <= value <= 10**7:
+            raise ValueError(f"--{option} must be an integer from 1 to {10**7}, got {value}")
     check_device(a.device)
     if a.model != "demo":
         from .recipe.models import check_model_source
@@ -83,14 +88,17 @@ def cmd_build(a: argparse.Namespace) -> None:
     if a.model == "demo" or a.data == "demo":
         from .recipe.finetune import FinetuneSettings, calibration_set
 
-        demo_model, demo_texts = calibration_set(FinetuneSettings(calibration_samples=a.samples))
+        demo_model, demo_texts = calibration_set(
+            FinetuneSettings(calibration_samples=max(a.samples, a.distill_samples))
+        )
         if a.model == "demo":
             model_dir = str(demo_model)
     inputs = [model_dir, a.data]
     out = check_output(a.out, inputs, overwrite=a.overwrite)
     # finished blocks: a rerun after a kill resumes (refused early if a user's folder is there)
     partial = check_checkpoint_dir(out.parent / f".{out.name}.partial")
-    texts = demo_texts if a.data == "demo" else _texts(a.data, a.samples)
+    pool = demo_texts if a.data == "demo" else _texts(a.data, max(a.samples, a.distill_samples))
+    texts = pool[: a.samples]
     dtype = getattr(torch, a.dtype)
     model_class(model_dir)  # an emulator directory or a config without a model class: refused before the tokenizer
     options: dict[str, Any] = dict(
@@ -102,6 +110,9 @@ def cmd_build(a: argparse.Namespace) -> None:
         shrinkage=a.shrinkage,
         allocate=a.allocate,
         checkpoint=partial,
+        distill=Distillation(a.distill_steps, a.distill_rank, texts=pool[: a.distill_samples])
+        if a.distill_steps
+        else None,
     )
     try:  # one block of the original in memory at a time
         emulator = build_emulator_from_pretrained(model_dir, texts, ratio, dtype=dtype, **options)
@@ -195,6 +206,29 @@ def _build_options(p: argparse.ArgumentParser, allocate: str) -> None:
     )
 
 
+def _distill_options(p: argparse.ArgumentParser, samples: str) -> None:
+    p.add_argument(
+        "--distill-steps",
+        type=int,
+        default=0,
+        help="after the build, train each emulated linear's last --distill-rank ranks for N steps so that the "
+        "emulator's next-token distribution matches the original's (default 0: off)",
+    )
+    p.add_argument(
+        "--distill-rank",
+        type=int,
+        default=8,
+        help="ranks of each emulated linear's budget left to the distillation (default 8)",
+    )
+    p.add_argument(
+        "--distill-samples",
+        type=int,
+        default=256,
+        help=f"{samples} the distillation matches the original on (default 256; only the original's outputs "
+        "on them are computed, no statistics)",
+    )
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse's parser whose error message stays on one line: argparse quotes most values it
     reports, but not unrecognised arguments or ambiguous option names."""
@@ -231,6 +265,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--group-size", type=int, default=128, choices=[64, 128], help="int4 group size (default 128)")
     b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     _build_options(b, "uniform")
+    _distill_options(b, "samples of --data")
     b.set_defaults(func=cmd_build)
 
     f = sub.add_parser(
@@ -316,25 +351,7 @@ def parser() -> argparse.ArgumentParser:
         "accuracy (lora_original) and the share of its gain the delivered adapter keeps (recovery)",
     )
     _build_options(f, "block")
-    f.add_argument(
-        "--distill-steps",
-        type=int,
-        default=0,
-        help="after the build, train each emulated linear's last --distill-rank ranks for N steps so that the "
-        "emulator's next-token distribution matches the original's on the calibration texts (default 0: off)",
-    )
-    f.add_argument(
-        "--distill-rank",
-        type=int,
-        default=8,
-        help="ranks of each emulated linear's budget left to the distillation (default 8)",
-    )
-    f.add_argument(
-        "--distill-samples",
-        type=int,
-        default=256,
-        help="training examples the distillation matches the original on (default 256; teacher outputs only)",
-    )
+    _distill_options(f, "training examples")
     f.set_defaults(func=cmd_finetune)
 
     c = sub.add_parser("correct", help="stage 3: correct an adapter trained on the emulator for the original model")

@@ -126,3 +126,25 @@ def test_distillation_trains_under_no_grad(tiny_model):
         result = distill_emulator(model, batches, teacher, rank=RESERVE, steps=2, progress=False)
         assert not torch.is_grad_enabled()
     assert result["heldout_kl_after"] != result["heldout_kl_before"]
+
+
+def test_the_build_computes_the_original_outputs_the_distillation_needs(tiny_model):
+    """build_emulator(distill=...) passes the distillation texts through the original blocks
+    and the final norm: the same emulator as teacher states taken before a reserved build."""
+    from emloc_kernels.emulator.distill import Distillation
+
+    batches, texts = as_batches(calibration()), as_batches(calibration(seed=7, samples=8))
+    manual = tiny_model("llama")
+    teacher = teacher_states(manual, texts)
+    build_emulator(manual, batches, RATIO, reserve_rank=RESERVE, progress=False)
+    distill_emulator(manual, texts, teacher, rank=RESERVE, steps=4, progress=False)
+    built = build_emulator(
+        tiny_model("llama"), batches, RATIO, distill=Distillation(steps=4, rank=RESERVE, texts=texts), progress=False
+    )
+    assert built.emloc_metadata["build"]["distill"]["heldout_kl_before"] == pytest.approx(
+        manual.emloc_metadata["build"]["distill"]["heldout_kl_before"], rel=1e-5
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(built(**batches[0]).logits, manual(**batches[0]).logits, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="reserve_rank or distill"):
+        build_emulator(tiny_model("llama"), batches, RATIO, reserve_rank=1, distill=Distillation(), progress=False)

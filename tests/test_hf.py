@@ -349,3 +349,18 @@ def test_no_tokenizer_to_copy_from_a_hub_name_or_a_model(tmp_path):
     assert copy_tokenizer("HuggingFaceTB/SmolLM2-135M", tmp_path / "out") == []
     assert copy_tokenizer(torch.nn.Linear(2, 2), tmp_path / "out") == []
     assert copy_tokenizer("", tmp_path / "out") == []
+
+
+def test_build_on_load_distils(model_dir, tmp_path):
+    """EmlocConfig(distill_steps=...): the distilled emulator of build_emulator(distill=...)."""
+    from emloc_kernels.emulator.distill import Distillation
+
+    config = EmlocConfig(ratio=RATIO, dataset=TEXTS, distill_steps=2, distill_rank=2, progress=False)
+    loaded = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    built = build_emulator(fresh(model_dir), TEXTS, RATIO, tokenizer=tok, distill=Distillation(2, 2), progress=False)
+    assert loaded.emloc_metadata["build"]["distill"]["steps"] == 2
+    assert same_state(loaded, built)
+    loaded.save_pretrained(tmp_path / "saved")
+    batch = ids(model_dir)
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "saved"), batch), logits(built, batch))

@@ -25,6 +25,7 @@ from emloc_kernels.emulator import (
     save_emulator,
 )
 from emloc_kernels.emulator import stream as stream_module
+from emloc_kernels.emulator.distill import Distillation
 from emloc_kernels.recipe.memory import build_peak_in_fresh_process
 
 BLOCKS = 3
@@ -65,6 +66,8 @@ OPTIONS = {
     "int4": dict(quant="int4", group_size=64),
     "propagate": dict(propagate=True),
     "block": dict(allocate="block"),
+    # the original's outputs on other texts, computed block by block; the head and final norm after them
+    "distill-int4": dict(distill=Distillation(steps=2, rank=2, texts=[torch.arange(3, 20)[None]]), quant="int4"),
 }
 
 
@@ -335,3 +338,18 @@ def test_streamed_build_peak_memory(smollm2_dir):
     assert emulator == pytest.approx(0.525 * weights, rel=0.02)
     # one more copy of the blocks' linears (0.83× of the weights) would far exceed this
     assert peak <= emulator + 0.4 * weights
+
+
+def test_emloc_build_distils_within_the_byte_budget(cli_model, tmp_path):
+    model_dir, data = str(cli_model / "model"), str(cli_model / "data.txt")
+    cli.main(["build", model_dir, "--data", data, "--out", str(tmp_path / "plain"), "--quant", "int8"])
+    cli.main(
+        ["build", model_dir, "--data", data, "--out", str(tmp_path / "distilled"), "--quant", "int8"]
+        + ["--distill-steps", "2", "--distill-rank", "2", "--distill-samples", "6"]
+    )
+    plain, distilled = (json.loads((tmp_path / d / "emloc.json").read_text()) for d in ("plain", "distilled"))
+    assert distilled["build"]["distill"]["steps"] == 2 and distilled["build"]["reserve_rank"] == 2
+    assert {n: (m["rank"], m["quant"]) for n, m in distilled["modules"].items()} == {
+        n: (m["rank"], m["quant"]) for n, m in plain["modules"].items()
+    }
+    load_emulator(tmp_path / "distilled")

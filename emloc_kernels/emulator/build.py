@@ -20,8 +20,9 @@ from ..conventions import LINEAR_TYPES, attach_quantizer, emulator_quantization_
 from ..conventions import out_in_weight as dense_weight_of
 from ..conventions import replace_submodule as _replace
 from ..modules import LowRankLinear
-from .calibration import as_batches, capture_block_inputs, find_blocks, to_device, token_mask
+from .calibration import HELDOUT_EVERY, as_batches, batch_token_mask, capture_block_inputs, find_blocks, to_device
 from .checkpoint import BlockCheckpoint, digest
+from .distill import Distillation, distill_emulator, final_states
 from .svd import WhitenedSVD, Whitening, allocate_ranks, output_error, rank_for, regression_target
 
 logger = logging.getLogger(__name__)
@@ -235,7 +236,6 @@ class Grams:
 
 
 SHRINKAGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
-HELDOUT_EVERY = 4  # every 4th calibration sample is held out to choose shrinkage and report error
 
 
 def _fit(weight: torch.Tensor, grams: Grams, whitening: Whitening) -> WhitenedSVD:
@@ -399,12 +399,6 @@ def _check_calibration_size(batches: list[dict[str, torch.Tensor]], plan: dict) 
         )
 
 
-def batch_token_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Boolean (B, T) mask of real tokens."""
-    mask = token_mask(batch)
-    return torch.ones(batch["input_ids"].shape, dtype=torch.bool) if mask is None else mask
-
-
 def _heldout_masks(batches: list[dict], every: int) -> list[torch.Tensor | None]:
     """(B, 1) masks of the samples held out of the fit: every ``every``-th sample overall."""
     total = sum(b["input_ids"].shape[0] for b in batches)
@@ -442,6 +436,7 @@ def build_emulator(
     heldout: bool = True,
     checkpoint: str | os.PathLike | None = None,
     reserve_rank: int = 0,
+    distill: Distillation | None = None,
 ) -> nn.Module:
     """Replace the linears inside ``model``'s blocks by whitened-SVD ``LowRankLinear`` s, in place.
 
@@ -460,6 +455,9 @@ def build_emulator(
     ``heldout``: hold every 4th sample out of a second fit to report ``heldout_error``.
     ``reserve_rank``: build each linear at its ratio's rank minus this many (at least 1),
     leaving them to :func:`~emloc_kernels.emulator.distill.distill_emulator`.
+    ``distill``: a :class:`~emloc_kernels.emulator.distill.Distillation`: reserve its rank,
+    compute the original's outputs on its texts while passing the blocks, and distil the
+    emulator toward them after the build (then quantise, with ``quant``).
     ``checkpoint``: a directory where each finished block is kept; a build with the same
     settings and checkpoint resumes after the last kept block, with a bit-identical result
     (same machine and thread count). Removing the directory afterwards is the caller's choice.
@@ -467,7 +465,7 @@ def build_emulator(
     :func:`~emloc_kernels.emulator.stream.build_emulator_from_pretrained` builds the same
     emulator from a model directory with one block of the original in memory at a time.
     """
-    return _build(
+    built = _build(
         model,
         calibration,
         ratio,
@@ -485,7 +483,39 @@ def build_emulator(
         heldout=heldout,
         checkpoint=checkpoint,
         reserve_rank=reserve_rank,
+        distill=distill,
     )
+    return finish_build(built, distill, quant, group_size, progress)
+
+
+Teacher = tuple[list[dict[str, torch.Tensor]], list[torch.Tensor]]  # distillation texts and the original's outputs
+
+
+def finish_build(
+    built: tuple[nn.Module, Teacher | None],
+    distill: Distillation | None,
+    quant: str | None,
+    group_size: int,
+    progress: bool,
+) -> nn.Module:
+    """After :func:`_build` (and, streaming, after the output embeddings are read): distil and
+    quantise when asked."""
+    model, teacher = built
+    if distill is not None and teacher is not None:
+        batches, states = teacher
+        distill_emulator(
+            model,
+            batches,
+            states,
+            rank=distill.rank,
+            steps=distill.steps,
+            lr=distill.lr,
+            seed=distill.seed,
+            progress=progress,
+        )
+        if quant is not None:
+            quantize_emulator(model, quant, group_size)
+    return model
 
 
 def _build(
@@ -507,7 +537,8 @@ def _build(
     heldout: bool = True,
     checkpoint: str | os.PathLike | None = None,
     reserve_rank: int = 0,
-) -> nn.Module:
+    distill: Distillation | None = None,
+) -> tuple[nn.Module, Teacher | None]:
     """:func:`build_emulator` with the original's block tensors taken from ``originals``: each
     planned linear is loaded (and released) once to check it and take its probe, then each
     block is loaded when its turn comes; the linears it replaces are dropped with it."""
@@ -518,6 +549,12 @@ def _build(
             raise ValueError(f"quant must be one of {FORMATS} or None, got {quant!r}")
     if not isinstance(reserve_rank, int) or isinstance(reserve_rank, bool) or reserve_rank < 0:
         raise ValueError(f"reserve_rank must be an integer >= 0, got {reserve_rank!r}")
+    if distill is not None:
+        if not isinstance(distill, Distillation):
+            raise TypeError(f"distill must be a Distillation or None, got {type(distill).__name__}")
+        if reserve_rank:
+            raise ValueError("give reserve_rank or distill, not both (distill reserves its own rank)")
+        reserve_rank, quant = distill.rank, None  # the factors are quantised after the distillation
     if allocate not in ALLOCATIONS:
         raise ValueError(f"allocate must be one of {ALLOCATIONS}, got {allocate!r}")
     if shrinkage != "auto" and not (isinstance(shrinkage, (int, float)) and 0 <= shrinkage < 1e3):
@@ -534,12 +571,20 @@ def _build(
         originals.release(module)
     batches = as_batches(calibration, tokenizer, max_length, model=model)
     _check_calibration_size(batches, plan)
+    # the distillation's texts, when not the calibration, flow through the original blocks too
+    extra = (
+        None
+        if distill is None or distill.texts is None
+        else as_batches(distill.texts, tokenizer, max_length, model=model)
+    )
     # where the model's tensors are (a streamed model's blocks wait on the meta device)
     home = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
     work = torch.device(device) if device is not None else home
     was_training = model.training
     model.eval()
     calls = capture_block_inputs(model, blocks, batches)
+    extra_calls = None if extra is None else capture_block_inputs(model, blocks, extra)
+    extra_hidden = None if extra_calls is None else [to_device(c[0][0], work) for c in extra_calls]
     real = [batch_token_mask(b).to(work) for b in batches]
     split = _heldout_masks(batches, HELDOUT_EVERY if (heldout or shrinkage == "auto") else 0)
     hidden = [to_device(c[0][0], work) for c in calls]
@@ -562,6 +607,8 @@ def _build(
         mine = {n: plan.pop(n) for n in [n for n in plan if n.startswith(prefix)]}
         originals.load(block, f"{blocks_name}.{i}")
         block.to(work)
+        if extra_hidden is not None:  # the original block, on the distillation's texts
+            _replay(block, cast(list, extra_calls), i, extra_hidden, work)
         loaded = kept.load(i, work) if kept is not None and kept.done(i) else None
         if loaded is not None:  # replay the forward passes the build made here
             _replay(block, calls, i, hidden, work)
@@ -639,4 +686,7 @@ def _build(
         len(report),
         sum(r["calibration_error"] for r in report.values()) / max(1, len(report)),
     )
-    return model
+    if distill is None:
+        return model, None
+    texts, last = (batches, hidden) if extra is None else (extra, cast(list, extra_hidden))
+    return model, (texts, final_states(model, blocks, texts, last))

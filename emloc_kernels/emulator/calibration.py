@@ -171,6 +171,15 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[
     return calls
 
 
+HELDOUT_EVERY = 4  # every 4th calibration sample is held out to choose shrinkage and report error
+
+
+def batch_token_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Boolean (B, T) mask of real tokens."""
+    mask = token_mask(batch)
+    return torch.ones(batch["input_ids"].shape, dtype=torch.bool) if mask is None else mask
+
+
 def token_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
     """Boolean (B, T) mask of real tokens, or None when there is no padding."""
     mask = batch.get("attention_mask")

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import Any, Callable, cast
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +27,29 @@ from tqdm.auto import tqdm
 from ..conventions import attach_quantizer, emulator_quantization_config, replace_submodule, set_checkpointing
 from ..lora import LoraLinear
 from ..modules import LowRankLinear
-from .build import HELDOUT_EVERY, batch_token_mask
-from .calibration import to_device
+from .calibration import HELDOUT_EVERY, batch_token_mask, to_device
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """``build_emulator(..., distill=Distillation(...))``: after the build, ``steps`` steps of
+    :func:`distill_emulator` at ``rank`` (reserved from each linear's budget) on ``texts``
+    (texts, token tensors or dicts; None: the calibration data), whose original outputs the
+    build computes as it passes the blocks."""
+
+    steps: int = 200
+    rank: int = 8
+    texts: Any = None
+    lr: float = 1e-3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"distill {name} must be a positive integer, got {value!r}")
 
 
 def _decoder(model: nn.Module) -> nn.Module:
@@ -50,6 +70,37 @@ def teacher_states(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> 
     model.eval()
     states = [decoder(**to_device(b, device)).last_hidden_state.float().cpu() for b in batches]
     model.train(was_training)
+    return states
+
+
+@torch.no_grad()
+def final_states(
+    model: nn.Module, blocks: nn.ModuleList, batches: list[dict[str, torch.Tensor]], last: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """What the decoder makes of its last block's outputs ``last`` (one per batch): the model's
+    final hidden states, computed with every block stubbed (the last returns ``last[b]``), so
+    that only what runs outside the blocks (the final norm) is evaluated."""
+    decoder = _decoder(model)
+    device = next(p.device for p in decoder.parameters() if not p.is_meta)
+    current: list[torch.Tensor] = []
+
+    def stub(index: int) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            return current[0].to(hidden.device, hidden.dtype) if index == len(blocks) - 1 else hidden
+
+        return forward
+
+    for i, block in enumerate(blocks):
+        block.forward = stub(i)
+    try:
+        states = []
+        for batch, hidden in zip(batches, last):
+            current[:] = [hidden]
+            states.append(decoder(**to_device(batch, device), use_cache=False).last_hidden_state.float().cpu())
+    finally:
+        for block in blocks:
+            del block.forward
     return states
 
 

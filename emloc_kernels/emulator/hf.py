@@ -44,6 +44,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..conventions import EMULATOR_QUANT_METHOD, LINEAR_TYPES, replace_submodule
 from ..modules import LowRankLinear
+from .distill import Distillation
 from .io import empty_module_for
 
 QUANT_METHOD = EMULATOR_QUANT_METHOD
@@ -65,7 +66,8 @@ class EmlocConfig(QuantizationConfigMixin):
     Building on load (no ``modules``): ``ratio`` and ``dataset`` (calibration texts, token
     tensors or dicts) are required; ``tokenizer`` (an object or a path; default: the model's
     own directory, loaded only for texts) and the other options are those of
-    :func:`~emloc_kernels.build_emulator`. After the build the model's config holds the built
+    :func:`~emloc_kernels.build_emulator`; ``distill_steps`` > 0 distils the emulator on the
+    calibration data (:class:`~emloc_kernels.emulator.distill.Distillation`, ``distill_rank``). After the build the model's config holds the built
     emulator's :class:`EmlocConfig`, so ``save_pretrained`` writes a loadable emulator.
     """
 
@@ -87,6 +89,8 @@ class EmlocConfig(QuantizationConfigMixin):
         checkpoint: str | os.PathLike | None = None,
         device: str | torch.device | None = None,
         progress: bool = True,
+        distill_steps: int = 0,
+        distill_rank: int = 8,
         **metadata: Any,
     ) -> None:
         self.quant_method = QUANT_METHOD  # type: ignore[assignment]  # transformers types it as its own enum
@@ -102,6 +106,7 @@ class EmlocConfig(QuantizationConfigMixin):
         self.group_size, self.targets, self.max_length = group_size, targets, max_length
         self.propagate, self.shrinkage, self.allocate, self.heldout = propagate, shrinkage, allocate, heldout
         self.checkpoint, self.device, self.progress = checkpoint, device, progress
+        self.distill_steps, self.distill_rank = distill_steps, distill_rank
         self.post_init()
 
     def post_init(self) -> None:
@@ -155,6 +160,8 @@ class EmlocConfig(QuantizationConfigMixin):
             "checkpoint": None if self.checkpoint is None else str(self.checkpoint),
             "device": None if self.device is None else str(self.device),
             "progress": self.progress,
+            "distill_steps": self.distill_steps,
+            "distill_rank": self.distill_rank,
         }
         # texts and a tokenizer path are JSON; tensors and tokenizer objects are left out
         if _texts(self.dataset):
@@ -242,6 +249,7 @@ class EmlocHfQuantizer(HfQuantizer):
             allocate=c.allocate,
             heldout=c.heldout,
             checkpoint=c.checkpoint,
+            distill=Distillation(c.distill_steps, c.distill_rank) if c.distill_steps else None,
         )  # which gives the model the built emulator's config (and a quantizer for it)
 
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

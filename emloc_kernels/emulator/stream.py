@@ -21,7 +21,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ..conventions import model_class
-from .build import Originals, _build
+from .build import Originals, _build, finish_build
 from .calibration import find_blocks
 
 SINGLE_FILE = "model.safetensors"
@@ -253,10 +253,17 @@ def build_emulator_from_pretrained(
         if outside(name):
             originals.load(module, name, recurse=False)
     cast(Any, model).tie_weights()  # again: the input embeddings are new parameters now
-    _build(model, calibration, ratio, originals, **options)
+    built = _build(model, calibration, ratio, originals, **options)
     if deferred is not None and last is not None:
         originals.load(deferred, last)
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if missing:  # cannot happen after the check above; a half-materialised model must not escape
         raise RuntimeError(f"tensors left on the meta device after the build: {missing[:5]}")
-    return model
+    # distillation (which needs the output embeddings) and quantisation after it
+    return finish_build(
+        built,
+        options.get("distill"),
+        options.get("quant"),
+        options.get("group_size", 128),
+        options.get("progress", True),
+    )

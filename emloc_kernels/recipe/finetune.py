@@ -32,9 +32,7 @@ from .._version import __version__
 from ..conventions import check_device
 from ..correction import correct_adapter
 from ..emulator import build_emulator, load_emulator, save_emulator
-from ..emulator.build import quantize_emulator
-from ..emulator.calibration import as_batches
-from ..emulator.distill import distill_emulator, teacher_states
+from ..emulator.distill import Distillation
 from ..files import check_output, copy_tokenizer, write_dir_atomically, write_dir_resumably
 from ..modules import LowRankLinear
 from ..transfer import correct_adapter_aware, transfer_adapter
@@ -569,13 +567,12 @@ def _run(r: Run, out: Path) -> dict:
     def build(original: nn.Module) -> dict[str, int]:
         """Stage 1: the emulator, built in place (the original's weights are not needed again
         in memory), kept block by block for a resume; with ``distill_steps``, then distilled
-        toward the original's outputs on the calibration texts (computed before the build)."""
+        toward the original's outputs on ``distill_samples`` training texts."""
         original_bytes = tensor_bytes(original)
-        distilling = s.distill_steps > 0
-        if distilling:
+        distill = None
+        if s.distill_steps > 0:
             texts = calibration_texts(s, train_rows, task, count=s.distill_samples)
-            batches = as_batches(texts, task.tokenizer, model=original)
-            teacher = teacher_states(original, batches)
+            distill = Distillation(s.distill_steps, s.distill_rank, texts=texts, seed=s.seed)
         emulator = build_emulator(
             original,
             calib,
@@ -583,26 +580,14 @@ def _run(r: Run, out: Path) -> dict:
             tokenizer=task.tokenizer,
             device=device,
             progress=s.progress,
-            quant=None if distilling else s.quant,
+            quant=s.quant,
             group_size=s.group_size,
             propagate=s.propagate,
             shrinkage=s.shrinkage,
             allocate=s.allocate,
             checkpoint=out / ".emulator.partial",
-            reserve_rank=s.distill_rank if distilling else 0,
+            distill=distill,
         )
-        if distilling:
-            distill_emulator(
-                emulator,
-                batches,
-                teacher,
-                rank=s.distill_rank,
-                steps=s.distill_steps,
-                seed=s.seed,
-                progress=s.progress,
-            )
-            if s.quant is not None:
-                quantize_emulator(emulator, s.quant, s.group_size)
         save_emulator(emulator, out / "emulator", overwrite=True)
         shutil.rmtree(out / ".emulator.partial")
         return weight_sizes(emulator, original_bytes)
