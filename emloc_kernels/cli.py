@@ -206,13 +206,13 @@ def _build_options(p: argparse.ArgumentParser, allocate: str) -> None:
     )
 
 
-def _distill_options(p: argparse.ArgumentParser, samples: str) -> None:
+def _distill_options(p: argparse.ArgumentParser, samples: str, steps: int) -> None:
     p.add_argument(
         "--distill-steps",
         type=int,
-        default=0,
+        default=steps,
         help="after the build, train each emulated linear's last --distill-rank ranks for N steps so that the "
-        "emulator's next-token distribution matches the original's (default 0: off)",
+        f"emulator's next-token distribution matches the original's (default {steps}; 0: off)",
     )
     p.add_argument(
         "--distill-rank",
@@ -265,7 +265,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--group-size", type=int, default=128, choices=[64, 128], help="int4 group size (default 128)")
     b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     _build_options(b, "uniform")
-    _distill_options(b, "samples of --data")
+    _distill_options(b, "samples of --data", 0)
     b.set_defaults(func=cmd_build)
 
     f = sub.add_parser(
@@ -350,8 +350,8 @@ def parser() -> argparse.ArgumentParser:
         help="also train LoRA on the original and report its "
         "accuracy (lora_original) and the share of its gain the delivered adapter keeps (recovery)",
     )
-    _build_options(f, "block")
-    _distill_options(f, "training examples")
+    _build_options(f, "uniform")
+    _distill_options(f, "training examples", 300)
     f.set_defaults(func=cmd_finetune)
 
     c = sub.add_parser("correct", help="stage 3: correct an adapter trained on the emulator for the original model")

@@ -195,7 +195,12 @@ def set_checkpointing(model: nn.Module, on: bool) -> bool:
     (``activation_checkpointing_*``, or the older ``gradient_checkpointing_*`` names);
     returns whether it was on before.  A model without either does nothing."""
     m = cast(Any, model)
-    was = bool(getattr(m, "is_activation_checkpointing", None) or getattr(m, "is_gradient_checkpointing", False))
+    name = (
+        "is_activation_checkpointing"
+        if hasattr(type(m), "is_activation_checkpointing")
+        else "is_gradient_checkpointing"
+    )
+    was = bool(getattr(m, name, False))
     if on and hasattr(m, "activation_checkpointing_enable"):
         m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     elif on and hasattr(m, "gradient_checkpointing_enable"):

@@ -148,3 +148,19 @@ def test_the_build_computes_the_original_outputs_the_distillation_needs(tiny_mod
         torch.testing.assert_close(built(**batches[0]).logits, manual(**batches[0]).logits, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="reserve_rank or distill"):
         build_emulator(tiny_model("llama"), batches, RATIO, reserve_rank=1, distill=Distillation(), progress=False)
+
+
+def test_small_linears_get_back_only_the_ranks_they_gave(tiny_model):
+    """A reserve larger than a linear's rank leaves it rank 1: the distillation then adds back
+    only what the build took, so the byte budget holds there too."""
+    batches = as_batches(calibration())
+    plain = build_emulator(tiny_model("llama"), batches, RATIO, progress=False)
+    ranks = {n: i["rank"] for n, i in plain.emloc_metadata["modules"].items()}
+    reserve = max(ranks.values()) - 1  # larger than the smaller linears' ranks
+    assert min(ranks.values()) < reserve
+    model = tiny_model("llama")
+    teacher = teacher_states(model, batches)
+    build_emulator(model, batches, RATIO, reserve_rank=reserve, progress=False)
+    distill_emulator(model, batches, teacher, rank=reserve, steps=1, progress=False)
+    assert {n: i["rank"] for n, i in model.emloc_metadata["modules"].items()} == ranks
+    assert not any("reserved_rank" in i for i in model.emloc_metadata["modules"].values())

@@ -45,6 +45,8 @@ def run(material, out, *extra):
             "4",
             "--calibration-samples",
             "8",
+            "--distill-steps",
+            "2",
             "--validation-samples",
             "12",
             "--out",
@@ -164,7 +166,9 @@ def test_upper_bound_and_build_options_reach_the_report(material, tmp_path):
         assert report["recovery"] == pytest.approx((report["corrected"] - report["zero_shot"]) / gain)
     assert "train_original" in report["timings_s"]
     meta = json.loads((tmp_path / "ub" / "emulator" / "emloc.json").read_text())
-    assert meta["build"] == {"propagate": True, "shrinkage": "auto", "allocate": "block", "reserve_rank": 0}
+    build = {k: meta["build"][k] for k in ("propagate", "shrinkage", "allocate", "reserve_rank")}
+    assert build == {"propagate": True, "shrinkage": "auto", "allocate": "block", "reserve_rank": 8}
+    assert meta["build"]["distill"]["steps"] == 2  # the default distillation, shortened by run()
     assert all(m["heldout_error"] is not None for m in meta["modules"].values())
     assert report["settings"]["upper_bound"] is True
 

@@ -80,6 +80,8 @@ def run(material, out, kind="chat", *extra):
             "4",
             "--calibration-samples",
             "8",
+            "--distill-steps",
+            "2",
             "--validation-samples",
             "6",
             "--max-length",

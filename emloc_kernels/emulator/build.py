@@ -264,9 +264,9 @@ def _compress_block(
 ) -> dict:
     """Replace one block's targeted linears; returns their report entries."""
     weights = {n: dense_weight_of(m) for n, (m, _) in mine.items()}
-    uniform = {
-        n: max(1, rank_for(weights[n].shape[1], weights[n].shape[0], r) - reserve_rank) for n, (_, r) in mine.items()
-    }
+    target = {n: rank_for(weights[n].shape[1], weights[n].shape[0], r) for n, (_, r) in mine.items()}
+    uniform = {n: max(1, target[n] - reserve_rank) for n in mine}
+    reserved = {n: target[n] - uniform[n] for n in mine}  # what the distillation may add back
     groups: dict[str, list[str]] = {}
     for n in mine:
         groups.setdefault(leader[n], []).append(n)
@@ -348,6 +348,8 @@ def _compress_block(
             "calibration_error": calibration_error,
             "heldout_error": heldout,
         }
+        if reserve_rank:
+            info["reserved_rank"] = reserved[name]
         if quant is not None:
             from ..modules.quantized import QuantLowRankLinear
 

@@ -204,8 +204,11 @@ def distill_emulator(
     for p in emulator.parameters():
         p.requires_grad_(False)
     added: dict[str, LoraLinear] = {}
+    reports = (getattr(emulator, "emloc_metadata", None) or {}).get("modules", {})
     for name, module in emulated.items():
-        extra = min(rank, min(module.in_features, module.out_features) - module.rank)
+        # at most the ranks the build reserved (fewer where its ratio's rank was already small)
+        budget = reports.get(name, {}).get("reserved_rank", rank)
+        extra = min(rank, budget, min(module.in_features, module.out_features) - module.rank)
         if extra > 0:
             torch.manual_seed(seed + len(added))
             added[name] = LoraLinear(module, extra, float(extra))
@@ -265,6 +268,8 @@ def distill_emulator(
                 * (module["in_features"] + module["out_features"])
                 / (module["in_features"] * module["out_features"])
             )
+        for module in metadata["modules"].values():
+            module.pop("reserved_rank", None)  # given back
         metadata["build"]["distill"] = {k: v for k, v in result.items() if k != "losses"}
         if hasattr(emulator, "config"):
             attach_quantizer(emulator, emulator_quantization_config(metadata))

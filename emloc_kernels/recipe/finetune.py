@@ -110,8 +110,8 @@ class FinetuneSettings:
     # stage-1 options of build_emulator (see its docstring)
     propagate: bool = False
     shrinkage: float | str = 0.0
-    allocate: str = "block"  # RT seed 0: recovery 0.61 → 0.86; seed 1: 0.29 (not established; bench/RESULTS.md)
-    distill_steps: int = 0  # stage 1b: steps distilling the emulator toward the original (0: none)
+    allocate: str = "uniform"  # "block": RT recovery 0.86 / 0.29 over two seeds (bench/RESULTS.md)
+    distill_steps: int = 300  # distilling the emulator toward the original (0: none); RT recovery 0.61 → 0.88
     distill_rank: int = 8  # rank each emulated linear spends on the distillation (within its budget)
     distill_samples: int = 256  # training examples the distillation matches the original on
     upper_bound: bool = False  # also train LoRA on the original: report lora_original and recovery
