@@ -164,3 +164,26 @@ def test_small_linears_get_back_only_the_ranks_they_gave(tiny_model):
     distill_emulator(model, batches, teacher, rank=reserve, steps=1, progress=False)
     assert {n: i["rank"] for n, i in model.emloc_metadata["modules"].items()} == ranks
     assert not any("reserved_rank" in i for i in model.emloc_metadata["modules"].values())
+
+
+def test_kl_in_chunks_equals_the_whole(tiny_model, monkeypatch):
+    """The KL computed KL_ROWS positions at a time (recomputed in the backward) has the value
+    and the gradients of the KL over all positions at once."""
+    from emloc_kernels.emulator import distill
+
+    batches = as_batches(calibration())
+    model = tiny_model("llama")
+    teacher = teacher_states(model, batches)
+    build_emulator(model, batches, RATIO, progress=False)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    norm = model.model.norm.weight.requires_grad_()
+    results = []
+    for rows in (5, 10_000):
+        monkeypatch.setattr(distill, "KL_ROWS", rows)
+        loss = distill._kl(model.model, model.lm_head, batches[0], teacher[0], torch.device("cpu"))
+        (grad,) = torch.autograd.grad(loss, norm)
+        results.append((loss.detach(), grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-7)
+    assert results[1][0] > 0

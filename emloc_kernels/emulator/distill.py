@@ -22,6 +22,7 @@ from typing import Any, Callable, cast
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from ..conventions import attach_quantizer, emulator_quantization_config, replace_submodule, set_checkpointing
@@ -126,17 +127,34 @@ def _micro_batches(
     return groups
 
 
+KL_ROWS = 128  # positions whose vocabulary-wide logits exist at a time
+
+
+def _kl_sum(head: nn.Module, student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    log_q = F.log_softmax(head(student).float(), dim=-1)
+    log_p = F.log_softmax(head(target).float(), dim=-1)
+    return F.kl_div(log_q, log_p, log_target=True, reduction="sum")
+
+
 def _kl(
     decoder: nn.Module, head: nn.Module, batch: dict[str, torch.Tensor], teacher: torch.Tensor, device: torch.device
 ) -> torch.Tensor:
-    """Mean over real tokens of KL(original ‖ emulator) of the next-token distributions."""
+    """Mean over real tokens of KL(original ‖ emulator) of the next-token distributions, in
+    chunks of ``KL_ROWS`` positions recomputed in the backward: the logits over the vocabulary
+    (49,152 wide for SmolLM2) of a whole batch would otherwise outgrow the model."""
     batch = to_device(batch, device)
     mask = batch_token_mask(batch)
     student = decoder(**batch).last_hidden_state[mask]
-    target = teacher.to(device)[mask]
-    log_q = F.log_softmax(head(student).float(), dim=-1)
-    log_p = F.log_softmax(head(target.to(student.dtype)).float(), dim=-1)
-    return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+    target = teacher.to(device)[mask].to(student.dtype)
+    chunks = [
+        checkpoint(_kl_sum, head, student[i : i + KL_ROWS], target[i : i + KL_ROWS], use_reentrant=False)
+        if torch.is_grad_enabled()
+        else _kl_sum(head, student[i : i + KL_ROWS], target[i : i + KL_ROWS])
+        for i in range(0, student.shape[0], KL_ROWS)
+    ]
+    if not chunks:  # no real token
+        return student.sum() * 0.0
+    return torch.stack(chunks).sum() / student.shape[0]
 
 
 def fold_lora(lora: LoraLinear) -> LowRankLinear:
