@@ -41,9 +41,9 @@ COLUMNS = [
     "seconds",
 ]
 
-# the paper's build, spelled out: the recipe's own default allocation is "block"
-PAPER = {"allocate": "uniform"}
-NEW = {"propagate": True, "shrinkage": "auto", "allocate": "block"}
+# the paper's build, spelled out: the recipe's own default distils the emulator
+PAPER = {"allocate": "uniform", "distill_steps": 0}
+NEW = {"propagate": True, "shrinkage": "auto", "allocate": "block", "distill_steps": 0}
 PRESETS = {
     # each technique alone and combined, at ratio 0.4 (fp32 and int4 g64) and 0.3
     "ablation": {
@@ -51,15 +51,15 @@ PRESETS = {
         "calibration 256, 0.4": dict(ratio=0.4, calibration_samples=256, **PAPER),
         "shrinkage auto, 0.4": dict(ratio=0.4, shrinkage="auto", **PAPER),
         "propagate, 0.4": dict(ratio=0.4, propagate=True, **PAPER),
-        "allocate block, 0.4": dict(ratio=0.4, allocate="block"),
+        "allocate block, 0.4": dict(ratio=0.4, allocate="block", distill_steps=0),
         "combined, 0.4": dict(ratio=0.4, **NEW),
         "combined, 0.4 int4-g64": dict(ratio=0.4, quant="int4", group_size=64, **NEW),
         "combined, 0.3": dict(ratio=0.3, **NEW),
-        "distill 200, 0.4": dict(ratio=0.4, distill_steps=200, distill_samples=64, **PAPER),
-        "distill 300 on 256, 0.4": dict(ratio=0.4, distill_steps=300, distill_samples=256, **PAPER),
+        "distill 200, 0.4": dict(ratio=0.4, allocate="uniform", distill_steps=200, distill_samples=64),
+        "distill 300 on 256, 0.4": dict(ratio=0.4, allocate="uniform", distill_steps=300, distill_samples=256),
         "distill 300 on 256 + block, 0.4": dict(ratio=0.4, distill_steps=300, distill_samples=256, allocate="block"),
         "distill rank 16, 300 on 256, 0.4": dict(
-            ratio=0.4, distill_steps=300, distill_samples=256, distill_rank=16, **PAPER
+            ratio=0.4, allocate="uniform", distill_steps=300, distill_samples=256, distill_rank=16
         ),
     },
     "ratios": {f"paper build, {r}": dict(ratio=r, **PAPER) for r in (0.3, 0.4, 0.6)},
