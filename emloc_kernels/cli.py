@@ -71,15 +71,13 @@ def cmd_build(a: argparse.Namespace) -> None:
     from .emulator.checkpoint import check_checkpoint_dir
     from .emulator.distill import Distillation
     from .files import check_output
+    from .recipe.finetune import check_count
 
     start = time.perf_counter()
     ratio = _ratio(a.ratio)
-    for option, value, low in (("samples", a.samples, 1), ("distill-steps", a.distill_steps, 0)):
-        if not low <= value <= 10**7:
-            raise ValueError(f"--{option} must be an integer from {low} to {10**7}, got {value}")
-    for option, value in (("distill-rank", a.distill_rank), ("distill-samples", a.distill_samples)):
-        if not 1 <= value <= 10**7:
-            raise ValueError(f"--{option} must be an integer from 1 to {10**7}, got {value}")
+    check_count("calibration_samples", a.samples, "--samples")
+    for name in ("distill_steps", "distill_rank", "distill_samples"):
+        check_count(name, getattr(a, name))
     check_device(a.device)
     if a.model != "demo":
         from .recipe.models import check_model_source
@@ -237,7 +235,9 @@ class _Parser(argparse.ArgumentParser):
         super().error("".join(c if c.isprintable() else repr(c)[1:-1] for c in message))
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(task: str | None = None) -> argparse.ArgumentParser:
+    """The ``emloc`` parser; with ``task``, ``finetune`` defaults to that embedded task's
+    settings (:attr:`~emloc_kernels.recipe.demo.Task.settings`) where they differ."""
     from .recipe.demo import DEFAULT_TASK, TASKS  # stdlib only
 
     p = _Parser(prog="emloc", description="EMLoC: fine-tune a model inside the memory its inference needs.")
@@ -352,7 +352,7 @@ def parser() -> argparse.ArgumentParser:
     )
     _build_options(f, "uniform")
     _distill_options(f, "training examples", 300)
-    f.set_defaults(func=cmd_finetune)
+    f.set_defaults(func=cmd_finetune, **(TASKS[task].settings if task in TASKS else {}))
 
     c = sub.add_parser("correct", help="stage 3: correct an adapter trained on the emulator for the original model")
     c.add_argument("adapter", help="PEFT LoRA directory trained on the emulator")
@@ -408,6 +408,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    if getattr(args, "task", None) is not None:  # parsed again: the options given override the task's settings
+        args = parser(args.task).parse_args(argv)
     log = logging.getLogger("emloc_kernels")
     if not log.handlers:  # the library's notes (such as a resumed build) on stderr
         handler = logging.StreamHandler()

@@ -1,8 +1,9 @@
 """Conventions shared by the stages, in one place: adapter file names and key prefix, the
 emulator's metadata file and its transformers quantization config (telling an emulator
 directory, giving a model its quantizer), replacing a submodule, the out×in weight of a
-transformers ``Conv1D``, padding a tokenizer without changing it and loading a model from a
-directory.
+transformers ``Conv1D``, padding a tokenizer without changing it, loading a model from a
+directory, switching activation checkpointing and reading the final hidden states in place
+of the logits.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ EMULATOR_METADATA = "emloc.json"
 EMULATOR_QUANT_METHOD = "emloc"
 # the linear layer types an emulator replaces (GPT-2 and relatives use Conv1D)
 LINEAR_TYPES = (nn.Linear, Conv1D)
+
+# config attributes that make a causal LM's logits more than its output head of the final hidden state
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -210,3 +214,47 @@ def set_checkpointing(model: nn.Module, on: bool) -> bool:
     elif not on and hasattr(m, "gradient_checkpointing_disable"):
         m.gradient_checkpointing_disable()
     return was
+
+
+def plain_output_head(model: nn.Module) -> nn.Linear | None:
+    """The output head of a causal LM (or of a PEFT model around one) whose logits are exactly
+    ``head(final hidden state)``: a plain ``nn.Linear``, no logit softcapping or scaling in
+    the config. None otherwise (a LoRA on the head, a scaled or capped head)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if type(head) is not nn.Linear:
+        return None
+    config = getattr(model, "config", None)
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS):
+        return None
+    return head
+
+
+class HiddenStatesHead(nn.Module):
+    """Stands in for an output head: passes the final hidden states through as the "logits",
+    for a loss that applies the head itself a chunk at a time (:mod:`emloc_kernels.ops.linear_loss`)."""
+
+    def __init__(self, head: nn.Linear) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+
+@contextmanager
+def hidden_states_as_logits(model: nn.Module) -> Iterator[nn.Linear]:
+    """Within the block, ``model(...).logits`` are the final hidden states; yields the output
+    head (see :func:`plain_output_head`, which must find one), put back on exit."""
+    head = plain_output_head(model)
+    if head is None:
+        raise ValueError(
+            f"{type(model).__name__}: the logits are not a plain linear head of the final hidden states "
+            "(a LoRA on the head, or logit scaling or softcapping in the config)"
+        )
+    m = cast(Any, model)
+    m.set_output_embeddings(HiddenStatesHead(head))
+    try:
+        yield head
+    finally:
+        m.set_output_embeddings(head)

@@ -20,6 +20,7 @@ from emloc_kernels.recipe.data import (
     _generation_mask,
     chat_assistant_mask,
     lm_loss,
+    lm_nll,
     read_rows,
 )
 
@@ -150,6 +151,38 @@ def test_lm_loss_is_the_models_own_token_mean(tok):
     with torch.no_grad():
         expected = model(**batch).loss  # token mean over the batch
     assert lm_loss(model, task, features, batch_size=1) == pytest.approx(float(expected), rel=1e-5)
+
+
+@pytest.mark.parametrize("plain_head", [True, False])
+def test_lm_nll_and_its_gradient_are_the_models_own(tok, plain_head):
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=len(tok),
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    if not plain_head:
+        model.config.logit_scale = 0.5  # a head this module cannot apply itself: the logits path
+    task = GenerativeTask(tok, PROMPT_COMPLETION)
+    rows = [{"prompt": "Say yes:", "completion": " yes"}, {"prompt": "Count:", "completion": " one two three four"}]
+    batch = task.collate(task.features(rows, "--data"))
+    head = model.lm_head
+    widths = []
+    model.register_forward_hook(lambda m, args, out: widths.append(out.logits.shape[-1]))
+    nll, count = lm_nll(model, batch)
+    got = torch.autograd.grad(nll / count, [head.weight, model.model.norm.weight])
+    assert model.lm_head is head and widths == [32 if plain_head else len(tok)]
+    expected = model(**batch).loss
+    want = torch.autograd.grad(expected, [head.weight, model.model.norm.weight])
+    assert count == int((batch["labels"][:, 1:] != IGNORE).sum())
+    assert float(nll / count) == pytest.approx(float(expected), rel=1e-5)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-4, atol=1e-7)
 
 
 def test_format_comes_from_the_first_row(tmp_path):

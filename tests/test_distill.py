@@ -166,24 +166,27 @@ def test_small_linears_get_back_only_the_ranks_they_gave(tiny_model):
     assert not any("reserved_rank" in i for i in model.emloc_metadata["modules"].values())
 
 
-def test_kl_in_chunks_equals_the_whole(tiny_model, monkeypatch):
-    """The KL computed KL_ROWS positions at a time (recomputed in the backward) has the value
-    and the gradients of the KL over all positions at once."""
+def test_kl_is_that_of_the_models_own_logits(tiny_model):
+    """The distillation's KL (made through the head a chunk at a time) has the value and the
+    gradient of the KL between the emulator's own logits and the original's, over real tokens."""
     from emloc_kernels.emulator import distill
 
     batches = as_batches(calibration())
     model = tiny_model("llama")
     teacher = teacher_states(model, batches)
+    teacher_logits = [model.lm_head(t) for t in teacher]
     build_emulator(model, batches, RATIO, progress=False)
     for p in model.parameters():
         p.requires_grad_(False)
     norm = model.model.norm.weight.requires_grad_()
-    results = []
-    for rows in (5, 10_000):
-        monkeypatch.setattr(distill, "KL_ROWS", rows)
-        loss = distill._kl(model.model, model.lm_head, batches[0], teacher[0], torch.device("cpu"))
-        (grad,) = torch.autograd.grad(loss, norm)
-        results.append((loss.detach(), grad))
-    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-7)
-    assert results[1][0] > 0
+    batch = batches[0]
+    loss = distill._kl(model.model, model.lm_head, batch, teacher[0], torch.device("cpu"))
+    (grad,) = torch.autograd.grad(loss, norm)
+    mask = batch["attention_mask"].bool()
+    log_q = torch.log_softmax(model(**batch).logits[mask], -1)
+    log_p = torch.log_softmax(teacher_logits[0][mask], -1).detach()
+    want = torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+    (want_grad,) = torch.autograd.grad(want, norm)
+    assert 0 < mask.sum() < mask.numel() and want > 0
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-7)

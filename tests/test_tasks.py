@@ -136,3 +136,17 @@ def test_sft_demo_loader_gives_conversations(smollm2_dir):
     _, task, train, val, test = prepare(s)
     assert isinstance(task, GenerativeTask) and task.format == "messages"
     assert calibration_texts(s, train, task)[0].startswith("<|im_start|>system\n")
+
+
+def test_a_tasks_settings_are_its_defaults_and_options_override_them(monkeypatch):
+    seen = []
+    monkeypatch.setattr(cli, "cmd_finetune", lambda a: seen.append(a))
+    preset = demo.TASKS["sft-demo"].settings
+    assert preset and set(preset) <= set(FinetuneSettings.__dataclass_fields__)
+    cli.main(["finetune", "--task", "sft-demo", "--steps", "7"])
+    cli.main(["finetune", "--task", "rt"])
+    given, rt = (vars(a) for a in seen)
+    assert given["steps"] == 7 and given["max_length"] == preset["max_length"] != 256
+    assert all(given[k] == v for k, v in preset.items() if k != "steps")
+    defaults = FinetuneSettings()
+    assert rt["steps"] == defaults.steps and rt["max_length"] == defaults.max_length

@@ -17,17 +17,23 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
-from typing import Any, Callable, cast
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from ..conventions import attach_quantizer, emulator_quantization_config, replace_submodule, set_checkpointing
+from ..conventions import (
+    attach_quantizer,
+    emulator_quantization_config,
+    plain_output_head,
+    replace_submodule,
+    set_checkpointing,
+)
 from ..lora import LoraLinear
 from ..modules import LowRankLinear
+from ..ops import linear_kl_div
 from .calibration import HELDOUT_EVERY, batch_token_mask, to_device
 
 logger = logging.getLogger(__name__)
@@ -127,34 +133,18 @@ def _micro_batches(
     return groups
 
 
-KL_ROWS = 128  # positions whose vocabulary-wide logits exist at a time
-
-
-def _kl_sum(head: nn.Module, student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    log_q = F.log_softmax(head(student).float(), dim=-1)
-    log_p = F.log_softmax(head(target).float(), dim=-1)
-    return F.kl_div(log_q, log_p, log_target=True, reduction="sum")
-
-
 def _kl(
-    decoder: nn.Module, head: nn.Module, batch: dict[str, torch.Tensor], teacher: torch.Tensor, device: torch.device
+    decoder: nn.Module, head: nn.Linear, batch: dict[str, torch.Tensor], teacher: torch.Tensor, device: torch.device
 ) -> torch.Tensor:
-    """Mean over real tokens of KL(original ‖ emulator) of the next-token distributions, in
-    chunks of ``KL_ROWS`` positions recomputed in the backward: the logits over the vocabulary
-    (49,152 wide for SmolLM2) of a whole batch would otherwise outgrow the model."""
+    """Mean over real tokens of KL(original ‖ emulator) of the next-token distributions, the
+    logits over the vocabulary (49,152 wide for SmolLM2) made a chunk of positions at a time
+    with their gradient (:func:`~emloc_kernels.ops.linear_kl_div`): never recomputed, never
+    all in memory."""
     batch = to_device(batch, device)
     mask = batch_token_mask(batch)
     student = decoder(**batch).last_hidden_state[mask]
     target = teacher.to(device)[mask].to(student.dtype)
-    chunks = [
-        checkpoint(_kl_sum, head, student[i : i + KL_ROWS], target[i : i + KL_ROWS], use_reentrant=False)
-        if torch.is_grad_enabled()
-        else _kl_sum(head, student[i : i + KL_ROWS], target[i : i + KL_ROWS])
-        for i in range(0, student.shape[0], KL_ROWS)
-    ]
-    if not chunks:  # no real token
-        return student.sum() * 0.0
-    return torch.stack(chunks).sum() / student.shape[0]
+    return linear_kl_div(student, head.weight, target, head.bias)
 
 
 def fold_lora(lora: LoraLinear) -> LowRankLinear:
@@ -201,11 +191,17 @@ def distill_emulator(
             f"distillation needs float factors, but {quantised[0]} is quantised: distil before quantising "
             "(build_emulator(quant=None), then distill_emulator, then quantize_emulator)"
         )
-    decoder, head = _decoder(emulator), cast(Any, emulator).get_output_embeddings()
+    decoder, head = _decoder(emulator), plain_output_head(emulator)
+    if head is None:
+        raise ValueError(
+            f"distillation needs logits that are a plain linear head of the final hidden state; "
+            f"{type(emulator).__name__} scales, caps or adapts them: build without distillation"
+        )
     device = next(emulator.parameters()).device
     items = _micro_batches(batches, teacher, 1)
-    held = [it for i, it in enumerate(items) if len(items) >= HELDOUT_EVERY and i % HELDOUT_EVERY == HELDOUT_EVERY - 1]
-    train_rows = [it for it in items if not any(it is h for h in held)]
+    held_out = [len(items) >= HELDOUT_EVERY and i % HELDOUT_EVERY == HELDOUT_EVERY - 1 for i in range(len(items))]
+    held = [it for it, out in zip(items, held_out) if out]
+    train_rows = [it for it, out in zip(items, held_out) if not out]
     train_items = _micro_batches([b for b, _ in train_rows], [s for _, s in train_rows], texts_per_step)
 
     def heldout_kl() -> float | None:

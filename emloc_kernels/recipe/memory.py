@@ -59,7 +59,7 @@ def measure(
 ) -> int:
     from ..conventions import is_emulator_dir
     from ..emulator.io import load_emulator
-    from .data import GenerativeTask
+    from .data import GenerativeTask, lm_nll
     from .models import attach_lora, load_model, load_tokenizer
     from .task import LabelTask, lm_loss_on, loss_on, next_token_logits
 
@@ -70,15 +70,16 @@ def measure(
         model, tokenizer = load_emulator(model_dir, device=dev), load_tokenizer(spec["tokenizer"])
     else:
         model, tokenizer = load_model(model_dir, dev, getattr(torch, dtype))
-    if "features" in spec:  # generative data: the whole sequence's logits and loss
+    if "features" in spec:  # generative data: the loss of every position, as emloc finetune evaluates and trains
         generative = GenerativeTask(tokenizer, spec["format"], spec["max_length"])
         batch = {k: v.to(dev) for k, v in generative.collate(spec["features"]).items()}
 
         def forward(m: torch.nn.Module) -> torch.Tensor:
-            return m(**batch, use_cache=False).loss
+            return loss_of(m)
 
         def loss_of(m: torch.nn.Module) -> torch.Tensor:
-            return forward(m)
+            nll, count = lm_nll(m, batch)
+            return nll / max(count, 1)
     else:
         task = LabelTask.create(tokenizer, spec["prompt"], spec["labels"], spec["max_length"])
         batch = task.encode(spec["rows"], dev)
