@@ -132,21 +132,19 @@ def test_collate_pads_outside_attention_and_loss(tok):
     assert (batch["attention_mask"][1] == 1).all()
 
 
+def tiny_llama(tok, seed: int, **config) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    sizes = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2)
+    return LlamaForCausalLM(LlamaConfig(**sizes, num_key_value_heads=1, vocab_size=len(tok), **config))
+
+
+ROWS = [{"prompt": "Say yes:", "completion": " yes"}, {"prompt": "Count:", "completion": " one two three four"}]
+
+
 def test_lm_loss_is_the_models_own_token_mean(tok):
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            vocab_size=len(tok),
-        )
-    ).eval()
+    model = tiny_llama(tok, 0).eval()
     task = GenerativeTask(tok, PROMPT_COMPLETION)
-    rows = [{"prompt": "Say yes:", "completion": " yes"}, {"prompt": "Count:", "completion": " one two three four"}]
-    features = task.features(rows, "--data")
+    features = task.features(ROWS, "--data")
     batch = task.collate(features)
     with torch.no_grad():
         expected = model(**batch).loss  # token mean over the batch
@@ -155,22 +153,11 @@ def test_lm_loss_is_the_models_own_token_mean(tok):
 
 @pytest.mark.parametrize("plain_head", [True, False])
 def test_lm_nll_and_its_gradient_are_the_models_own(tok, plain_head):
-    torch.manual_seed(1)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=len(tok),
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(tok, 1, tie_word_embeddings=False)
     if not plain_head:
         model.config.logit_scale = 0.5  # a head this module cannot apply itself: the logits path
     task = GenerativeTask(tok, PROMPT_COMPLETION)
-    rows = [{"prompt": "Say yes:", "completion": " yes"}, {"prompt": "Count:", "completion": " one two three four"}]
-    batch = task.collate(task.features(rows, "--data"))
+    batch = task.collate(task.features(ROWS, "--data"))
     head = model.lm_head
     widths = []
     model.register_forward_hook(lambda m, args, out: widths.append(out.logits.shape[-1]))
