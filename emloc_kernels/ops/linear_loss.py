@@ -39,12 +39,17 @@ def chunk_rows(rows: int, hidden: int, vocab: int) -> int:
 def _cross_entropy_chunk(
     logits: torch.Tensor, target: torch.Tensor, ignore_index: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed cross-entropy of fp32 ``logits`` and its gradient with respect to them."""
+    """Summed cross-entropy of fp32 ``logits`` and its gradient with respect to them, made in
+    the logits' own buffer (softmax in place: one chunk-sized buffer in all)."""
     keep = target != ignore_index
     safe = target.masked_fill(~keep, 0)
-    log_z = torch.logsumexp(logits, dim=-1)
-    loss = ((log_z - logits.gather(1, safe[:, None])[:, 0]) * keep).sum()
-    grad = torch.softmax(logits, dim=-1)
+    target_logit = logits.gather(1, safe[:, None])[:, 0]
+    peak = logits.amax(dim=-1, keepdim=True)
+    grad = logits.sub_(peak).exp_()
+    total = grad.sum(dim=-1, keepdim=True)
+    log_z = (peak + total.log())[:, 0]
+    loss = ((log_z - target_logit) * keep).sum()
+    grad.div_(total)
     grad.scatter_add_(1, safe[:, None], -torch.ones_like(grad[:, :1]))
     grad.mul_(keep[:, None])
     return loss, grad
@@ -115,6 +120,16 @@ def _check(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         raise ValueError(f"bias {tuple(bias.shape)} does not match the head's {weight.shape[0]} outputs")
 
 
+def _tracked(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """The inputs, detached under ``no_grad``: the forward computes the gradients of those that
+    require grad, and a head that requires grad would otherwise cost a vocab × hidden buffer."""
+    if torch.is_grad_enabled():
+        return hidden, weight, bias
+    return hidden.detach(), weight.detach(), None if bias is None else bias.detach()
+
+
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -132,7 +147,7 @@ def linear_cross_entropy(
         raise ValueError(f"targets {tuple(targets.shape)} must have the shape of hidden without its last dimension")
     flat = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1)
-    total = _LinearLoss.apply(flat, weight, bias, flat_targets, "ce", ignore_index)
+    total = _LinearLoss.apply(*_tracked(flat, weight, bias), flat_targets, "ce", ignore_index)
     if reduction == "sum":
         return total
     return total / (flat_targets != ignore_index).sum().clamp(min=1)
@@ -154,5 +169,5 @@ def linear_kl_div(
     if teacher_hidden.shape != hidden.shape:
         raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} must match hidden {tuple(hidden.shape)}")
     flat = hidden.reshape(-1, hidden.shape[-1])
-    total = _LinearLoss.apply(flat, weight, bias, teacher_hidden.detach().reshape(flat.shape), "kl", 0)
+    total = _LinearLoss.apply(*_tracked(flat, weight, bias), teacher_hidden.detach().reshape(flat.shape), "kl", 0)
     return total if reduction == "sum" else total / max(flat.shape[0], 1)
