@@ -7,6 +7,7 @@ import math
 import os
 import re
 import warnings
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Callable, Mapping, cast
 
@@ -487,24 +488,31 @@ def build_emulator(
         reserve_rank=reserve_rank,
         distill=distill,
     )
-    return finish_build(built, distill, quant, group_size, progress)
+    return finish_build(built)
 
 
 Teacher = tuple[list[dict[str, torch.Tensor]], list[torch.Tensor]]  # distillation texts and the original's outputs
 
 
-def finish_build(
-    built: tuple[nn.Module, Teacher | None],
-    distill: Distillation | None,
-    quant: str | None,
-    group_size: int,
-    progress: bool,
-) -> nn.Module:
+@dataclass
+class Built:
+    """What :func:`_build` leaves for :func:`finish_build`: the emulator, the original's
+    outputs on the distillation texts, and the finishing options as the build was given them."""
+
+    model: nn.Module
+    teacher: Teacher | None
+    distill: Distillation | None
+    quant: str | None
+    group_size: int
+    progress: bool
+
+
+def finish_build(built: Built) -> nn.Module:
     """After :func:`_build` (and, streaming, after the output embeddings are read): distil and
     quantise when asked."""
-    model, teacher = built
-    if distill is not None and teacher is not None:
-        batches, states = teacher
+    model, distill = built.model, built.distill
+    if distill is not None and built.teacher is not None:
+        batches, states = built.teacher
         distill_emulator(
             model,
             batches,
@@ -513,10 +521,10 @@ def finish_build(
             steps=distill.steps,
             lr=distill.lr,
             seed=distill.seed,
-            progress=progress,
+            progress=built.progress,
         )
-        if quant is not None:
-            quantize_emulator(model, quant, group_size)
+        if built.quant is not None:
+            quantize_emulator(model, built.quant, built.group_size)
     return model
 
 
@@ -540,7 +548,7 @@ def _build(
     checkpoint: str | os.PathLike | None = None,
     reserve_rank: int = 0,
     distill: Distillation | None = None,
-) -> tuple[nn.Module, Teacher | None]:
+) -> Built:
     """:func:`build_emulator` with the original's block tensors taken from ``originals``: each
     planned linear is loaded (and released) once to check it and take its probe, then each
     block is loaded when its turn comes; the linears it replaces are dropped with it."""
@@ -688,7 +696,8 @@ def _build(
         len(report),
         sum(r["calibration_error"] for r in report.values()) / max(1, len(report)),
     )
-    if distill is None:
-        return model, None
-    texts, last = (batches, hidden) if extra is None else (extra, cast(list, extra_hidden))
-    return model, (texts, final_states(model, blocks, texts, last))
+    teacher = None
+    if distill is not None:
+        texts, last = (batches, hidden) if extra is None else (extra, cast(list, extra_hidden))
+        teacher = (texts, final_states(model, blocks, texts, last))
+    return Built(model, teacher, distill, quant, group_size, progress)

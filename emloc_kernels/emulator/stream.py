@@ -260,10 +260,4 @@ def build_emulator_from_pretrained(
     if missing:  # cannot happen after the check above; a half-materialised model must not escape
         raise RuntimeError(f"tensors left on the meta device after the build: {missing[:5]}")
     # distillation (which needs the output embeddings) and quantisation after it
-    return finish_build(
-        built,
-        options.get("distill"),
-        options.get("quant"),
-        options.get("group_size", 128),
-        options.get("progress", True),
-    )
+    return finish_build(built)
