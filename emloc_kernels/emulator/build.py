@@ -497,7 +497,7 @@ Teacher = tuple[list[dict[str, torch.Tensor]], list[torch.Tensor]]  # distillati
 @dataclass
 class Built:
     """What :func:`_build` leaves for :func:`finish_build`: the emulator, the original's
-    outputs on the distillation texts, and the finishing options as the build was given them."""
+    outputs on the distillation texts, the distillation and the quantisation still to do."""
 
     model: nn.Module
     teacher: Teacher | None
@@ -523,8 +523,8 @@ def finish_build(built: Built) -> nn.Module:
             seed=distill.seed,
             progress=built.progress,
         )
-        if built.quant is not None:
-            quantize_emulator(model, built.quant, built.group_size)
+    if built.quant is not None:
+        quantize_emulator(model, built.quant, built.group_size)
     return model
 
 
@@ -564,7 +564,9 @@ def _build(
             raise TypeError(f"distill must be a Distillation or None, got {type(distill).__name__}")
         if reserve_rank:
             raise ValueError("give reserve_rank or distill, not both (distill reserves its own rank)")
-        reserve_rank, quant = distill.rank, None  # the factors are quantised after the distillation
+        reserve_rank = distill.rank
+    # with a distillation, the factors are quantised after it (finish_build), else in the build
+    quant, quant_after = (None, quant) if distill is not None else (quant, None)
     if allocate not in ALLOCATIONS:
         raise ValueError(f"allocate must be one of {ALLOCATIONS}, got {allocate!r}")
     if shrinkage != "auto" and not (isinstance(shrinkage, (int, float)) and 0 <= shrinkage < 1e3):
@@ -700,4 +702,4 @@ def _build(
     if distill is not None:
         texts, last = (batches, hidden) if extra is None else (extra, cast(list, extra_hidden))
         teacher = (texts, final_states(model, blocks, texts, last))
-    return Built(model, teacher, distill, quant, group_size, progress)
+    return Built(model, teacher, distill, quant_after, group_size, progress)
