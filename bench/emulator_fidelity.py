@@ -80,8 +80,10 @@ def main() -> None:
             model, _ = load_model(model_path, torch.device("cpu"), torch.float32)
             t = time.perf_counter()
             options = parse_setting(setting)
-            # distill=STEPS[,distill_rank=ρ,distill_texts=N]: distil on N training texts (default: the calibration)
+            # distill=STEPS[,distill_rank=ρ,distill_texts=N,distill_lr=η]: distil on N training texts
+            # (default: the calibration)
             steps, rank = int(options.pop("distill", 0)), int(options.pop("distill_rank", 8))
+            distill_lr = float(options.pop("distill_lr", 1e-3))
             texts = int(options.pop("distill_texts", samples))
             if steps:
                 distill_calib = calibration_texts(FinetuneSettings(calibration_samples=texts), train_rows)
@@ -98,7 +100,9 @@ def main() -> None:
                 **options,
             )
             if steps:
-                distilled = distill_emulator(model, batches, teacher, rank=rank, steps=steps, progress=False)
+                distilled = distill_emulator(
+                    model, batches, teacher, rank=rank, steps=steps, lr=distill_lr, progress=False
+                )
                 print(json.dumps({k: v for k, v in distilled.items() if k != "losses"}), flush=True)
             seconds = time.perf_counter() - t
             kl = loss = n = 0.0

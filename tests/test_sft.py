@@ -153,6 +153,8 @@ def test_prompt_completion_with_trainer_options_and_upper_bound(material, tmp_pa
     assert report["recovery"] == pytest.approx((report["corrected"] - report["zero_shot"]) / gain)
     assert report["variants"]["uncorrected"]["validation"] is None  # no choice to make
     assert "train_original" in report["timings_s"]
+    table = (tmp_path / "ub" / "table.md").read_text()
+    assert f"| original, LoRA fine-tuning | {report['memory']['finetune_original'] / 2**20:,.0f} MiB |" in table
 
 
 def test_killed_training_resumes_from_its_last_checkpoint(material, tmp_path, monkeypatch):

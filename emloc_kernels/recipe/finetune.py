@@ -354,6 +354,8 @@ def format_table(report: dict) -> str:
         f"| original, inference | {_mib(mem['inference'])} |",
         f"| emulator, LoRA fine-tuning | {_mib(mem['finetune'])} |",
     ]
+    if "finetune_original" in mem:  # --upper-bound
+        lines.append(f"| original, LoRA fine-tuning | {_mib(mem['finetune_original'])} |")
     b = report["bytes"]
     lines += [
         "",
