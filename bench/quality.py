@@ -58,6 +58,9 @@ PRESETS = {
         "distill 200, 0.4": dict(ratio=0.4, allocate="uniform", distill_steps=200, distill_samples=64),
         "distill 300 on 256, 0.4": dict(ratio=0.4, allocate="uniform", distill_steps=300, distill_samples=256),
         "distill 50 on 256, 0.4": dict(ratio=0.4, allocate="uniform", distill_steps=50, distill_samples=256),
+        "distill 50 on 256 lr 3e-3, 0.4": dict(
+            ratio=0.4, allocate="uniform", distill_steps=50, distill_samples=256, distill_lr=3e-3
+        ),
         "distill 300 on 256 + block, 0.4": dict(ratio=0.4, distill_steps=300, distill_samples=256, allocate="block"),
         "distill rank 16, 300 on 256, 0.4": dict(
             ratio=0.4, allocate="uniform", distill_steps=300, distill_samples=256, distill_rank=16

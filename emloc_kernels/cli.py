@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import re
 import shutil
 import sys
@@ -78,6 +79,8 @@ def cmd_build(a: argparse.Namespace) -> None:
     check_count("calibration_samples", a.samples, "--samples")
     for name in ("distill_steps", "distill_rank", "distill_samples"):
         check_count(name, getattr(a, name))
+    if not (math.isfinite(a.distill_lr) and a.distill_lr > 0):
+        raise ValueError(f"--distill-lr must be a positive finite number, got {a.distill_lr!r}")
     check_device(a.device)
     if a.model != "demo":
         from .recipe.models import check_model_source
@@ -108,7 +111,7 @@ def cmd_build(a: argparse.Namespace) -> None:
         shrinkage=a.shrinkage,
         allocate=a.allocate,
         checkpoint=partial,
-        distill=Distillation(a.distill_steps, a.distill_rank, texts=pool[: a.distill_samples])
+        distill=Distillation(a.distill_steps, a.distill_rank, texts=pool[: a.distill_samples], lr=a.distill_lr)
         if a.distill_steps
         else None,
     )
@@ -217,6 +220,12 @@ def _distill_options(p: argparse.ArgumentParser, samples: str, steps: int) -> No
         type=int,
         default=8,
         help="ranks of each emulated linear's budget left to the distillation (default 8)",
+    )
+    p.add_argument(
+        "--distill-lr",
+        type=float,
+        default=1e-3,
+        help="AdamW learning rate of the distillation (default 1e-3)",
     )
     p.add_argument(
         "--distill-samples",

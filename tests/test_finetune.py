@@ -186,6 +186,8 @@ def test_distilled_quantised_emulator_keeps_the_ranks_of_the_plain_build(materia
         "3",
         "--distill-rank",
         "2",
+        "--distill-lr",
+        "0.003",
         "--quant",
         "int8",
     )
@@ -193,6 +195,7 @@ def test_distilled_quantised_emulator_keeps_the_ranks_of_the_plain_build(materia
         json.loads((tmp_path / d / "emulator" / "emloc.json").read_text()) for d in ("plain", "distilled")
     )
     assert distilled["build"]["reserve_rank"] == 2 and distilled["build"]["distill"]["steps"] == 3
+    assert distilled["build"]["distill"]["lr"] == 0.003
     assert {n: m["rank"] for n, m in distilled["modules"].items()} == {
         n: m["rank"] for n, m in plain["modules"].items()
     }

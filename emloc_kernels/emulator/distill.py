@@ -15,6 +15,7 @@ original's final hidden states (calibration tokens × hidden size).
 from __future__ import annotations
 
 import logging
+import math
 import random
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -57,6 +58,8 @@ class Distillation:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"distill {name} must be a positive integer, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"distill lr must be a positive finite number, got {self.lr!r}")
 
 
 def _decoder(model: nn.Module) -> nn.Module:

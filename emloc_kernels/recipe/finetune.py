@@ -124,6 +124,7 @@ class FinetuneSettings:
     distill_steps: int = 300  # distilling the emulator toward the original (0: none); RT recovery 0.61 → 0.88
     distill_rank: int = 8  # rank each emulated linear spends on the distillation (within its budget)
     distill_samples: int = 256  # training examples the distillation matches the original on
+    distill_lr: float = 1e-3  # the distillation's AdamW learning rate
     upper_bound: bool = False  # also train LoRA on the original: report lora_original and recovery
     task: str | None = None  # an embedded task (demo.TASKS); None: Rotten Tomatoes
     # generative data (transformers' Trainer) only
@@ -166,7 +167,7 @@ class FinetuneSettings:
             if value is None and name == "eval_samples":
                 continue
             check_count(name, value)
-        for name in ("lr", "lora_alpha"):
+        for name in ("lr", "lora_alpha", "distill_lr"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive finite number, got {value!r}")
@@ -598,7 +599,7 @@ def _run(r: Run, out: Path) -> dict:
         distill = None
         if s.distill_steps > 0:
             texts = calibration_texts(s, train_rows, task, count=s.distill_samples)
-            distill = Distillation(s.distill_steps, s.distill_rank, texts=texts, seed=s.seed)
+            distill = Distillation(s.distill_steps, s.distill_rank, texts=texts, lr=s.distill_lr, seed=s.seed)
         emulator = build_emulator(
             original,
             calib,
