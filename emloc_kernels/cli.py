@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import re
 import shutil
 import sys
@@ -72,15 +71,14 @@ def cmd_build(a: argparse.Namespace) -> None:
     from .emulator.checkpoint import check_checkpoint_dir
     from .emulator.distill import Distillation
     from .files import check_output
-    from .recipe.finetune import check_count
+    from .recipe.finetune import check_count, check_positive
 
     start = time.perf_counter()
     ratio = _ratio(a.ratio)
     check_count("calibration_samples", a.samples, "--samples")
     for name in ("distill_steps", "distill_rank", "distill_samples"):
         check_count(name, getattr(a, name))
-    if not (math.isfinite(a.distill_lr) and a.distill_lr > 0):
-        raise ValueError(f"--distill-lr must be a positive finite number, got {a.distill_lr!r}")
+    check_positive("distill_lr", a.distill_lr)
     check_device(a.device)
     if a.model != "demo":
         from .recipe.models import check_model_source

@@ -243,15 +243,14 @@ class HiddenStatesHead(nn.Module):
 
 
 @contextmanager
-def hidden_states_as_logits(model: nn.Module) -> Iterator[nn.Linear]:
-    """Within the block, ``model(...).logits`` are the final hidden states; yields the output
-    head (see :func:`plain_output_head`, which must find one), put back on exit."""
+def hidden_states_as_logits(model: nn.Module) -> Iterator[nn.Linear | None]:
+    """Within the block, ``model(...).logits`` are the final hidden states and the output head
+    is yielded (put back on exit); a model without a plain head (:func:`plain_output_head`)
+    is left as it is, its logits logits, and None is yielded."""
     head = plain_output_head(model)
     if head is None:
-        raise ValueError(
-            f"{type(model).__name__}: the logits are not a plain linear head of the final hidden states "
-            "(a LoRA on the head, or logit scaling or softcapping in the config)"
-        )
+        yield None
+        return
     m = cast(Any, model)
     m.set_output_embeddings(HiddenStatesHead(head))
     try:

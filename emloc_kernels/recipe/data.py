@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import datafiles
-from ..conventions import hidden_states_as_logits, plain_output_head
+from ..conventions import hidden_states_as_logits
 from ..ops import linear_cross_entropy
 
 logger = logging.getLogger(__name__)
@@ -249,8 +249,6 @@ def lm_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     the vocabulary are never all materialised when the model's head is a plain linear."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     count = int((batch["labels"][:, 1:] != IGNORE).sum())
-    if plain_output_head(model) is None:
-        return shifted_nll(model(**inputs).logits, batch["labels"], None), count
     with hidden_states_as_logits(model) as head:
         return shifted_nll(model(**inputs).logits, batch["labels"], head), count
 

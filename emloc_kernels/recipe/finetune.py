@@ -12,7 +12,6 @@ directory let a killed run resume its training.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import logging
@@ -30,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._version import __version__
-from ..conventions import check_device, hidden_states_as_logits, plain_output_head
+from ..conventions import check_device, hidden_states_as_logits
 from ..correction import correct_adapter
 from ..emulator import build_emulator, load_emulator, save_emulator
 from ..emulator.distill import Distillation
@@ -88,6 +87,12 @@ def check_count(name: str, value: Any, option: str | None = None) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         option = option or f"--{name.replace('_', '-')}"
         raise ValueError(f"{option} must be an integer from {low} to {high}, got {value!r}")
+
+
+def check_positive(name: str, value: Any) -> None:
+    """A ValueError naming the option ``--name`` unless ``value`` is a positive finite number."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"--{name.replace('_', '-')} must be a positive finite number, got {value!r}")
 
 
 @dataclass
@@ -168,9 +173,8 @@ class FinetuneSettings:
                 continue
             check_count(name, value)
         for name in ("lr", "lora_alpha", "distill_lr"):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive finite number, got {value!r}")
+            if getattr(self, name) is not None:
+                check_positive(name, getattr(self, name))
         check_device(self.device)
 
 
@@ -255,8 +259,7 @@ def train_with_trainer(
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     if last is not None:
         logger.warning("resuming the training from its checkpoint %s", last)
-    with contextlib.ExitStack() as stack:
-        head = stack.enter_context(hidden_states_as_logits(model)) if plain_output_head(model) is not None else None
+    with hidden_states_as_logits(model) as head:
 
         def loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
             """Mean over the loss tokens of the whole step (Trainer counts them over the accumulated
