@@ -14,7 +14,14 @@ models that do not name the method load as before.
 from . import ops
 from ._version import __version__
 from .correction import correct_adapter, merge_adapter
-from .emulator import EmlocConfig, build_emulator, build_emulator_from_pretrained, load_emulator, save_emulator
+from .emulator import (
+    EmlocConfig,
+    build_emulator,
+    build_emulator_from_pretrained,
+    load_emulator,
+    save_emulator,
+    write_emulator_from_pretrained,
+)
 from .lora import add_lora, save_lora
 from .modules import LowRankLinear, QuantLowRankLinear
 from .patch import apply_fused_lora, register_peft, remove_fused_lora
@@ -28,6 +35,7 @@ __all__ = [
     "QuantLowRankLinear",
     "build_emulator",
     "build_emulator_from_pretrained",
+    "write_emulator_from_pretrained",
     "save_emulator",
     "load_emulator",
     "EmlocConfig",

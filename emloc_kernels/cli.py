@@ -67,9 +67,10 @@ def cmd_build(a: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
     from .conventions import check_device, load_model, model_class
-    from .emulator import NotStreamable, build_emulator, build_emulator_from_pretrained, save_emulator
-    from .emulator.checkpoint import check_checkpoint_dir
+    from .emulator import NotStreamable, build_emulator, save_emulator, write_emulator_from_pretrained
+    from .emulator.checkpoint import checkpoint_beside
     from .emulator.distill import Distillation
+    from .emulator.io import read_metadata
     from .files import check_output
     from .recipe.finetune import check_count, check_positive
 
@@ -95,7 +96,7 @@ def cmd_build(a: argparse.Namespace) -> None:
     inputs = [model_dir, a.data]
     out = check_output(a.out, inputs, overwrite=a.overwrite)
     # finished blocks: a rerun after a kill resumes (refused early if a user's folder is there)
-    partial = check_checkpoint_dir(out.parent / f".{out.name}.partial")
+    partial = checkpoint_beside(out)
     pool = demo_texts if a.data == "demo" else _texts(a.data, max(a.samples, a.distill_samples))
     texts = pool[: a.samples]
     dtype = getattr(torch, a.dtype)
@@ -108,19 +109,20 @@ def cmd_build(a: argparse.Namespace) -> None:
         propagate=a.propagate,
         shrinkage=a.shrinkage,
         allocate=a.allocate,
-        checkpoint=partial,
         distill=Distillation(a.distill_steps, a.distill_rank, texts=pool[: a.distill_samples], lr=a.distill_lr)
         if a.distill_steps
         else None,
     )
-    try:  # one block of the original in memory at a time
-        emulator = build_emulator_from_pretrained(model_dir, texts, ratio, dtype=dtype, **options)
+    try:  # one block of the original (and of the emulator) in memory at a time
+        write_emulator_from_pretrained(
+            model_dir, texts, out, ratio, dtype=dtype, overwrite=a.overwrite, inputs=inputs, **options
+        )
     except NotStreamable as e:  # refused before any work: weights not in safetensors under the model's names
         logging.getLogger(__name__).warning("%s: loading the whole model instead", e)
-        emulator = build_emulator(load_model(model_dir, dtype=dtype), texts, ratio, **options)
-    save_emulator(emulator, out, overwrite=a.overwrite, inputs=inputs)
-    shutil.rmtree(partial)
-    modules = cast(Any, emulator).emloc_metadata["modules"]
+        emulator = build_emulator(load_model(model_dir, dtype=dtype), texts, ratio, checkpoint=partial, **options)
+        save_emulator(emulator, out, overwrite=a.overwrite, inputs=inputs)
+        shutil.rmtree(partial)
+    modules = read_metadata(out)["modules"]
     kept = sum(m["rank"] * (m["in_features"] + m["out_features"]) for m in modules.values())
     dense = sum(m["in_features"] * m["out_features"] for m in modules.values())
     print(

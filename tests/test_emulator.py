@@ -123,7 +123,10 @@ def test_rank_per_module_smollm2(smol):
 
 
 def test_low_rank_weights_reproduced(tiny_model):
-    """Weights of rank ≤ r are reproduced to fp32 rounding at ratio 0.99 (and so are the logits)."""
+    """Weights of rank ≤ r are reproduced to fp32 rounding at ratio 0.99 (and so are the logits).
+    The calibration spans every input dimension (240 tokens > 147 inputs of down_proj):
+    with fewer, the weight outside their span is set by the ridge alone and its error by the
+    BLAS's rounding (5e-5 on one CPU, 1e-5 on another)."""
     original = tiny_model("llama")
     g = torch.Generator().manual_seed(3)
     for module in block_linears(original).values():
@@ -131,7 +134,7 @@ def test_low_rank_weights_reproduced(tiny_model):
         k = rank_for(n_in, n_out, 0.99) - 2
         with torch.no_grad():
             module.weight.copy_(torch.randn(n_out, k, generator=g) @ torch.randn(k, n_in, generator=g) / n_in)
-    calibration = random_calibration(101, (40, 33, 27))
+    calibration = random_calibration(101, (60, 60, 60, 60))
     emulator = build_emulator(copy.deepcopy(original), calibration, 0.99, progress=False)
     assert len(emulator.emloc_metadata["modules"]) == 14
     for name, module in block_linears(original).items():

@@ -4,11 +4,12 @@
 from .build import build_emulator
 from .hf import EmlocConfig
 from .io import load_emulator, save_emulator
-from .stream import NotStreamable, build_emulator_from_pretrained
+from .stream import NotStreamable, build_emulator_from_pretrained, write_emulator_from_pretrained
 
 __all__ = [
     "build_emulator",
     "build_emulator_from_pretrained",
+    "write_emulator_from_pretrained",
     "NotStreamable",
     "save_emulator",
     "load_emulator",

@@ -505,6 +505,7 @@ class Built:
     quant: str | None
     group_size: int
     progress: bool
+    checkpoint: BlockCheckpoint | None = None  # where the finished blocks are kept
 
 
 def finish_build(built: Built) -> nn.Module:
@@ -548,10 +549,16 @@ def _build(
     checkpoint: str | os.PathLike | None = None,
     reserve_rank: int = 0,
     distill: Distillation | None = None,
+    offload: bool = False,
 ) -> Built:
     """:func:`build_emulator` with the original's block tensors taken from ``originals``: each
     planned linear is loaded (and released) once to check it and take its probe, then each
-    block is loaded when its turn comes; the linears it replaces are dropped with it."""
+    block is loaded when its turn comes; the linears it replaces are dropped with it.
+
+    ``offload`` (streaming into a directory): every tensor outside the blocks is put on the
+    meta device once the calibration has passed it, and each block once it is kept in the
+    ``checkpoint``, so that neither the original nor the emulator is ever held whole; the
+    caller reads the former back from ``originals`` and the latter from the checkpoint."""
     if quant is not None:
         from ..ops.quant import FORMATS
 
@@ -565,6 +572,8 @@ def _build(
         if reserve_rank:
             raise ValueError("give reserve_rank or distill, not both (distill reserves its own rank)")
         reserve_rank = distill.rank
+    if offload and (checkpoint is None or distill is not None):
+        raise ValueError("offload needs a checkpoint (where the blocks go) and no distillation (which trains them all)")
     # with a distillation, the factors are quantised after it (finish_build), else in the build
     quant, quant_after = (None, quant) if distill is not None else (quant, None)
     if allocate not in ALLOCATIONS:
@@ -597,6 +606,8 @@ def _build(
     calls = capture_block_inputs(model, blocks, batches)
     extra_calls = None if extra is None else capture_block_inputs(model, blocks, extra)
     extra_hidden = None if extra_calls is None else [to_device(c[0][0], work) for c in extra_calls]
+    if offload:  # the embeddings are not needed again (the blocks' inputs are captured)
+        model.to("meta")
     real = [batch_token_mask(b).to(work) for b in batches]
     split = _heldout_masks(batches, HELDOUT_EVERY if (heldout or shrinkage == "auto") else 0)
     hidden = [to_device(c[0][0], work) for c in calls]
@@ -628,7 +639,7 @@ def _build(
             report.update(loaded[1])
             if hidden_e is not None:
                 _replay(block, calls, i, hidden_e, work)
-            block.to(home)
+            block.to("meta" if offload else home)
             del mine
             continue
         recorder = InputRecorder()
@@ -678,7 +689,7 @@ def _build(
             kept.save(i, model, {n: report[n] for n in mine})
         if hidden_e is not None:  # the emulator's own stream flows on through the emulated block
             _replay(block, calls, i, hidden_e, work)
-        block.to(home)
+        block.to("meta" if offload else home)
         del recorder, mine, fit, held
     model.train(was_training)
     tokens = sum(int(m.sum()) for m in real)
@@ -702,4 +713,4 @@ def _build(
     if distill is not None:
         texts, last = (batches, hidden) if extra is None else (extra, cast(list, extra_hidden))
         teacher = (texts, final_states(model, blocks, texts, last))
-    return Built(model, teacher, distill, quant_after, group_size, progress)
+    return Built(model, teacher, distill, quant_after, group_size, progress, kept)

@@ -68,6 +68,12 @@ def check_checkpoint_dir(directory: str | os.PathLike) -> Path:
     return path
 
 
+def checkpoint_beside(out: Path) -> Path:
+    """The block checkpoint of a build written to ``out``: its hidden sibling ``.NAME.partial``
+    (checked by :func:`check_checkpoint_dir`)."""
+    return check_checkpoint_dir(out.parent / f".{out.name}.partial")
+
+
 class BlockCheckpoint:
     """The finished blocks of one build in ``directory``, valid for one ``settings`` digest; a
     checkpoint kept for other settings is emptied first, a directory that is not one is refused."""
@@ -84,6 +90,10 @@ class BlockCheckpoint:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not file.is_file():
             _write_atomically(file, lambda p: p.write_text(json.dumps({"settings": settings, "written_by": WRITER})))
+
+    def tensors(self, i: int) -> Path:
+        """The safetensors file of block ``i``'s emulated linears (a shard of a streamed emulator)."""
+        return self._files(i)[0]
 
     def _files(self, i: int) -> tuple[Path, Path]:
         return self.directory / f"block{i:05d}.safetensors", self.directory / f"block{i:05d}.json"
@@ -106,7 +116,7 @@ class BlockCheckpoint:
             for name in report
             for key, t in model.get_submodule(name).state_dict().items()
         }
-        _write_atomically(tensors_file, lambda p: save_file(state, str(p)))
+        _write_atomically(tensors_file, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
         _write_atomically(report_file, lambda p: p.write_text(json.dumps(report)))
 
     def load(self, i: int, device: torch.device) -> tuple[dict[str, nn.Module], dict[str, dict]] | None:

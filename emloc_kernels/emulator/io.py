@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+import shutil
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Mapping, cast
 
@@ -19,7 +20,12 @@ from ..modules import LowRankLinear
 
 
 def save_emulator(
-    model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False, inputs: Iterable[object] = ()
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    inputs: Iterable[object] = (),
+    written: Sequence[Path] = (),
 ) -> Path:
     """Write ``model`` (an emulator from :func:`build_emulator`) to a new directory ``path``.
 
@@ -28,7 +34,11 @@ def save_emulator(
     once ``emloc_kernels`` is imported), with ``emloc.json`` (metadata and the weight files'
     SHA-256) and the tokenizer files of the original model's directory when it is local.
     ``path`` may not be, contain or lie inside the original model's directory or ``inputs``
-    (see :func:`~emloc_kernels.files.write_dir_atomically`, also for ``overwrite``)."""
+    (see :func:`~emloc_kernels.files.write_dir_atomically`, also for ``overwrite``).
+    ``written``: safetensors files that already hold the model's tensors left on the meta device
+    (the blocks of :func:`~emloc_kernels.emulator.stream.write_emulator_from_pretrained`); they
+    become shards of the directory (hard links where the file system allows, else copies)
+    beside one shard of the model's other tensors."""
     metadata = getattr(model, "emloc_metadata", None)
     if metadata is None:
         raise ValueError("model has no emloc_metadata: save an emulator made by build_emulator or load_emulator")
@@ -36,13 +46,63 @@ def save_emulator(
         attach_quantizer(model, emulator_quantization_config(metadata))
 
     def writer(tmp: Path) -> None:
-        cast(Any, model).save_pretrained(tmp)
+        if written:
+            _save_sharded(model, tmp, written)
+        else:
+            cast(Any, model).save_pretrained(tmp)
         files = {f.name: _sha256(f) for f in sorted(tmp.glob("*.safetensors"))}
         (tmp / METADATA_FILE).write_text(json.dumps({**metadata, "files": files}, indent=1))
         copy_tokenizer(metadata.get("original_model"), tmp)
 
     protected = [metadata.get("original_model") or "", *inputs]
     return write_dir_atomically(path, writer, overwrite=overwrite, inputs=protected, kind="emulator")
+
+
+def _save_sharded(model: nn.Module, directory: Path, written: Sequence[Path]) -> None:
+    """What ``save_pretrained`` writes (configs, tensors as its quantizer gives them, ties once),
+    as shards with an index: the ``written`` files, then one file of the tensors in memory."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    m = cast(Any, model)
+    names = [f"model-{k:05d}-of-{len(written) + 1:05d}.safetensors" for k in range(1, len(written) + 2)]
+    weight_map: dict[str, str] = {}
+    for file, name in zip(written, names):
+        try:
+            os.link(file, directory / name)
+        except OSError:  # another file system, or one without hard links
+            shutil.copyfile(file, directory / name)
+        with safe_open(str(file), framework="pt") as f:
+            weight_map.update(dict.fromkeys(f.keys(), name))
+    state, _ = m.hf_quantizer.get_state_dict_and_metadata(model)
+    rest: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, torch.Size]] = set()
+    for key, t in state.items():  # a tied tensor under its first name, as save_pretrained keeps it
+        if key in weight_map:
+            continue
+        if t.is_meta:
+            raise ValueError(f"{key} is on the meta device and in none of the written files")
+        if t.numel() and (t.data_ptr(), t.shape) in seen:
+            continue
+        seen.add((t.data_ptr(), t.shape))
+        rest[key] = t.detach().contiguous()
+    save_file(rest, str(directory / names[-1]), metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(rest, names[-1]))
+    total = sum(_tensor_bytes(directory / name) for name in names)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    m.config.dtype = str(m.dtype).split(".")[1]  # as save_pretrained records them
+    m.config.architectures = [type(model).__name__]
+    m.config.save_pretrained(directory)
+    if m.can_generate():
+        m.generation_config.save_pretrained(directory)
+
+
+def _tensor_bytes(file: Path) -> int:
+    """The bytes of a safetensors file's tensors: all of it but the 8-byte length and the header."""
+    with open(file, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+    return file.stat().st_size - 8 - header
 
 
 def _sha256(file: Path) -> str:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Mapping, cast
 
@@ -21,8 +22,11 @@ from safetensors import safe_open
 from torch import nn
 
 from ..conventions import model_class
+from ..files import check_output
 from .build import Originals, _build, finish_build
 from .calibration import find_blocks
+from .checkpoint import BlockCheckpoint, checkpoint_beside
+from .io import save_emulator
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -210,6 +214,44 @@ def empty_model(
     return model, originals
 
 
+def _streamable(
+    model_dir: str | os.PathLike, dtype: torch.dtype | str | None
+) -> tuple[nn.Module, SafetensorsOriginals]:
+    """The model of ``model_dir`` on the meta device with what runs before its blocks read (the
+    output embeddings, when not tied to the input ones, wait on the meta device), and the reader
+    of its weights; :class:`NotStreamable` when the safetensors lack a tensor of the model."""
+    model, originals = empty_model(model_dir, dtype)
+    blocks_name, _ = find_blocks(model)
+    m = cast(Any, model)
+    inputs, outputs = m.get_input_embeddings(), m.get_output_embeddings()
+    deferred = outputs if outputs is not None and outputs is not inputs else None
+    last = next((n for n, mod in model.named_modules() if mod is deferred), None)
+
+    def outside(name: str) -> bool:
+        return all(name != n and not name.startswith(n + ".") for n in (blocks_name, last) if n is not None)
+
+    m.tie_weights()  # tied output embeddings share the input ones: not read
+    needed = {n: tuple(p.shape) for n, p in model.named_parameters()}  # each tied parameter once
+    unreadable = originals.unreadable(needed)
+    if unreadable:
+        raise NotStreamable(
+            f"{model_dir}: {len(unreadable)} tensors of the model are not in its safetensors under their names "
+            f"or have another shape (e.g. {unreadable[:3]})"
+        )
+    for name, module in model.named_modules():  # what runs before the blocks: read now
+        if outside(name):
+            originals.load(module, name, recurse=False)
+    m.tie_weights()  # again: the input embeddings are new parameters now
+    return model, originals
+
+
+def _read_rest(model: nn.Module, originals: SafetensorsOriginals) -> None:
+    """Read every tensor of ``model`` still on the meta device that the original has (what the
+    build does not replace: the output embeddings, or all of it after an offloading build)."""
+    originals.load(model, "")
+    cast(Any, model).tie_weights()
+
+
 @torch.no_grad()
 def build_emulator_from_pretrained(
     model_dir: str | os.PathLike,
@@ -229,35 +271,63 @@ def build_emulator_from_pretrained(
     Peak memory: the emulator being built, one block of the original and the calibration
     activations; with ``device="cuda"`` the device holds one block and the activations.
     The emulator is on the CPU, like a model loaded without a device.
+    :func:`write_emulator_from_pretrained` writes it to a directory without holding it whole.
     Raises :class:`NotStreamable` (before any work) when the directory's weights are not
     safetensors under the model's own names and shapes.
     """
-    model, originals = empty_model(model_dir, dtype)
-    blocks_name, _ = find_blocks(model)
-    inputs, outputs = cast(Any, model).get_input_embeddings(), cast(Any, model).get_output_embeddings()
-    deferred = outputs if outputs is not None and outputs is not inputs else None
-    last = next(n for n, m in model.named_modules() if m is deferred) if deferred is not None else None
-
-    def outside(name: str) -> bool:
-        return all(name != n and not name.startswith(n + ".") for n in (blocks_name, last) if n is not None)
-
-    cast(Any, model).tie_weights()  # tied output embeddings share the input ones: not read
-    needed = {n: tuple(p.shape) for n, p in model.named_parameters()}  # each tied parameter once
-    unreadable = originals.unreadable(needed)
-    if unreadable:
-        raise NotStreamable(
-            f"{model_dir}: {len(unreadable)} tensors of the model are not in its safetensors under their names "
-            f"or have another shape (e.g. {unreadable[:3]})"
-        )
-    for name, module in model.named_modules():  # what runs before the blocks: read now
-        if outside(name):
-            originals.load(module, name, recurse=False)
-    cast(Any, model).tie_weights()  # again: the input embeddings are new parameters now
+    model, originals = _streamable(model_dir, dtype)
     built = _build(model, calibration, ratio, originals, **options)
-    if deferred is not None and last is not None:
-        originals.load(deferred, last)
-    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if missing:  # cannot happen after the check above; a half-materialised model must not escape
-        raise RuntimeError(f"tensors left on the meta device after the build: {missing[:5]}")
+    _read_rest(model, originals)
+    _check_materialised(model)
     # distillation (which needs the output embeddings) and quantisation after it
     return finish_build(built)
+
+
+def _check_materialised(model: nn.Module) -> None:
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if missing:  # cannot happen after the checks of _streamable; a half-materialised model must not escape
+        raise RuntimeError(f"tensors left on the meta device after the build: {missing[:5]}")
+
+
+@torch.no_grad()
+def write_emulator_from_pretrained(
+    model_dir: str | os.PathLike,
+    calibration: Any,
+    out: str | os.PathLike,
+    ratio: float | Mapping[str, float] = 0.4,
+    *,
+    dtype: torch.dtype | str | None = None,
+    overwrite: bool = False,
+    inputs: Iterable[object] = (),
+    **options: Any,
+) -> Path:
+    """Build the emulator :func:`build_emulator_from_pretrained` builds straight into the new
+    directory ``out`` (what :func:`~emloc_kernels.emulator.io.save_emulator` writes, as shards),
+    holding neither the original nor the emulator whole.
+
+    Each finished block is kept in a checkpoint beside ``out`` (``.NAME.partial``: a rerun
+    after a kill resumes from it) and freed; the blocks' files become shards of ``out``.
+    The embeddings are freed once the calibration has passed them and read again at the end.
+    Peak memory: one block of each model and the calibration activations, then the tensors
+    outside the blocks while they are written. With ``distill`` the emulator is trained whole
+    after the build, so it is built in memory and then saved. ``overwrite`` and ``inputs``:
+    as :func:`~emloc_kernels.emulator.io.save_emulator`'s (``model_dir`` is always an input).
+    Returns ``out``.
+    """
+    protected = [model_dir, *inputs]
+    out = check_output(out, protected, overwrite=overwrite, option="out")  # refused before any work
+    partial = checkpoint_beside(out)
+    if options.get("distill") is not None:
+        emulator = build_emulator_from_pretrained(
+            model_dir, calibration, ratio, dtype=dtype, checkpoint=partial, **options
+        )
+        save_emulator(emulator, out, overwrite=overwrite, inputs=protected)
+    else:
+        model, originals = _streamable(model_dir, dtype)
+        built = _build(model, calibration, ratio, originals, checkpoint=partial, offload=True, **options)
+        _read_rest(model, originals)
+        kept = cast(BlockCheckpoint, built.checkpoint)
+        shards = [kept.tensors(i) for i in range(len(find_blocks(model)[1]))]
+        save_emulator(model, out, overwrite=overwrite, inputs=protected, written=shards)
+    shutil.rmtree(partial)
+    return out

@@ -112,31 +112,47 @@ def tensor_bytes(model: torch.nn.Module) -> int:
     return sum(storages.values())
 
 
-def measure_build(model_dir: str, texts_file: str, ratio: float, stream: bool) -> dict[str, int]:
+BUILDS = ("write", "stream", "whole")
+
+
+def measure_build(model_dir: str, texts_file: str, ratio: float, how: str) -> dict[str, int]:
     """Peak bytes of building the fp32 emulator of ``model_dir`` on the CPU from the calibration
-    texts in ``texts_file`` (a JSON list; the ``emloc build`` defaults otherwise): streamed from its
-    safetensors (:func:`build_emulator_from_pretrained`, as ``emloc build`` does) or from the
-    whole loaded model (``stream=False``). The baseline is taken with the texts and the
-    tokenizer ready; also returns the emulator's own bytes."""
+    texts in ``texts_file`` (a JSON list; the ``emloc build`` defaults otherwise), ``how``:
+    ``"write"`` streamed into a directory (:func:`write_emulator_from_pretrained`, as ``emloc
+    build`` does; a temporary one), ``"stream"`` streamed into memory
+    (:func:`build_emulator_from_pretrained`) or ``"whole"`` from the loaded model. The baseline
+    is taken with the texts and the tokenizer ready; also returns the emulator's own bytes
+    (its tensors in memory, or its files)."""
+    import tempfile
+
     from transformers import AutoTokenizer
 
     from ..conventions import load_model
-    from ..emulator import build_emulator, build_emulator_from_pretrained
+    from ..emulator import build_emulator, build_emulator_from_pretrained, write_emulator_from_pretrained
 
+    if how not in BUILDS:
+        raise ValueError(f"how must be one of {BUILDS}, got {how!r}")
     texts = json.loads(Path(texts_file).read_text())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    meter = PeakMeter(torch.device("cpu"))
     options: dict[str, Any] = dict(tokenizer=tokenizer, progress=False)
-    if stream:
-        emulator = build_emulator_from_pretrained(model_dir, texts, ratio, dtype=torch.float32, **options)
-    else:
-        emulator = build_emulator(load_model(model_dir, dtype=torch.float32), texts, ratio, **options)
-    return {"peak_bytes": meter.peak(), "emulator_bytes": tensor_bytes(emulator)}
+    with tempfile.TemporaryDirectory() as tmp:
+        meter = PeakMeter(torch.device("cpu"))
+        if how == "write":
+            out = write_emulator_from_pretrained(
+                model_dir, texts, Path(tmp) / "emulator", ratio, dtype=torch.float32, **options
+            )
+            peak = meter.peak()
+            size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+        else:
+            if how == "stream":
+                emulator = build_emulator_from_pretrained(model_dir, texts, ratio, dtype=torch.float32, **options)
+            else:
+                emulator = build_emulator(load_model(model_dir, dtype=torch.float32), texts, ratio, **options)
+            peak, size = meter.peak(), tensor_bytes(emulator)
+    return {"peak_bytes": peak, "emulator_bytes": size}
 
 
-def build_peak_in_fresh_process(
-    model_dir: str | Path, *, texts: list[str], ratio: float, stream: bool
-) -> dict[str, int]:
+def build_peak_in_fresh_process(model_dir: str | Path, *, texts: list[str], ratio: float, how: str) -> dict[str, int]:
     """Run :func:`measure_build` on ``texts`` in a new Python process (glibc mmap threshold as
     for :func:`peak_in_fresh_process`)."""
     import tempfile
@@ -145,9 +161,9 @@ def build_peak_in_fresh_process(
         json.dump(texts, f)
     code = (
         "import json, sys; from emloc_kernels.recipe.memory import measure_build; "
-        "print(json.dumps(measure_build(sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4] == 'stream')))"
+        "print(json.dumps(measure_build(sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4])))"
     )
-    cmd = [sys.executable, "-c", code, str(model_dir), f.name, repr(ratio), "stream" if stream else "whole"]
+    cmd = [sys.executable, "-c", code, str(model_dir), f.name, repr(ratio), how]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
