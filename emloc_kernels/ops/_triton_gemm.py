@@ -275,8 +275,9 @@ def _finish(
 ):
     """Store the finished tile (+ bias).  Split over K (grid axis 1): store this program's fp32
     partial in ``ws`` (split×M×N), count it in ``cnt[tile]``; the program that counts last sums
-    the partials, in split order (the result does not depend on timing), and stores the tile,
-    so no reduction launch follows the kernel."""
+    the partials, in split order (the result does not depend on timing), stores the tile and
+    sets the counter back to zero, so no reduction launch follows the kernel and the counters
+    are ready for the next launch (see ``_counters``)."""
     if SPLIT:
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         ws = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
@@ -287,6 +288,7 @@ def _finish(
             for s in range(0, tl.num_programs(1)):
                 total += tl.load(ws + s * stride_ws, mask=mask, other=0.0, cache_modifier=".cg")
             _store(total, c_ptr, stride_cm, stride_cn, offs_m, offs_n, M, N, bias_ptr, HAS_BIAS)
+            tl.store(cnt_ptr + tl.program_id(0), 0)  # every program of the tile has counted
     else:
         _store(acc, c_ptr, stride_cm, stride_cn, offs_m, offs_n, M, N, bias_ptr, HAS_BIAS)
 
@@ -571,8 +573,8 @@ class Config(NamedTuple):
     split_k: int
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Triton chooses interpreter or compiler when the kernels above are decorated, i.e. now.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @functools.lru_cache(maxsize=None)
@@ -694,14 +696,10 @@ def _right_args(b: Right) -> _RightArgs:
 class _Plan(NamedTuple):
     """Everything about a launch that follows from shapes, dtypes and the device class."""
 
-    cfg: Config
-    block_k: int
-    block_2: int  # gemm_2k: BLOCK_K2 of segment 2; gemm_2n: BLOCK_N2 of C₂
-    k_per: int
-    split: int
     tiles: int
-    f32_1: bool
-    f32_2: bool
+    split: int
+    k_per: int
+    consts: dict  # the kernel's constexpr arguments
 
 
 def _block_k(cfg: Config, quant: int, group: int, k_is_col: bool) -> int:
@@ -724,33 +722,75 @@ def _plan(
     quant: int,
     group: int,
     k_is_col: bool,
+    has_bias: bool,
     sms: int,
-    interpret: bool,
+    precision: str,
 ) -> _Plan:
     """The launch plan of one GEMM, cached: repeated calls (every layer of every step) skip the
-    arithmetic; ``kind`` is "2k" (N = n1, segment 2 of depth k2) or "2n" (N = n1 + n2)."""
-    f32_1 = _f32_dot(dt_a, dt_b1, interpret)
-    f32_2 = _f32_dot(dt_a2, dt_b2, interpret)
+    arithmetic; ``kind`` is "2k" (N = n1, segment 2 of depth k2 when k2 > 0) or "2n"
+    (N = n1 + n2)."""
+    f32_1 = _f32_dot(dt_a, dt_b1, _INTERPRETED)
+    f32_2 = _f32_dot(dt_a2, dt_b2, _INTERPRETED)
     if kind == "2k":
-        cfg = config(m, n1, k1, f32_1, sms, interpret)
-        block_2 = _pow2_clamp(k2, 32 if f32_2 else 64)
+        cfg = config(m, n1, k1, f32_1, sms, _INTERPRETED)
         tiles = cdiv(m, cfg.block_m) * cdiv(n1, cfg.block_n)
+        own = {
+            "HAS_SEG2": k2 > 0,
+            "HAS_BIAS": has_bias,
+            "F32DOT2": k2 > 0 and f32_2,
+            "BLOCK_K2": _pow2_clamp(k2, 32 if f32_2 else 64),
+        }
     else:
-        cfg = config(m, n1 + n2, k1, f32_1 or f32_2, sms, interpret)
-        block_2 = _pow2_clamp(n2, cfg.block_n)
-        tiles = cdiv(m, cfg.block_m) * (cdiv(n1, cfg.block_n) + cdiv(n2, block_2))
+        cfg = config(m, n1 + n2, k1, f32_1 or f32_2, sms, _INTERPRETED)
+        block_n2 = _pow2_clamp(n2, cfg.block_n)
+        tiles = cdiv(m, cfg.block_m) * (cdiv(n1, cfg.block_n) + cdiv(n2, block_n2))
+        own = {"F32DOT2": f32_2, "BLOCK_N2": block_n2}
     bk = _block_k(cfg, quant, group, k_is_col)
     k_per = cdiv(cdiv(k1, cfg.split_k), bk) * bk
-    return _Plan(cfg, bk, block_2, k_per, cdiv(k1, k_per), tiles, f32_1, f32_2)
+    split = cdiv(k1, k_per)
+    consts = {
+        "QUANT1": quant,
+        "GROUP1": group,
+        "K_IS_COL1": k_is_col,
+        "SPLIT": split > 1,
+        "F32DOT1": f32_1,
+        "PRECISION": precision,
+        "BLOCK_M": cfg.block_m,
+        "BLOCK_N": cfg.block_n,
+        "BLOCK_K": bk,
+        "GROUP_M": cfg.group_m,
+        "num_warps": cfg.num_warps,
+        "num_stages": cfg.num_stages,
+        **own,
+    }
+    return _Plan(tiles, split, k_per, consts)
 
 
-def _split_buffers(plan: _Plan, m: int, widths: tuple[int, ...], device: torch.device):
-    """fp32 partials (split×M×width each) and zeroed per-tile counters for a split-K launch;
-    without split, stand-ins that the kernel never touches."""
+_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _counters(tiles: int, device: torch.device) -> torch.Tensor:
+    """Zeroed per-tile split-K counters.  The program that finishes a tile sets its counter back
+    to zero (``_finish``), so one buffer per device and stream serves every launch on that
+    stream in turn, without a memset per call; a CUDA-graph capture gets a buffer of its own."""
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(tiles, dtype=torch.int32, device=device)
+        key = (device, torch.cuda.current_stream(device).cuda_stream)
+    else:
+        key = (device, 0)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < tiles:
+        buf = _COUNTERS[key] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+    return buf
+
+
+def _workspaces(plan: _Plan, m: int, widths: tuple[int, ...], device: torch.device):
+    """fp32 partials (split×M×width each) and the counters for a split-K launch; without split,
+    ``None`` (the kernel never touches them)."""
     if plan.split == 1:
         return (None,) * len(widths), None
-    ws = tuple(_alloc((plan.split, m, w), torch.float32, device) for w in widths)
-    return ws, torch.zeros(plan.tiles, dtype=torch.int32, device=device)
+    return tuple(_alloc((plan.split, m, w), torch.float32, device) for w in widths), _counters(plan.tiles, device)
 
 
 def gemm_2k(a1, b1: Right, a2, b2, alpha1: float, alpha2: float, bias, out_dtype: torch.dtype) -> torch.Tensor:
@@ -760,8 +800,8 @@ def gemm_2k(a1, b1: Right, a2, b2, alpha1: float, alpha2: float, bias, out_dtype
     if m == 0 or n == 0 or k1 == 0:  # nothing to launch (e.g. no tokens): the reference is exact
         return gemm_2k_reference(a1, b1, a2, b2, alpha1, alpha2, bias, out_dtype)
     r = _right_args(b1)
-    seg2 = a2 is not None and k2 > 0
-    interpret = _interpreted()
+    if k2 == 0:
+        a2 = b2 = a1  # stand-ins the kernel never reads
     plan = _plan(
         "2k",
         m,
@@ -771,24 +811,24 @@ def gemm_2k(a1, b1: Right, a2, b2, alpha1: float, alpha2: float, bias, out_dtype
         k2,
         a1.dtype,
         r.dtype,
-        a2.dtype if seg2 else a1.dtype,
-        b2.dtype if seg2 else a1.dtype,
+        a2.dtype,
+        b2.dtype,
         r.quant,
         r.group,
         r.k_is_col,
+        bias is not None,
         _sms(a1.device),
-        interpret,
+        _precision(),
     )
-    cfg = plan.cfg
     c = _alloc((m, n), out_dtype, a1.device)
-    (ws,), cnt = _split_buffers(plan, m, (n,), a1.device)
+    (ws,), cnt = _workspaces(plan, m, (n,), a1.device)
     _gemm_2k_kernel[(plan.tiles, plan.split)](
         a1,
         r.ptr,
         r.scale,
         r.offset,
-        a2 if seg2 else a1,
-        b2 if seg2 else a1,
+        a2,
+        b2,
         bias if bias is not None else a1,
         c,
         ws if ws is not None else c,
@@ -799,37 +839,18 @@ def gemm_2k(a1, b1: Right, a2, b2, alpha1: float, alpha2: float, bias, out_dtype
         k2,
         plan.k_per,
         r.n_load,
-        a1.stride(0),
-        a1.stride(1),
+        *a1.stride(),
         r.stride_k,
         r.stride_n,
         r.ss_k,
         r.ss_n,
-        a2.stride(0) if seg2 else 0,
-        a2.stride(1) if seg2 else 0,
-        b2.stride(0) if seg2 else 0,
-        b2.stride(1) if seg2 else 0,
-        c.stride(0),
-        c.stride(1),
+        *a2.stride(),
+        *b2.stride(),
+        *c.stride(),
         m * n,
         float(alpha1),
         float(alpha2),
-        QUANT1=r.quant,
-        GROUP1=r.group,
-        K_IS_COL1=r.k_is_col,
-        HAS_SEG2=seg2,
-        HAS_BIAS=bias is not None,
-        SPLIT=plan.split > 1,
-        F32DOT1=plan.f32_1,
-        F32DOT2=seg2 and plan.f32_2,
-        PRECISION=_precision(),
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_K=plan.block_k,
-        BLOCK_K2=plan.block_2,
-        GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        **plan.consts,
     )
     return c
 
@@ -856,16 +877,16 @@ def gemm_2n(
         r.quant,
         r.group,
         r.k_is_col,
+        False,
         _sms(a.device),
-        _interpreted(),
+        _precision(),
     )
-    cfg = plan.cfg
     # C₁ (t_v, dt_v) is an intermediate of the op: rows padded to 16 elements keep the next
     # GEMM's loads aligned (vectorised, pipelined) whatever the rank.  C₂ (t_A) is returned by
     # the forward op, so it stays contiguous like its fake (meta) version.
     c1 = _alloc((m, _pad16(n1)), out_dtypes[0], a.device)[:, :n1]
     c2 = _alloc((m, n2), out_dtypes[1], a.device)
-    (ws1, ws2), cnt = _split_buffers(plan, m, (n1, n2), a.device)
+    (ws1, ws2), cnt = _workspaces(plan, m, (n1, n2), a.device)
     _gemm_2n_kernel[(plan.tiles, plan.split)](
         a,
         r.ptr,
@@ -883,34 +904,17 @@ def gemm_2n(
         k,
         plan.k_per,
         r.n_load,
-        a.stride(0),
-        a.stride(1),
+        *a.stride(),
         r.stride_k,
         r.stride_n,
         r.ss_k,
         r.ss_n,
-        b2.stride(0),
-        b2.stride(1),
-        c1.stride(0),
-        c1.stride(1),
-        c2.stride(0),
-        c2.stride(1),
+        *b2.stride(),
+        *c1.stride(),
+        *c2.stride(),
         m * n1,
         m * n2,
         float(alpha2),
-        QUANT1=r.quant,
-        GROUP1=r.group,
-        K_IS_COL1=r.k_is_col,
-        SPLIT=plan.split > 1,
-        F32DOT1=plan.f32_1,
-        F32DOT2=plan.f32_2,
-        PRECISION=_precision(),
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_N2=plan.block_2,
-        BLOCK_K=plan.block_k,
-        GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        **plan.consts,
     )
     return c1, c2

@@ -102,6 +102,22 @@ def test_split_k_is_exercised(device, launches):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_split_k_counters_are_left_zero(device, launches):
+    """Split-K launches share one persistent counter buffer: each must leave it zeroed, else the
+    next launch never sees a tile's last partial arrive and leaves the tile unwritten (NaN)."""
+    from emloc_kernels.ops import _triton_gemm
+
+    t, grads = _inputs(device, torch.bfloat16, torch.bfloat16, False, False, "decode")
+    with torch.no_grad():
+        first = ops.lowrank_lora(**t, scaling=0.5)
+        for _ in range(2):
+            assert torch.equal(ops.lowrank_lora(**t, scaling=0.5), first)
+    assert min(max(launches.split("_gemm_2n_kernel")), max(launches.split("_gemm_2k_kernel"))) > 1
+    assert not torch.isnan(first).any()
+    assert all(not buf.any() for buf in _triton_gemm._COUNTERS.values())
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_lowrank_linear_module(device):
     """LowRankLinear.forward (no LoRA) equals (x vᵀ) uᵀ + b, and trains its bias."""
     g = torch.Generator().manual_seed(3)
