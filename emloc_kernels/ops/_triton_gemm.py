@@ -58,9 +58,8 @@ def _load_right(
 
     Packed (ops/quant.py layout): int8 ``q·scale[row]``; int4 ``nibble·scale[row, col//g] +
     offset[row, col//g]`` with two nibbles per byte along the factor's columns.
-    ``K_IS_COL``: the GEMM's K runs along the factor's columns (operand ``Fᵀ``).  There the
-    launcher keeps an int4 K tile inside one group (``BLOCK_K ≤ g``, k0 a multiple of BLOCK_K),
-    so scales and offsets are one BN-vector per tile, not a per-element gather.
+    ``K_IS_COL``: the GEMM's K runs along the factor's columns (operand ``Fᵀ``); int4 operands
+    of that kind take :func:`_step_int4_along_k` instead.
     """
     kk = offs_k[:, None]
     nn = offs_n[None, :]
@@ -76,25 +75,92 @@ def _load_right(
             s = tl.load(s_ptr + nn * ss_n, mask=nn < N, other=0.0)
         else:
             s = tl.load(s_ptr + kk * ss_k, mask=kk < k_end, other=0.0)
-        b = (q.to(tl.float32) * s.to(tl.float32)).to(s_ptr.dtype.element_ty)
-    else:
-        if K_IS_COL:
-            byte = tl.load(ptr + (kk // 2) * stride_k + nn * stride_n, mask=mask, other=0)
-            shift = (kk % 2) * 4
-            tl.static_assert(BLOCK_K <= GROUP, "int4 along K: a K tile must lie inside one group")
-            sidx = (k0 // GROUP) * ss_k + nn * ss_n
-            smask = nn < N
-        else:
-            byte = tl.load(ptr + kk * stride_k + (nn // 2) * stride_n, mask=mask, other=0)
-            shift = (nn % 2) * 4
-            sidx = kk * ss_k + (nn // GROUP) * ss_n
-            smask = mask
-        nib = (byte.to(tl.int32) >> shift) & 0xF
-        s = tl.load(s_ptr + sidx, mask=smask, other=0.0)
-        o = tl.load(o_ptr + sidx, mask=smask, other=0.0)
-        b = nib.to(tl.float32) * s.to(tl.float32) + o.to(tl.float32)
-        b = tl.where(mask, b, 0.0).to(s_ptr.dtype.element_ty)
+        b = (_int8_to_f32(q) * s.to(tl.float32)).to(s_ptr.dtype.element_ty)
+    else:  # int4, N along the packed bytes: each byte loaded once, its nibbles the even and odd columns
+        n_even, n_odd = tl.split(tl.reshape(offs_n, (offs_n.shape[0] // 2, 2)))
+        k_ok = _k_rows_ok(kk, k_end, MASK_K)
+        even_ok, odd_ok = k_ok & (n_even[None, :] < N), k_ok & (n_odd[None, :] < N)
+        byte = tl.load(ptr + kk * stride_k + (n_even[None, :] // 2) * stride_n, mask=even_ok, other=0).to(tl.int32)
+        sidx = kk * ss_k + (n_even[None, :] // GROUP) * ss_n  # GROUP is even: a pair shares its group
+        s = tl.load(s_ptr + sidx, mask=even_ok, other=0.0).to(tl.float32)
+        o = tl.load(o_ptr + sidx, mask=even_ok, other=0.0).to(tl.float32)
+        lo = tl.where(even_ok, _nibble_to_f32(byte & 0xF) * s + o, 0.0)
+        hi = tl.where(odd_ok, _nibble_to_f32(byte >> 4) * s + o, 0.0)
+        b = tl.interleave(lo, hi).to(s_ptr.dtype.element_ty)
     return b
+
+
+@triton.jit
+def _k_rows_ok(kk, k_end, MASK_K: tl.constexpr):
+    if MASK_K:
+        return kk < k_end
+    return kk >= 0
+
+
+@triton.jit
+def _int8_to_f32(q):
+    """int8 to fp32 by the exponent trick (see _nibble_to_f32), shifted by 128 to be positive."""
+    return (q.to(tl.int32) + 0x4B000080).to(tl.int32).to(tl.float32, bitcast=True) - 8388736.0
+
+
+@triton.jit
+def _nibble_to_f32(nib):
+    """0..15 (int32) to fp32 by the exponent trick: the bits of 2²³ + nib, minus 2²³ -- one
+    integer OR and one float add instead of an int→float conversion (quarter throughput)."""
+    return (nib | 0x4B000000).to(tl.int32).to(tl.float32, bitcast=True) - 8388608.0  # (the interpreter widens)
+
+
+@triton.jit
+def _step_int4_along_k(
+    acc,
+    a,
+    b_ptr,
+    s_ptr,
+    o_ptr,
+    k0,
+    k_end,
+    offs_n,
+    N,
+    stride_bk,
+    stride_bn,
+    ss_k,
+    ss_n,
+    GROUP: tl.constexpr,
+    F32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    MASK_K: tl.constexpr,
+):
+    """``acc += a·Bᵀ-tile`` for an int4 factor whose packed bytes run along K (operand ``Fᵀ``).
+
+    Each byte is loaded once, as a (BK/2)×BN tile contiguous along K (wide loads): its low
+    nibbles are the even k, its high nibbles the odd k, multiplied by the even and odd columns
+    of ``a`` (split in registers).  The K tile lies inside one group (launcher: BLOCK_K ≤ g,
+    k0 a multiple of BLOCK_K), so scale and offset are one BN-vector each; with few rows
+    (decode) they are applied after the dot, ``s·(a·q) + o·Σa``, not to every weight."""
+    offs_j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    if MASK_K:  # bytes up to the group boundary exist (zero padding); a is 0 past k_end
+        mask = (offs_j[:, None] < (k_end + GROUP - 1) // GROUP * (GROUP // 2)) & (offs_n[None, :] < N)
+    else:
+        mask = (offs_j[:, None] >= 0) & (offs_n[None, :] < N)
+    byte = tl.load(b_ptr + offs_j[:, None] * stride_bk + offs_n[None, :] * stride_bn, mask=mask, other=0)
+    byte = byte.to(tl.int32)
+    lo, hi = _nibble_to_f32(byte & 0xF), _nibble_to_f32(byte >> 4)
+    a_even, a_odd = tl.split(tl.reshape(a, (a.shape[0], BLOCK_K // 2, 2)))
+    sidx = (k0 // GROUP) * ss_k + offs_n * ss_n
+    s = tl.load(s_ptr + sidx, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    o = tl.load(o_ptr + sidx, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    if a.shape[0] < BLOCK_K:
+        part = tl.zeros((a.shape[0], offs_n.shape[0]), dtype=tl.float32)
+        part = _dot(part, a_even, lo, F32, PRECISION)
+        part = _dot(part, a_odd, hi, F32, PRECISION)
+        rows = tl.sum(a_even.to(tl.float32), 1) + tl.sum(a_odd.to(tl.float32), 1)
+        acc += s * part + o * rows[:, None]
+    else:
+        dt = s_ptr.dtype.element_ty
+        acc = _dot(acc, a_even, tl.where(mask, lo * s + o, 0.0).to(dt), F32, PRECISION)
+        acc = _dot(acc, a_odd, tl.where(mask, hi * s + o, 0.0).to(dt), F32, PRECISION)
+    return acc
 
 
 @triton.jit
@@ -140,26 +206,49 @@ def _step(
     else:
         a_mask = m_ok & (offs_k[None, :] >= 0)
     a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak, mask=a_mask, other=0.0)
-    b = _load_right(
-        b_ptr,
-        s_ptr,
-        o_ptr,
-        k0,
-        offs_k,
-        offs_n,
-        k_end,
-        N,
-        stride_bk,
-        stride_bn,
-        ss_k,
-        ss_n,
-        QUANT,
-        GROUP,
-        K_IS_COL,
-        MASK_K,
-        BLOCK_K,
-    )
-    return _dot(acc, a, b, F32, PRECISION)
+    if QUANT == 2 and K_IS_COL:
+        acc = _step_int4_along_k(
+            acc,
+            a,
+            b_ptr,
+            s_ptr,
+            o_ptr,
+            k0,
+            k_end,
+            offs_n,
+            N,
+            stride_bk,
+            stride_bn,
+            ss_k,
+            ss_n,
+            GROUP,
+            F32,
+            PRECISION,
+            BLOCK_K,
+            MASK_K,
+        )
+    else:
+        b = _load_right(
+            b_ptr,
+            s_ptr,
+            o_ptr,
+            k0,
+            offs_k,
+            offs_n,
+            k_end,
+            N,
+            stride_bk,
+            stride_bn,
+            ss_k,
+            ss_n,
+            QUANT,
+            GROUP,
+            K_IS_COL,
+            MASK_K,
+            BLOCK_K,
+        )
+        acc = _dot(acc, a, b, F32, PRECISION)
+    return acc
 
 
 @triton.jit
@@ -703,8 +792,9 @@ class _Plan(NamedTuple):
 
 
 def _block_k(cfg: Config, quant: int, group: int, k_is_col: bool) -> int:
-    """int4 along K: a K tile inside one quantisation group (one scale vector per tile)."""
-    return min(cfg.block_k, group) if quant == QUANT_MODES["int4"] and k_is_col else cfg.block_k
+    """int4 along K: a K tile inside one quantisation group (one scale vector per tile), at
+    least 32 wide (each half, even and odd k, feeds a dot of depth ≥ 16)."""
+    return max(32, min(cfg.block_k, group)) if quant == QUANT_MODES["int4"] and k_is_col else cfg.block_k
 
 
 @functools.lru_cache(maxsize=4096)

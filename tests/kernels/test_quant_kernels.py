@@ -11,7 +11,7 @@ import torch
 from emloc_kernels import ops
 from emloc_kernels.ops.quant import PackedFactor, dequantize_reference
 
-from kernel_utils import DEVICES, rel_err, tol
+from kernel_utils import DEVICES, rel_err, strided, tol
 
 
 def random_packed(n: int, k: int, fmt: str, group: int, dtype: torch.dtype, g: torch.Generator) -> PackedFactor:
@@ -32,23 +32,29 @@ def _to(p: PackedFactor, device: str) -> PackedFactor:
     return PackedFactor(p.qweight.to(device), p.scale.to(device), off, p.fmt, p.shape, p.group_size)
 
 
-# (x dtype, u format, v format, group size, lead shape of x, in, out, r)
+# (x dtype, u format, v format, group size, lead shape of x, in, out, r, x strided).  Under the
+# interpreter M = 3 takes int4's decode form (scale after the dot), M = 18 its tile form.
 CASES = [
-    (torch.bfloat16, "int8", "int8", 0, (2, 9), 150, 37, 70),
-    (torch.float16, "int4", "int4", 64, (3,), 150, 37, 130),
-    (torch.bfloat16, None, "int4", 128, (2, 9), 150, 45, 23),
-    (torch.float16, "int4", "int8", 128, (3,), 70, 140, 37),
+    (torch.bfloat16, "int8", "int8", 0, (2, 9), 150, 37, 70, False),
+    (torch.float16, "int4", "int4", 64, (3,), 150, 37, 130, False),
+    (torch.bfloat16, None, "int4", 128, (2, 9), 150, 45, 23, True),
+    (torch.float16, "int4", "int8", 128, (3,), 70, 140, 37, True),
+    (torch.float32, "int4", "int4", 64, (2, 9), 100, 37, 45, False),
+    (torch.float32, "int8", "int8", 0, (3,), 150, 37, 70, True),
 ]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{str(c[0])[6:]}-u_{c[1]}-v_{c[2]}-g{c[3]}-M{c[4]}")
+@pytest.mark.parametrize(
+    "case", CASES, ids=lambda c: f"{str(c[0])[6:]}-u_{c[1]}-v_{c[2]}-g{c[3]}-M{c[4]}{'-strided' if c[8] else ''}"
+)
 def test_packed_factors_match_dequantised_reference(device, case):
-    dt, ufmt, vfmt, group, lead, n_in, n_out, r = case
+    dt, ufmt, vfmt, group, lead, n_in, n_out, r, strd = case
     g = torch.Generator().manual_seed(5)
     u = random_packed(n_out, r, ufmt, group, dt, g) if ufmt else (torch.randn(n_out, r, generator=g) / r**0.5).to(dt)
     v = random_packed(r, n_in, vfmt, group, dt, g)
-    x = torch.randn(*lead, n_in, generator=g).to(device=device, dtype=dt).requires_grad_()
+    x = torch.randn(*lead, n_in, generator=g).to(device=device, dtype=dt)
+    x = (strided(x) if strd else x).requires_grad_()
     a = (torch.randn(5, n_in, generator=g) / n_in**0.5).to(device).requires_grad_()
     b = torch.randn(n_out, 5, generator=g).to(device).requires_grad_()
     u = _to(u, device) if ufmt else u.to(device)
