@@ -368,8 +368,11 @@ def _finish(
     sets the counter back to zero, so no reduction launch follows the kernel and the counters
     are ready for the next launch (see ``_counters``)."""
     if SPLIT:
-        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-        ws = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        # partial rows padded to 16 columns and stored whole: the mask is constant over 16
+        # columns, so partials move in 16-byte loads (the padding never reaches C)
+        width = tl.cdiv(N, 16) * 16
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < width)
+        ws = ws_ptr + offs_m[:, None] * width + offs_n[None, :]
         tl.store(ws + tl.program_id(1) * stride_ws, acc, mask=mask)
         tl.debug_barrier()  # all of this program's partial is written before it is counted
         if tl.atomic_add(cnt_ptr + tl.program_id(0), 1) == tl.num_programs(1) - 1:  # acq_rel, gpu scope
@@ -876,11 +879,13 @@ def _counters(tiles: int, device: torch.device) -> torch.Tensor:
 
 
 def _workspaces(plan: _Plan, m: int, widths: tuple[int, ...], device: torch.device):
-    """fp32 partials (split×M×width each) and the counters for a split-K launch; without split,
-    ``None`` (the kernel never touches them)."""
+    """fp32 partials (split×M×width each, rows padded to 16 elements) and the counters for a
+    split-K launch; without split, ``None`` (the kernel never touches them)."""
     if plan.split == 1:
         return (None,) * len(widths), None
-    return tuple(_alloc((plan.split, m, w), torch.float32, device) for w in widths), _counters(plan.tiles, device)
+    return tuple(_alloc((plan.split, m, _pad16(w)), torch.float32, device) for w in widths), _counters(
+        plan.tiles, device
+    )
 
 
 def gemm_2k(a1, b1: Right, a2, b2, alpha1: float, alpha2: float, bias, out_dtype: torch.dtype) -> torch.Tensor:
@@ -937,7 +942,7 @@ def gemm_2k(a1, b1: Right, a2, b2, alpha1: float, alpha2: float, bias, out_dtype
         *a2.stride(),
         *b2.stride(),
         *c.stride(),
-        m * n,
+        m * _pad16(n),
         float(alpha1),
         float(alpha2),
         **plan.consts,
@@ -1002,8 +1007,8 @@ def gemm_2n(
         *b2.stride(),
         *c1.stride(),
         *c2.stride(),
-        m * n1,
-        m * n2,
+        m * _pad16(n1),
+        m * _pad16(n2),
         float(alpha2),
         **plan.consts,
     )
