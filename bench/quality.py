@@ -65,6 +65,11 @@ PRESETS = {
         "distill rank 16, 300 on 256, 0.4": dict(
             ratio=0.4, allocate="uniform", distill_steps=300, distill_samples=256, distill_rank=16
         ),
+        # the recipe's default (distilled) at the other two points
+        "distill 300 on 256, 0.4 int4-g64": dict(
+            ratio=0.4, allocate="uniform", distill_steps=300, distill_samples=256, quant="int4", group_size=64
+        ),
+        "distill 300 on 256, 0.3": dict(ratio=0.3, allocate="uniform", distill_steps=300, distill_samples=256),
     },
     "ratios": {f"paper build, {r}": dict(ratio=r, **PAPER) for r in (0.3, 0.4, 0.6)},
 }
