@@ -13,6 +13,10 @@ on tensor cores, anything else in fp32 (tf32 when torch allows it); accumulation
 ``use_triton`` is the single dispatch point: Triton for CUDA tensors, Triton's
 interpreter for CPU tensors under ``TRITON_INTERPRET=1``, the torch reference otherwise
 or when ``EMLOC_FORCE_REFERENCE=1``.
+
+Shapes are not checked here: the ops that call these GEMMs validate their arguments once,
+with messages that name them, and a second check per GEMM would cost host time on every
+call of every layer.
 """
 
 from __future__ import annotations
@@ -68,11 +72,6 @@ def aligned_rows(t: torch.Tensor, multiple: int = 16) -> torch.Tensor:
     return out
 
 
-def _check_k(name: str, a: torch.Tensor, b: Right) -> None:
-    if a.ndim != 2 or len(b.shape) != 2 or a.shape[1] != b.shape[0]:
-        raise ValueError(f"{name}: left operand must be M×K and right K×N; got {tuple(a.shape)} and {tuple(b.shape)}")
-
-
 def gemm_2k(
     a1: torch.Tensor,
     b1: Right,
@@ -85,16 +84,8 @@ def gemm_2k(
     out_dtype: torch.dtype | None = None,
     triton: bool,
 ) -> torch.Tensor:
-    """``C = α₁·A₁B₁ + α₂·A₂B₂ + bias`` (M×N, ``out_dtype`` or A₁'s dtype); segment 2 optional."""
-    _check_k("gemm_2k segment 1", a1, b1)
-    if a2 is not None:
-        if b2 is None:
-            raise ValueError("gemm_2k: a2 needs b2 (segment 2 has both operands or neither)")
-        _check_k("gemm_2k segment 2", a2, b2)
-        if a2.shape[0] != a1.shape[0] or b2.shape[1] != b1.shape[1]:
-            raise ValueError(
-                f"gemm_2k: segments disagree on M×N: {tuple(a1.shape)}·{tuple(b1.shape)} vs {tuple(a2.shape)}·{tuple(b2.shape)}"
-            )
+    """``C = α₁·A₁B₁ + α₂·A₂B₂ + bias`` (M×N, ``out_dtype`` or A₁'s dtype); segment 2 optional
+    (a2 and b2 both given or both None)."""
     if not triton:
         return gemm_2k_reference(a1, b1, a2, b2, alpha1, alpha2, bias, out_dtype)
     return _kernels().gemm_2k(a1, b1, a2, b2, alpha1, alpha2, bias, out_dtype or a1.dtype)
@@ -110,8 +101,6 @@ def gemm_2n(
     triton: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A·B₁, α₂·A·B₂)`` with one pass over ``A``; dtypes default to A's."""
-    _check_k("gemm_2n segment 1", a, b1)
-    _check_k("gemm_2n segment 2", a, b2)
     if not triton:
         return gemm_2n_reference(a, b1, b2, alpha2, out_dtypes)
     return _kernels().gemm_2n(a, b1, b2, alpha2, out_dtypes or (a.dtype, a.dtype))
