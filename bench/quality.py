@@ -70,6 +70,9 @@ PRESETS = {
             ratio=0.4, allocate="uniform", distill_steps=300, distill_samples=256, quant="int4", group_size=64
         ),
         "distill 300 on 256, 0.3": dict(ratio=0.3, allocate="uniform", distill_steps=300, distill_samples=256),
+        "distill 300 on 256 + anchor, 0.4": dict(
+            ratio=0.4, allocate="uniform", distill_steps=300, distill_samples=256, anchor=True
+        ),
     },
     "ratios": {f"paper build, {r}": dict(ratio=r, **PAPER) for r in (0.3, 0.4, 0.6)},
 }

@@ -359,6 +359,12 @@ def parser(task: str | None = None) -> argparse.ArgumentParser:
         help="also train LoRA on the original and report its "
         "accuracy (lora_original) and the share of its gain the delivered adapter keeps (recovery)",
     )
+    f.add_argument(
+        "--anchor",
+        action="store_true",
+        help="label data: train the LoRA around the original's final hidden states on its training "
+        "examples (computed once, inference only), so that it learns the task, not the emulator's errors",
+    )
     _build_options(f, "uniform")
     _distill_options(f, "training examples", 300)
     f.set_defaults(func=cmd_finetune, **(TASKS[task].settings if task in TASKS else {}))

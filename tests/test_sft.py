@@ -208,6 +208,15 @@ def test_trainer_options_are_refused_for_label_data(material, tmp_path):
         )
 
 
+def test_anchor_is_refused_for_generative_data(material, tmp_path):
+    with pytest.raises(SystemExit, match="--anchor: for label classification data only"):
+        cli.main(
+            ["finetune", "--model", str(material / "model"), "--data", str(material / "chat-train.jsonl")]
+            + ["--eval-data", str(material / "chat-test.jsonl"), "--anchor", "--out", str(tmp_path / "x")]
+        )
+    assert not (tmp_path / "x").exists()
+
+
 def test_eval_data_in_another_format_is_refused(material, tmp_path):
     with pytest.raises(SystemExit, match=r"--eval-data .* is in the 'prompt-completion' format, --data .* 'messages'"):
         cli.main(

@@ -12,6 +12,7 @@ directory let a killed run resume its training.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -40,7 +41,7 @@ from . import demo
 from .data import IGNORE, LABEL, GenerativeTask, lm_loss, perplexity, read_rows, shifted_nll
 from .memory import peak_in_fresh_process
 from .models import attach_lora, check_model_source, load_model, load_tokenizer
-from .task import LabelTask, accuracy, fill_prompt, loss_on
+from .task import LabelTask, accuracy, fill_prompt, last_hidden_states, loss_on
 
 logger = logging.getLogger(__name__)
 # how a LoRA trained on the emulator becomes one for the original: (method, parameter)
@@ -58,6 +59,7 @@ TRANSFERS = {
 PAPER_TRANSFERS = ("uncorrected", "L=1", "L=3", "unclamped")
 # the Trainer's checkpoints in the work directory (removed once their training is done)
 CHECKPOINTS, CHECKPOINTS_ORIGINAL = "checkpoints", "checkpoints-original"
+ANCHOR = "anchor_original.pt"  # the original's final hidden states on the training rows (--anchor)
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 # the Trainer's options: label data trains with the plain loop and refuses other values than these
 TRAINER_DEFAULTS = {"grad_accum": 1, "lr_scheduler": "linear", "warmup_ratio": 0.0, "epochs": None}
@@ -130,6 +132,9 @@ class FinetuneSettings:
     distill_rank: int = 8  # rank each emulated linear spends on the distillation (within its budget)
     distill_samples: int = 256  # training examples the distillation matches the original on
     distill_lr: float = 1e-3  # the distillation's AdamW learning rate
+    # label data: train the LoRA on the emulator around the original's final hidden states
+    # (the loss sees h_E(x; LoRA) + h_O(x) − h_E(x)); see train()
+    anchor: bool = False
     upper_bound: bool = False  # also train LoRA on the original: report lora_original and recovery
     task: str | None = None  # an embedded task (demo.TASKS); None: Rotten Tomatoes
     # generative data (transformers' Trainer) only
@@ -178,6 +183,19 @@ class FinetuneSettings:
         check_device(self.device)
 
 
+def batch_schedule(n_rows: int, steps: int, batch_size: int, seed: int) -> list[list[int]]:
+    """The row indices of every training step: passes over the shuffled rows, in order."""
+    order = random.Random(seed)
+    pool: list[int] = []
+    batches = []
+    for _ in range(steps):
+        if len(pool) < batch_size:
+            pool += order.sample(range(n_rows), n_rows)
+        batches.append(pool[:batch_size])
+        pool = pool[batch_size:]
+    return batches
+
+
 def train(
     model: torch.nn.Module,
     task: LabelTask,
@@ -189,25 +207,39 @@ def train(
     seed: int,
     device: torch.device,
     progress: bool = True,
+    offsets: dict[int, torch.Tensor] | None = None,
 ) -> list[float]:
-    """Plain AdamW loop over shuffled batches; returns the loss per step."""
-    order = random.Random(seed)
+    """Plain AdamW loop over shuffled batches; returns the loss per step.
+
+    ``offsets`` (row index → hidden-size vector, for every row the schedule uses) anchor the
+    training: the output head reads the model's final hidden state plus the row's offset.
+    With ``h_O − h_E`` (the original's and the emulator's hidden states before training) the
+    loss is that of ``h_O(x) + [h_E(x; LoRA) − h_E(x)]``: the original's starting point moved by
+    what the LoRA does to the emulator, a first-order stand-in for the original with the
+    LoRA, so the LoRA is not trained to repair the emulator's own errors."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     model.train()
     losses: list[float] = []
-    pool: list[int] = []
-    bar = tqdm(range(steps), desc="LoRA on emulator", unit="step", disable=not progress)
-    for _ in bar:
-        if len(pool) < batch_size:
-            pool += order.sample(range(len(rows)), len(rows))
-        picked, pool = pool[:batch_size], pool[batch_size:]
-        loss = loss_on(model, task.encode([rows[i] for i in picked], device))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar = tqdm(
+        batch_schedule(len(rows), steps, batch_size, seed), desc="LoRA on emulator", unit="step", disable=not progress
+    )
+    with hidden_states_as_logits(model) if offsets is not None else contextlib.nullcontext() as head:
+        if offsets is not None and head is None:
+            raise ValueError(
+                "anchored training needs a model whose logits are a plain linear head of its hidden states"
+            )
+        for picked in bar:
+            batch = task.encode([rows[i] for i in picked], device)
+            anchor = None
+            if offsets is not None and head is not None:
+                anchor = (head, torch.stack([offsets[i] for i in picked]).to(device))
+            loss = loss_on(model, batch, anchor)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
     return losses
 
@@ -478,6 +510,10 @@ class Run:
         alpha = float(s.lora_alpha if s.lora_alpha is not None else s.lora_rank)
         model_path, task, train_rows, val_rows, test_rows = prepare(s)
         _check_vocabulary(model_path, task)
+        if s.anchor and not isinstance(task, LabelTask):
+            raise ValueError(
+                "--anchor: for label classification data only (the loss reads one hidden state per example)"
+            )
         if isinstance(task, LabelTask):
             changed = [k for k, v in TRAINER_DEFAULTS.items() if getattr(s, k) != v]
             if changed:
@@ -515,12 +551,14 @@ class Run:
             return accuracy(model, self.task, self.val_rows if split == "validation" else self.test_rows)
         return lm_loss(model, self.task, self.features(split))
 
-    def train(self, model: torch.nn.Module, checkpoints: Path) -> dict[str, list]:
+    def train(
+        self, model: torch.nn.Module, checkpoints: Path, offsets: dict[int, torch.Tensor] | None = None
+    ) -> dict[str, list]:
         """LoRA training of ``model``: losses and their steps (Trainer checkpoints in
-        ``checkpoints`` for generative data)."""
+        ``checkpoints`` for generative data; ``offsets`` anchor label training, see :func:`train`)."""
         s = self.settings
         if isinstance(self.task, LabelTask):
-            losses = train_as_set(s, model, self.task, self.train_rows, self.device)
+            losses = train_as_set(s, model, self.task, self.train_rows, self.device, offsets)
             return {"losses": losses, "steps": list(range(1, len(losses) + 1))}
         return train_with_trainer(s, model, self.task, self.features("train"), checkpoints, self.device)
 
@@ -622,11 +660,24 @@ def _run(r: Run, out: Path) -> dict:
         shutil.rmtree(out / ".emulator.partial")
         return weight_sizes(emulator, original_bytes)
 
+    anchored = sorted({i for b in batch_schedule(len(train_rows), s.steps, s.batch_size, s.seed) for i in b})
+
+    def anchor_original(original: nn.Module) -> dict[str, int]:
+        """The original's final hidden states on the training rows the LoRA will see
+        (inference only, while it is in memory for the zero-shot score)."""
+        states = last_hidden_states(original, cast(LabelTask, task), [train_rows[i] for i in anchored])
+        torch.save(states, out / ANCHOR)
+        return {"rows": len(anchored)}
+
     def train_on_emulator(emulator: nn.Module) -> dict[str, list]:
         """Stage 2: LoRA on the emulator; the adapter names the original (load_emulator sets
         it), as PEFT expects of an adapter for it."""
+        offsets = None
+        if s.anchor:
+            before = last_hidden_states(emulator, cast(LabelTask, task), [train_rows[i] for i in anchored])
+            offsets = dict(zip(anchored, torch.load(out / ANCHOR) - before))
         peft_model = attach_lora(emulator, s.lora_rank, alpha, s.seed)
-        logged = r.train(peft_model, out / CHECKPOINTS)
+        logged = r.train(peft_model, out / CHECKPOINTS, offsets)
 
         def write(directory: Path) -> None:
             peft_model.save_pretrained(str(directory))
@@ -638,6 +689,8 @@ def _run(r: Run, out: Path) -> dict:
     if "build_emulator" not in stages:  # the original in memory for the first two stages only
         original, _ = load_model(model_path, device, dtype)
         stages.run("eval_zero_shot", r.evaluate, original, "test")
+        if s.anchor:
+            stages.run("anchor_original", anchor_original, original)
         stages.run("build_emulator", build, original)
         del original
     if "train" not in stages:
@@ -800,7 +853,12 @@ def _evaluate_variants(
 
 
 def train_as_set(
-    s: FinetuneSettings, model: torch.nn.Module, task: LabelTask, rows: list[dict], device: torch.device
+    s: FinetuneSettings,
+    model: torch.nn.Module,
+    task: LabelTask,
+    rows: list[dict],
+    device: torch.device,
+    offsets: dict[int, torch.Tensor] | None = None,
 ) -> list[float]:
     """:func:`train` with the run's steps, batch size, learning rate, seed and progress setting."""
     return train(
@@ -813,6 +871,7 @@ def train_as_set(
         seed=s.seed,
         device=device,
         progress=s.progress,
+        offsets=offsets,
     )
 
 

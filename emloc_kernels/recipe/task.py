@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import datafiles
-from ..conventions import padding
+from ..conventions import hidden_states_as_logits, padding
 
 
 def read_jsonl(path: str | os.PathLike, what: str) -> list[dict]:
@@ -109,9 +109,36 @@ def next_token_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch
     return out.logits[:, -1, :]
 
 
-def loss_on(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Cross-entropy of the label's first token (full vocabulary)."""
-    return F.cross_entropy(next_token_logits(model, batch).float(), batch["targets"])
+def loss_on(
+    model: nn.Module, batch: dict[str, torch.Tensor], anchor: tuple[nn.Module, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """Cross-entropy of the label's first token (full vocabulary).  With ``anchor = (head,
+    offsets)`` the model's logits are its final hidden states (:func:`hidden_states_as_logits`),
+    moved by ``offsets`` (B, hidden) before the output head."""
+    if anchor is None:
+        return F.cross_entropy(next_token_logits(model, batch).float(), batch["targets"])
+    head, offsets = anchor
+    hidden = next_token_logits(model, batch)
+    return F.cross_entropy(head(hidden + offsets.to(hidden.dtype)).float(), batch["targets"])
+
+
+@torch.no_grad()
+def last_hidden_states(model: nn.Module, task: "LabelTask", rows: list[dict], batch_size: int = 32) -> torch.Tensor:
+    """(len(rows), hidden) fp32: each example's final hidden state at the position that predicts
+    its label (the output head's input).  Needs a model with a plain output head."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    with hidden_states_as_logits(model) as head:
+        if head is None:
+            raise ValueError(
+                "anchored training needs a model whose logits are a plain linear head of its hidden states"
+            )
+        for i in range(0, len(rows), batch_size):
+            out.append(next_token_logits(model, task.encode(rows[i : i + batch_size], device)).float().cpu())
+    model.train(was_training)
+    return torch.cat(out)
 
 
 def lm_loss_on(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
