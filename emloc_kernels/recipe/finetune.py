@@ -686,8 +686,8 @@ def _run(r: Run, out: Path) -> dict:
         write_dir_atomically(out / "adapter", write, overwrite=True)
         return logged
 
-    if "build_emulator" not in stages:  # the original in memory for the first two stages only
-        original, _ = load_model(model_path, device, dtype)
+    if "build_emulator" not in stages or (s.anchor and "anchor_original" not in stages):
+        original, _ = load_model(model_path, device, dtype)  # in memory for the first stages only
         stages.run("eval_zero_shot", r.evaluate, original, "test")
         if s.anchor:
             stages.run("anchor_original", anchor_original, original)
