@@ -73,6 +73,15 @@ PRESETS = {
         "distill 300 on 256 + anchor, 0.4": dict(
             ratio=0.4, allocate="uniform", distill_steps=300, distill_samples=256, anchor=True
         ),
+        "distill 300 on 256 + anchor, 0.4 int4-g64": dict(
+            ratio=0.4,
+            allocate="uniform",
+            distill_steps=300,
+            distill_samples=256,
+            quant="int4",
+            group_size=64,
+            anchor=True,
+        ),
     },
     "ratios": {f"paper build, {r}": dict(ratio=r, **PAPER) for r in (0.3, 0.4, 0.6)},
 }
