@@ -41,7 +41,7 @@ from . import demo
 from .data import IGNORE, LABEL, GenerativeTask, lm_loss, perplexity, read_rows, shifted_nll
 from .memory import peak_in_fresh_process
 from .models import attach_lora, check_model_source, load_model, load_tokenizer
-from .task import LabelTask, accuracy, fill_prompt, last_hidden_states, loss_on
+from .task import NO_PLAIN_HEAD, LabelTask, accuracy, fill_prompt, last_hidden_states, loss_on
 
 logger = logging.getLogger(__name__)
 # how a LoRA trained on the emulator becomes one for the original: (method, parameter)
@@ -226,9 +226,7 @@ def train(
     )
     with hidden_states_as_logits(model) if offsets is not None else contextlib.nullcontext() as head:
         if offsets is not None and head is None:
-            raise ValueError(
-                "anchored training needs a model whose logits are a plain linear head of its hidden states"
-            )
+            raise ValueError(NO_PLAIN_HEAD)
         for picked in bar:
             batch = task.encode([rows[i] for i in picked], device)
             anchor = None
@@ -660,7 +658,12 @@ def _run(r: Run, out: Path) -> dict:
         shutil.rmtree(out / ".emulator.partial")
         return weight_sizes(emulator, original_bytes)
 
-    anchored = sorted({i for b in batch_schedule(len(train_rows), s.steps, s.batch_size, s.seed) for i in b})
+    # with --anchor: the training rows the schedule will use
+    anchored = (
+        sorted({i for b in batch_schedule(len(train_rows), s.steps, s.batch_size, s.seed) for i in b})
+        if s.anchor
+        else []
+    )
 
     def anchor_original(original: nn.Module) -> dict[str, int]:
         """The original's final hidden states on the training rows the LoRA will see

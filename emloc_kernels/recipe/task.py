@@ -122,6 +122,9 @@ def loss_on(
     return F.cross_entropy(head(hidden + offsets.to(hidden.dtype)).float(), batch["targets"])
 
 
+NO_PLAIN_HEAD = "anchored training needs a model whose logits are a plain linear head of its hidden states"
+
+
 @torch.no_grad()
 def last_hidden_states(model: nn.Module, task: "LabelTask", rows: list[dict], batch_size: int = 32) -> torch.Tensor:
     """(len(rows), hidden) fp32: each example's final hidden state at the position that predicts
@@ -132,9 +135,7 @@ def last_hidden_states(model: nn.Module, task: "LabelTask", rows: list[dict], ba
     out = []
     with hidden_states_as_logits(model) as head:
         if head is None:
-            raise ValueError(
-                "anchored training needs a model whose logits are a plain linear head of its hidden states"
-            )
+            raise ValueError(NO_PLAIN_HEAD)
         for i in range(0, len(rows), batch_size):
             out.append(next_token_logits(model, task.encode(rows[i : i + batch_size], device)).float().cpu())
     model.train(was_training)
