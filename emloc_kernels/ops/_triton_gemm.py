@@ -63,10 +63,8 @@ def _load_right(
     """
     kk = offs_k[:, None]
     nn = offs_n[None, :]
-    if MASK_K:
-        mask = (kk < k_end) & (nn < N)
-    else:
-        mask = (kk >= 0) & (nn < N)
+    k_ok = _k_rows_ok(kk, k_end, MASK_K)
+    mask = k_ok & (nn < N)
     if QUANT == 0:
         b = tl.load(ptr + kk * stride_k + nn * stride_n, mask=mask, other=0.0)
     elif QUANT == 1:
@@ -78,7 +76,6 @@ def _load_right(
         b = (_int8_to_f32(q) * s.to(tl.float32)).to(s_ptr.dtype.element_ty)
     else:  # int4, N along the packed bytes: each byte loaded once, its nibbles the even and odd columns
         n_even, n_odd = tl.split(tl.reshape(offs_n, (offs_n.shape[0] // 2, 2)))
-        k_ok = _k_rows_ok(kk, k_end, MASK_K)
         even_ok, odd_ok = k_ok & (n_even[None, :] < N), k_ok & (n_odd[None, :] < N)
         byte = tl.load(ptr + kk * stride_k + (n_even[None, :] // 2) * stride_n, mask=even_ok, other=0).to(tl.int32)
         sidx = kk * ss_k + (n_even[None, :] // GROUP) * ss_n  # GROUP is even: a pair shares its group
@@ -92,6 +89,8 @@ def _load_right(
 
 @triton.jit
 def _k_rows_ok(kk, k_end, MASK_K: tl.constexpr):
+    """Rows of a K tile inside the reduction: all of them in full tiles (a mask that is constant
+    along K lets loads vectorise), those before ``k_end`` in the tail tile."""
     if MASK_K:
         return kk < k_end
     return kk >= 0
