@@ -365,6 +365,13 @@ def parser(task: str | None = None) -> argparse.ArgumentParser:
         help="label data: train the LoRA around the original's final hidden states on its training "
         "examples (computed once, inference only), so that it learns the task, not the emulator's errors",
     )
+    f.add_argument(
+        "--emulator",
+        default=None,
+        metavar="DIR",
+        help="fine-tune on this emulator (from emloc build, or an earlier run's emulator/) instead of building "
+        "one: it must come from --model, and the build options below are refused",
+    )
     _build_options(f, "uniform")
     _distill_options(f, "training examples", 300)
     f.set_defaults(func=cmd_finetune, **(TASKS[task].settings if task in TASKS else {}))

@@ -173,6 +173,27 @@ def matches_probe(weight: torch.Tensor, probe: dict[str, Any]) -> bool:
     return bool(((a - b).abs() <= eps * torch.maximum(a.abs(), b.abs())).all())
 
 
+def check_built_from(metadata: Mapping[str, Any], original: nn.Module, option: str) -> None:
+    """Refuse an ``original`` other than the model an emulator (its ``metadata``) was built
+    from: another architecture, a missing linear, or weights other than the build probed."""
+    architecture = metadata.get("architecture")
+    if architecture and architecture != type(original).__name__:
+        raise ValueError(f"{option}: the emulator is a {architecture}, the model a {type(original).__name__}")
+    for path, info in metadata.get("modules", {}).items():
+        try:
+            weight = out_in_weight(original.get_submodule(path))
+        except AttributeError:
+            raise ValueError(f"{option}: the emulator has a linear {path} that the model lacks") from None
+        probe = info.get("original_probe")
+        if tuple(weight.shape) != (info["out_features"], info["in_features"]) or (
+            probe is not None and not matches_probe(weight, probe)
+        ):
+            raise ValueError(
+                f"{option}: the emulator was built from another model "
+                f"({metadata.get('original_model') or 'unnamed'}): {path}'s weights differ"
+            )
+
+
 def check_device(name: str | None, option: str = "--device") -> torch.device | None:
     """``name`` as a device this process can use (``None`` stays ``None``); else a ValueError
     naming ``option``."""

@@ -28,8 +28,8 @@ def _lines(path: str | os.PathLike, what: str) -> Iterator[tuple[int, str]]:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise ValueError(f"{what} {path}:{line} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        at = data[: e.start].count(b"\n") + 1
+        raise ValueError(f"{what} {path}:{at} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     for i, line in enumerate(text.split("\n"), 1):
         line = line.removesuffix("\r")
         if line.strip():

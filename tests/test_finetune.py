@@ -29,12 +29,12 @@ def material(tmp_path_factory, save_tiny_llama):
     return root
 
 
-def run(material, out, *extra):
+def run(material, out, *extra, model="model", build=("--distill-steps", "2")):
     cli.main(
         [
             "finetune",
             "--model",
-            str(material / "model"),
+            str(material / model),
             "--data",
             str(material / "train.jsonl"),
             "--eval-data",
@@ -45,8 +45,7 @@ def run(material, out, *extra):
             "4",
             "--calibration-samples",
             "8",
-            "--distill-steps",
-            "2",
+            *build,
             "--validation-samples",
             "12",
             "--out",
@@ -237,3 +236,27 @@ def test_interrupted_run_resumes_at_the_first_unfinished_stage(material, tmp_pat
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == sorted(
         p.name for p in (tmp_path / "reference").iterdir()
     )
+
+
+def test_a_given_emulator_is_fine_tuned_on_and_must_come_from_the_model(material, tmp_path, save_tiny_llama):
+    built = run(material, tmp_path / "built", "--clamp", "uncorrected")
+    emulator = str(tmp_path / "built" / "emulator")
+    given = run(material, tmp_path / "given", "--clamp", "uncorrected", "--emulator", emulator, build=())
+    # the same emulator, seed and data: the same training and scores as the run that built it
+    for key in ("emulator", "uncorrected", "losses", "bytes", "emulator_build"):
+        assert given[key] == built[key], key
+    assert given["emulator_build"]["build"]["distill"]["steps"] == 2
+    assert "build_emulator" in given["timings_s"] and given["settings"]["emulator"] == emulator
+    assert (
+        json.loads((tmp_path / "given" / "emulator" / "emloc.json").read_text())["modules"]
+        == json.loads((tmp_path / "built" / "emulator" / "emloc.json").read_text())["modules"]
+    )
+
+    save_tiny_llama(material / "other", initializer_range=0.05)  # same shapes, other weights
+    with pytest.raises(SystemExit, match="built from another model"):
+        run(material, tmp_path / "other", "--emulator", emulator, model="other", build=())
+    with pytest.raises(SystemExit, match="--ratio, --distill-steps: options of the emulator's build"):
+        run(material, tmp_path / "ratio", "--emulator", emulator, "--ratio", "0.3")
+    with pytest.raises(SystemExit, match="not an emulator directory"):
+        run(material, tmp_path / "plain", "--emulator", str(material / "model"), build=())
+    assert not any((tmp_path / d).exists() for d in ("other", "ratio", "plain"))

@@ -21,7 +21,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, cast
 
@@ -30,10 +30,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._version import __version__
-from ..conventions import check_device, hidden_states_as_logits
+from ..conventions import check_built_from, check_device, hidden_states_as_logits
 from ..correction import correct_adapter
 from ..emulator import build_emulator, load_emulator, save_emulator
 from ..emulator.distill import Distillation
+from ..emulator.io import read_metadata
 from ..files import check_output, copy_tokenizer, write_dir_atomically, write_dir_resumably
 from ..modules import LowRankLinear
 from ..transfer import correct_adapter_aware, transfer_adapter
@@ -64,6 +65,19 @@ LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine
 # the Trainer's options: label data trains with the plain loop and refuses other values than these
 TRAINER_DEFAULTS = {"grad_accum": 1, "lr_scheduler": "linear", "warmup_ratio": 0.0, "epochs": None}
 VALIDATION_SHARE = 0.2  # of a dataset too small for --validation-samples
+# the settings that shape the emulator's build: a run given a built one (--emulator) refuses them
+BUILD_OPTIONS = (
+    "ratio",
+    "quant",
+    "group_size",
+    "propagate",
+    "shrinkage",
+    "allocate",
+    "distill_steps",
+    "distill_rank",
+    "distill_lr",
+    "distill_samples",
+)
 
 
 # counts a run accepts: (smallest, largest)
@@ -136,6 +150,7 @@ class FinetuneSettings:
     # (the loss sees h_E(x; LoRA) + h_O(x) − h_E(x)); see train()
     anchor: bool = False
     upper_bound: bool = False  # also train LoRA on the original: report lora_original and recovery
+    emulator: str | None = None  # a built emulator directory to use instead of building one
     task: str | None = None  # an embedded task (demo.TASKS); None: Rotten Tomatoes
     # generative data (transformers' Trainer) only
     grad_accum: int = 1  # gradient accumulation: batches per optimiser step
@@ -160,6 +175,8 @@ class FinetuneSettings:
                 f"--task {self.task} and --data/--eval-data exclude each other: "
                 "--task runs embedded data, --data your own"
             )
+        if self.emulator is not None:
+            self._check_no_build_options()
         if self.prompt is None:
             self.prompt = demo.get_task(self.task).prompt
         else:
@@ -169,6 +186,18 @@ class FinetuneSettings:
                     f"--prompt must contain the placeholder {{text}} (other braces are kept as written), "
                     f"got {self.prompt!r}"
                 )
+
+    def _check_no_build_options(self) -> None:
+        """With ``--emulator``, the build options keep their (task's) defaults: the emulator
+        is built already, and a setting it did not follow must not pass unnoticed."""
+        defaults = {f.name: f.default for f in fields(self)} | dict(demo.get_task(self.task).settings)
+        changed = [k for k in BUILD_OPTIONS if getattr(self, k) != defaults[k]]
+        if changed:
+            options = ", ".join("--" + k.replace("_", "-") for k in changed)
+            raise ValueError(
+                f"{options}: options of the emulator's build, which --emulator {self.emulator} has done already; "
+                "drop them, or drop --emulator to build a new emulator"
+            )
 
     def _check_numbers(self) -> None:
         """Counts, learning rate and device in range, before any work (the CLI's options by name)."""
@@ -508,6 +537,8 @@ class Run:
         alpha = float(s.lora_alpha if s.lora_alpha is not None else s.lora_rank)
         model_path, task, train_rows, val_rows, test_rows = prepare(s)
         _check_vocabulary(model_path, task)
+        if s.emulator is not None:
+            read_metadata(s.emulator)  # an emulator directory, or refused before any work
         if s.anchor and not isinstance(task, LabelTask):
             raise ValueError(
                 "--anchor: for label classification data only (the loss reads one hidden state per example)"
@@ -566,7 +597,7 @@ def run(s: FinetuneSettings) -> dict:
 
     Everything is written aside and renamed at the end: a failed run leaves no half-filled
     ``--out``, and an existing one is replaced (``--overwrite``) only by a finished run."""
-    inputs = [s.model, s.data, s.eval_data]
+    inputs = [s.model, s.data, s.eval_data, s.emulator]
     out = check_output(s.out, inputs, overwrite=s.overwrite)
     r = Run.create(s)
     report: dict = {}
@@ -633,8 +664,13 @@ def _run(r: Run, out: Path) -> dict:
     def build(original: nn.Module) -> dict[str, int]:
         """Stage 1: the emulator, built in place (the original's weights are not needed again
         in memory), kept block by block for a resume; with ``distill_steps``, then distilled
-        toward the original's outputs on ``distill_samples`` training texts."""
+        toward the original's outputs on ``distill_samples`` training texts.  With
+        ``--emulator``: that one, saved into the run (its checksums verified on loading)."""
         original_bytes = tensor_bytes(original)
+        if s.emulator is not None:
+            emulator = load_emulator(s.emulator)
+            save_emulator(emulator, out / "emulator", overwrite=True)
+            return weight_sizes(emulator, original_bytes)
         distill = None
         if s.distill_steps > 0:
             texts = calibration_texts(s, train_rows, task, count=s.distill_samples)
@@ -691,6 +727,8 @@ def _run(r: Run, out: Path) -> dict:
 
     if "build_emulator" not in stages or (s.anchor and "anchor_original" not in stages):
         original, _ = load_model(model_path, device, dtype)  # in memory for the first stages only
+        if s.emulator is not None and "build_emulator" not in stages:
+            check_built_from(read_metadata(s.emulator), original, f"--emulator {s.emulator}")
         stages.run("eval_zero_shot", r.evaluate, original, "test")
         if s.anchor:
             stages.run("anchor_original", anchor_original, original)
@@ -775,6 +813,7 @@ def _run(r: Run, out: Path) -> dict:
         "delivered_adapter": results[chosen]["dir"],
         "memory": mem,
         "bytes": sizes,
+        "emulator_build": {k: v for k, v in read_metadata(out / "emulator").items() if k in ("calibration", "build")},
         "losses": logged["losses"],
         "loss_steps": logged["steps"],
         "timings_s": timings,
