@@ -9,6 +9,9 @@ Each setting is one ``emloc finetune`` run under ``--runs`` (kept, and reused wi
 ``quality.png`` plots recovery against the fine-tuning peak memory.  ``recovery`` is
 ``(delivered − zero_shot) / (lora_original − zero_shot)``.  About 6–10 minutes per setting on
 2 idle CPU cores.
+A setting with ``emulator_of`` trains on the emulator that setting's run of the same task and
+seed built under the same ``--runs`` (``emloc finetune --emulator``): a pair that differs in
+the training alone.
 """
 
 from __future__ import annotations
@@ -82,6 +85,9 @@ PRESETS = {
             group_size=64,
             anchor=True,
         ),
+        # paired: the training alone differs, on the emulator another setting's run of the same seed built
+        "default on the anchored run's emulator": dict(emulator_of="distill 300 on 256 + anchor, 0.4"),
+        "anchor on the default's emulator": dict(anchor=True, emulator_of="distill 300 on 256, 0.4"),
     },
     "ratios": {f"paper build, {r}": dict(ratio=r, **PAPER) for r in (0.3, 0.4, 0.6)},
 }
@@ -146,7 +152,10 @@ def main() -> None:
         if a.known_upper:
             upper = known_upper(csv_path, task, seed)
         for name, kw in settings.items():
-            out = Path(a.runs) / task / f"seed{seed}" / name.replace(" ", "_").replace(",", "")
+            out = run_dir(a.runs, task, seed, name)
+            if "emulator_of" in kw:
+                kw = {k: v for k, v in kw.items() if k != "emulator_of"}
+                kw["emulator"] = str(run_dir(a.runs, task, seed, settings[name]["emulator_of"]) / "emulator")
             done = out / "report.json"
             r = (
                 json.loads(done.read_text())
@@ -166,6 +175,10 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             append_csv(row, csv_path)  # after every setting: a long run keeps what it has
     plot(read_csv(csv_path), results / "quality.png")
+
+
+def run_dir(runs: str, task: str, seed: int, setting: str) -> Path:
+    return Path(runs) / task / f"seed{seed}" / setting.replace(" ", "_").replace(",", "")
 
 
 def known_upper(path: Path, task: str, seed: int) -> dict:
