@@ -394,11 +394,13 @@ def test_build_on_load_distils(model_dir, tmp_path):
     """EmlocConfig(distill_steps=...): the distilled emulator of build_emulator(distill=...)."""
     from emloc_kernels.emulator.distill import Distillation
 
-    config = EmlocConfig(ratio=RATIO, dataset=TEXTS, distill_steps=2, distill_rank=2, progress=False)
+    config = EmlocConfig(ratio=RATIO, dataset=TEXTS, distill_steps=2, distill_rank=2, distill_lr=3e-3, progress=False)
     loaded = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    built = build_emulator(fresh(model_dir), TEXTS, RATIO, tokenizer=tok, distill=Distillation(2, 2), progress=False)
+    distill = Distillation(2, 2, lr=3e-3)
+    built = build_emulator(fresh(model_dir), TEXTS, RATIO, tokenizer=tok, distill=distill, progress=False)
     assert loaded.emloc_metadata["build"]["distill"]["steps"] == 2
+    assert loaded.emloc_metadata["build"]["distill"]["lr"] == 3e-3
     assert same_state(loaded, built)
     loaded.save_pretrained(tmp_path / "saved")
     batch = ids(model_dir)

@@ -67,7 +67,8 @@ class EmlocConfig(QuantizationConfigMixin):
     tensors or dicts) are required; ``tokenizer`` (an object or a path; default: the model's
     own directory, loaded only for texts) and the other options are those of
     :func:`~emloc_kernels.build_emulator`; ``distill_steps`` > 0 distils the emulator on the
-    calibration data (:class:`~emloc_kernels.emulator.distill.Distillation`, ``distill_rank``). After the build the model's config holds the built
+    calibration data (:class:`~emloc_kernels.emulator.distill.Distillation`, ``distill_rank``,
+    ``distill_lr``). After the build the model's config holds the built
     emulator's :class:`EmlocConfig`, so ``save_pretrained`` writes a loadable emulator.
     """
 
@@ -91,6 +92,7 @@ class EmlocConfig(QuantizationConfigMixin):
         progress: bool = True,
         distill_steps: int = 0,
         distill_rank: int = 8,
+        distill_lr: float = 1e-3,
         **metadata: Any,
     ) -> None:
         self.quant_method = QUANT_METHOD  # type: ignore[assignment]  # transformers types it as its own enum
@@ -106,7 +108,7 @@ class EmlocConfig(QuantizationConfigMixin):
         self.group_size, self.targets, self.max_length = group_size, targets, max_length
         self.propagate, self.shrinkage, self.allocate, self.heldout = propagate, shrinkage, allocate, heldout
         self.checkpoint, self.device, self.progress = checkpoint, device, progress
-        self.distill_steps, self.distill_rank = distill_steps, distill_rank
+        self.distill_steps, self.distill_rank, self.distill_lr = distill_steps, distill_rank, distill_lr
         self.post_init()
 
     def post_init(self) -> None:
@@ -162,6 +164,7 @@ class EmlocConfig(QuantizationConfigMixin):
             "progress": self.progress,
             "distill_steps": self.distill_steps,
             "distill_rank": self.distill_rank,
+            "distill_lr": self.distill_lr,
         }
         # texts and a tokenizer path are JSON; tensors and tokenizer objects are left out
         if _texts(self.dataset):
@@ -249,7 +252,7 @@ class EmlocHfQuantizer(HfQuantizer):
             allocate=c.allocate,
             heldout=c.heldout,
             checkpoint=c.checkpoint,
-            distill=Distillation(c.distill_steps, c.distill_rank) if c.distill_steps else None,
+            distill=Distillation(c.distill_steps, c.distill_rank, lr=c.distill_lr) if c.distill_steps else None,
         )  # which gives the model the built emulator's config (and a quantizer for it)
 
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
