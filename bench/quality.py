@@ -88,6 +88,7 @@ PRESETS = {
         # paired: the training alone differs, on the emulator another setting's run of the same seed built
         "default on the anchored run's emulator": dict(emulator_of="distill 300 on 256 + anchor, 0.4"),
         "anchor on the default's emulator": dict(anchor=True, emulator_of="distill 300 on 256, 0.4"),
+        "anchor on the default's emulator, 0.3": dict(anchor=True, emulator_of="distill 300 on 256, 0.3"),
     },
     "ratios": {f"paper build, {r}": dict(ratio=r, **PAPER) for r in (0.3, 0.4, 0.6)},
 }
