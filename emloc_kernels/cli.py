@@ -361,9 +361,11 @@ def parser(task: str | None = None) -> argparse.ArgumentParser:
     )
     f.add_argument(
         "--anchor",
-        action="store_true",
-        help="label data: train the LoRA around the original's final hidden states on its training "
-        "examples (computed once, inference only), so that it learns the task, not the emulator's errors",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train the LoRA around the original's final hidden states on its training examples (computed "
+        "once, inference only), so that it learns the task, not the emulator's errors (default: on for label "
+        "data, the only kind it serves)",
     )
     f.add_argument(
         "--emulator",

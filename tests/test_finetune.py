@@ -159,7 +159,6 @@ def test_upper_bound_and_build_options_reach_the_report(material, tmp_path):
         "auto",
         "--allocate",
         "block",
-        "--anchor",
     )
     gain = report["lora_original"] - report["zero_shot"]
     if gain != 0:
@@ -171,6 +170,7 @@ def test_upper_bound_and_build_options_reach_the_report(material, tmp_path):
     assert meta["build"]["distill"]["steps"] == 2  # the default distillation, shortened by run()
     assert all(m["heldout_error"] is not None for m in meta["modules"].values())
     assert report["settings"]["upper_bound"] is True
+    # anchored by default on label data
     assert report["settings"]["anchor"] is True and "anchor_original" in report["timings_s"]
     states = torch.load(tmp_path / "ub" / "anchor_original.pt")  # the original's, one row per example trained on
     assert states.shape == (len({i for b in batch_schedule(36, 3, 4, 0) for i in b}), 64)
@@ -193,6 +193,7 @@ def test_distilled_quantised_emulator_keeps_the_ranks_of_the_plain_build(materia
         "0.003",
         "--quant",
         "int8",
+        "--no-anchor",
     )
     plain, distilled = (
         json.loads((tmp_path / d / "emulator" / "emloc.json").read_text()) for d in ("plain", "distilled")
@@ -203,6 +204,9 @@ def test_distilled_quantised_emulator_keeps_the_ranks_of_the_plain_build(materia
         n: m["rank"] for n, m in plain["modules"].items()
     }
     assert {m["quant"] for m in distilled["modules"].values()} == {"int8"}
+    report = json.loads((tmp_path / "distilled" / "report.json").read_text())
+    assert report["settings"]["anchor"] is False and "anchor_original" not in report["timings_s"]
+    assert not (tmp_path / "distilled" / "anchor_original.pt").exists()
 
 
 def test_interrupted_run_resumes_at_the_first_unfinished_stage(material, tmp_path, monkeypatch):

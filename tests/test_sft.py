@@ -104,6 +104,7 @@ def test_chat_run_reports_loss_and_perplexity(material, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| model | test loss | test perplexity | validation loss |" in table and "← delivered" in table
     assert report["format"] == "messages" and report["metric"] == "loss"
+    assert report["settings"]["anchor"] is False  # the default anchors label data only
     assert report["loss"] == {k: report[k] for k in ("zero_shot", "emulator", "uncorrected", "corrected")}
     assert report["perplexity"]["corrected"] == pytest.approx(math.exp(report["corrected"]))
     # the delivered adapter has the lowest validation loss of the paper's variants

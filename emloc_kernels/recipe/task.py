@@ -122,7 +122,10 @@ def loss_on(
     return F.cross_entropy(head(hidden + offsets.to(hidden.dtype)).float(), batch["targets"])
 
 
-NO_PLAIN_HEAD = "anchored training needs a model whose logits are a plain linear head of its hidden states"
+NO_PLAIN_HEAD = (
+    "anchored training needs a model whose logits are a plain linear head of its hidden states "
+    "(--no-anchor, anchor=False: train without it)"
+)
 
 
 @torch.no_grad()
