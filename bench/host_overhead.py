@@ -4,8 +4,10 @@ runs.  Runs on the CPU in seconds; no GPU involved.
 
     python bench/host_overhead.py [--repeats 7] [--iterations 300]
 
-Providers, per call (µs, median of ``--repeats`` timings of ``--iterations`` calls):
-* fused, eager: ``ops.lowrank_lora`` as a training step or a decode call uses it;
+Providers, per call (µs of this thread's CPU time, so that other processes on the machine do
+not count; median of ``--repeats`` timings of ``--iterations`` calls):
+* fused, eager: ``ops.lowrank_lora`` as a training step or a decode call of a layer uses it
+  (the LoRA factors are Parameters; calls after the first replay the first call's launches);
 * fused, registered op: the same through the ``emloc::`` custom op (torch.compile's path);
 * unfused torch: ``F.linear(F.linear(x, v), u, b) + s·F.linear(F.linear(x, A), B)`` on the CPU,
   its tiny GEMMs included (which favours the fused op slightly).
@@ -59,12 +61,12 @@ def stubbed_launches() -> Iterator[None]:
 
 @contextmanager
 def registered_op_only() -> Iterator[None]:
-    saved = op_module._eager
-    op_module._eager = lambda *tensors: False  # type: ignore[assignment]
+    saved = op_module._eager, op_module._replayable
+    op_module._eager = op_module._replayable = lambda *tensors: False  # type: ignore[assignment]
     try:
         yield
     finally:
-        op_module._eager = saved
+        op_module._eager, op_module._replayable = saved
 
 
 def per_call_us(fns: dict[str, Callable[[], object]], repeats: int, iterations: int) -> dict[str, float]:
@@ -76,10 +78,10 @@ def per_call_us(fns: dict[str, Callable[[], object]], repeats: int, iterations: 
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t = time.perf_counter()
+            t = time.thread_time()
             for _ in range(iterations):
                 fn()
-            times[name].append((time.perf_counter() - t) / iterations * 1e6)
+            times[name].append((time.thread_time() - t) / iterations * 1e6)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -107,8 +109,8 @@ def tensors(device: str, tokens: int, n: int = 64, rank: int = 16, rho: int = 8)
         "x": r(tokens, n),
         "u": r(n, rank),
         "v": r(rank, n),
-        "a": r(rho, n).requires_grad_(),
-        "b": r(n, rho).requires_grad_(),
+        "a": torch.nn.Parameter(r(rho, n)),  # as a LoRA layer passes them
+        "b": torch.nn.Parameter(r(n, rho)),
         "bias": r(n),
         "dy": r(tokens, n),
     }

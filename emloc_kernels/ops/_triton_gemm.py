@@ -19,7 +19,6 @@ import triton
 import triton.language as tl
 
 from .quant import QUANT_MODES, PackedOperand, Right, cdiv
-from .reference import gemm_2k_reference, gemm_2n_reference
 
 
 @triton.jit
@@ -887,128 +886,187 @@ def _workspaces(plan: _Plan, m: int, widths: tuple[int, ...], device: torch.devi
     )
 
 
-def gemm_2k(a1, b1: Right, a2, b2, alpha1: float, alpha2: float, bias, out_dtype: torch.dtype) -> torch.Tensor:
-    m, k1 = a1.shape
-    n = b1.shape[1]
-    k2 = a2.shape[1] if a2 is not None else 0
-    if m == 0 or n == 0 or k1 == 0:  # nothing to launch (e.g. no tokens): the reference is exact
-        return gemm_2k_reference(a1, b1, a2, b2, alpha1, alpha2, bias, out_dtype)
-    r = _right_args(b1)
-    if k2 == 0:
-        a2 = b2 = a1  # stand-ins the kernel never reads
-    plan = _plan(
-        "2k",
-        m,
-        n,
-        0,
-        k1,
-        k2,
-        a1.dtype,
-        r.dtype,
-        a2.dtype,
-        b2.dtype,
-        r.quant,
-        r.group,
-        r.k_is_col,
-        bias is not None,
-        _sms(a1.device),
-        _precision(),
-    )
-    c = _alloc((m, n), out_dtype, a1.device)
-    (ws,), cnt = _workspaces(plan, m, (n,), a1.device)
-    _gemm_2k_kernel[(plan.tiles, plan.split)](
-        a1,
-        r.ptr,
-        r.scale,
-        r.offset,
-        a2,
-        b2,
-        bias if bias is not None else a1,
-        c,
-        ws if ws is not None else c,
-        cnt if cnt is not None else c,
-        m,
-        n,
-        k1,
-        k2,
-        plan.k_per,
-        r.n_load,
-        *a1.stride(),
-        r.stride_k,
-        r.stride_n,
-        r.ss_k,
-        r.ss_n,
-        *a2.stride(),
-        *b2.stride(),
-        *c.stride(),
-        m * _pad16(n),
-        float(alpha1),
-        float(alpha2),
-        **plan.consts,
-    )
-    return c
+def _right_tensors(b: Right) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tensors a right operand passes to the kernels: (data, scale, offset); a float
+    operand stands in for the two it has not."""
+    if not isinstance(b, PackedOperand):
+        return b, b, b
+    p = b.factor
+    scale = p.scale.contiguous()
+    return p.qweight, scale, p.offset.contiguous() if p.offset is not None else scale
 
 
-def gemm_2n(
-    a, b1: Right, b2, alpha2: float, out_dtypes: tuple[torch.dtype, torch.dtype]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    m, k = a.shape
-    n1, n2 = b1.shape[1], b2.shape[1]
-    if m == 0 or k == 0 or n1 == 0 or n2 == 0:  # nothing to launch: the reference is exact
-        return gemm_2n_reference(a, b1, b2, alpha2, out_dtypes)
-    r = _right_args(b1)
-    plan = _plan(
-        "2n",
-        m,
-        n1,
-        n2,
-        k,
-        0,
-        a.dtype,
-        r.dtype,
-        a.dtype,
-        b2.dtype,
-        r.quant,
-        r.group,
-        r.k_is_col,
-        False,
-        _sms(a.device),
-        _precision(),
-    )
-    # C₁ (t_v, dt_v) is an intermediate of the op: rows padded to 16 elements keep the next
-    # GEMM's loads aligned (vectorised, pipelined) whatever the rank.  C₂ (t_A) is returned by
-    # the forward op, so it stays contiguous like its fake (meta) version.
-    c1 = _alloc((m, _pad16(n1)), out_dtypes[0], a.device)[:, :n1]
-    c2 = _alloc((m, n2), out_dtypes[1], a.device)
-    (ws1, ws2), cnt = _workspaces(plan, m, (n1, n2), a.device)
-    _gemm_2n_kernel[(plan.tiles, plan.split)](
-        a,
-        r.ptr,
-        r.scale,
-        r.offset,
-        b2,
-        c1,
-        c2,
-        ws1 if ws1 is not None else c1,
-        ws2 if ws2 is not None else c2,
-        cnt if cnt is not None else c2,
-        m,
-        n1,
-        n2,
-        k,
-        plan.k_per,
-        r.n_load,
-        *a.stride(),
-        r.stride_k,
-        r.stride_n,
-        r.ss_k,
-        r.ss_n,
-        *b2.stride(),
-        *c1.stride(),
-        *c2.stride(),
-        m * _pad16(n1),
-        m * _pad16(n2),
-        float(alpha2),
-        **plan.consts,
-    )
-    return c1, c2
+class Launch2k:
+    """A prepared ``gemm_2k``: everything that follows from its operands' shapes, strides,
+    dtypes and device (plan, grid, integer arguments), worked out once.  Called with operands
+    of that layout (the data may differ), it allocates the output and launches: an op keeps
+    these per layer and input layout, so repeated calls skip the host arithmetic."""
+
+    __slots__ = ("m", "n", "seg2", "out_dtype", "device", "plan", "grid", "ints")
+
+    def __init__(self, a1, b1: Right, a2, b2, alpha1: float, alpha2: float, bias, out_dtype: torch.dtype) -> None:
+        m, k1 = a1.shape
+        n = b1.shape[1]
+        k2 = a2.shape[1] if a2 is not None else 0
+        r = _right_args(b1)
+        if k2 == 0:
+            a2 = b2 = a1  # stand-ins the kernel never reads
+        self.plan = plan = _plan(
+            "2k",
+            m,
+            n,
+            0,
+            k1,
+            k2,
+            a1.dtype,
+            r.dtype,
+            a2.dtype,
+            b2.dtype,
+            r.quant,
+            r.group,
+            r.k_is_col,
+            bias is not None,
+            _sms(a1.device),
+            _precision(),
+        )
+        self.m, self.n, self.seg2, self.out_dtype, self.device = m, n, k2 > 0, out_dtype, a1.device
+        self.grid = (plan.tiles, plan.split)
+        # (the output is contiguous: its strides are (n, 1))
+        self.ints = (
+            m,
+            n,
+            k1,
+            k2,
+            plan.k_per,
+            r.n_load,
+            *a1.stride(),
+            r.stride_k,
+            r.stride_n,
+            r.ss_k,
+            r.ss_n,
+            *a2.stride(),
+            *b2.stride(),
+            n,
+            1,
+            m * _pad16(n),
+            float(alpha1),
+            float(alpha2),
+        )
+
+    def __call__(self, a1, b1: Right, a2, b2, bias) -> torch.Tensor:
+        c = _alloc((self.m, self.n), self.out_dtype, self.device)
+        (ws,), cnt = _workspaces(self.plan, self.m, (self.n,), self.device) if self.grid[1] > 1 else ((None,), None)
+        data, scale, offset = _right_tensors(b1)
+        if not self.seg2:
+            a2 = b2 = a1
+        _gemm_2k_kernel[self.grid](
+            a1,
+            data,
+            scale,
+            offset,
+            a2,
+            b2,
+            bias if bias is not None else a1,
+            c,
+            ws if ws is not None else c,
+            cnt if cnt is not None else c,
+            *self.ints,
+            **self.plan.consts,
+        )
+        return c
+
+
+class Launch2n:
+    """A prepared ``gemm_2n`` (as :class:`Launch2k`)."""
+
+    __slots__ = ("m", "n1", "n2", "out_dtypes", "device", "plan", "grid", "ints")
+
+    def __init__(self, a, b1: Right, b2, alpha2: float, out_dtypes: tuple[torch.dtype, torch.dtype]) -> None:
+        m, k = a.shape
+        n1, n2 = b1.shape[1], b2.shape[1]
+        r = _right_args(b1)
+        self.plan = plan = _plan(
+            "2n",
+            m,
+            n1,
+            n2,
+            k,
+            0,
+            a.dtype,
+            r.dtype,
+            a.dtype,
+            b2.dtype,
+            r.quant,
+            r.group,
+            r.k_is_col,
+            False,
+            _sms(a.device),
+            _precision(),
+        )
+        self.m, self.n1, self.n2, self.out_dtypes, self.device = m, n1, n2, out_dtypes, a.device
+        self.grid = (plan.tiles, plan.split)
+        # (C₁'s rows are padded to 16 elements: strides (pad16(n1), 1); C₂ is contiguous)
+        self.ints = (
+            m,
+            n1,
+            n2,
+            k,
+            plan.k_per,
+            r.n_load,
+            *a.stride(),
+            r.stride_k,
+            r.stride_n,
+            r.ss_k,
+            r.ss_n,
+            *b2.stride(),
+            _pad16(n1),
+            1,
+            n2,
+            1,
+            m * _pad16(n1),
+            m * _pad16(n2),
+            float(alpha2),
+        )
+
+    def __call__(self, a, b1: Right, b2) -> tuple[torch.Tensor, torch.Tensor]:
+        # C₁ (t_v, dt_v) is an intermediate of the op: rows padded to 16 elements keep the next
+        # GEMM's loads aligned (vectorised, pipelined) whatever the rank.  C₂ (t_A) is returned by
+        # the forward op, so it stays contiguous like its fake (meta) version.
+        c1 = _alloc((self.m, _pad16(self.n1)), self.out_dtypes[0], self.device)[:, : self.n1]
+        c2 = _alloc((self.m, self.n2), self.out_dtypes[1], self.device)
+        (ws1, ws2), cnt = (
+            _workspaces(self.plan, self.m, (self.n1, self.n2), self.device)
+            if self.grid[1] > 1
+            else ((None, None), None)
+        )
+        data, scale, offset = _right_tensors(b1)
+        _gemm_2n_kernel[self.grid](
+            a,
+            data,
+            scale,
+            offset,
+            b2,
+            c1,
+            c2,
+            ws1 if ws1 is not None else c1,
+            ws2 if ws2 is not None else c2,
+            cnt if cnt is not None else c2,
+            *self.ints,
+            **self.plan.consts,
+        )
+        return c1, c2
+
+
+def prepare_2k(a1, b1: Right, a2, b2, alpha1: float, alpha2: float, bias, out_dtype: torch.dtype) -> Launch2k | None:
+    """The launch of ``gemm_2k`` for these operands' layout; ``None`` when there is nothing to
+    launch (no rows, columns or depth: the reference is exact)."""
+    if a1.shape[0] == 0 or b1.shape[1] == 0 or a1.shape[1] == 0:
+        return None
+    return Launch2k(a1, b1, a2, b2, alpha1, alpha2, bias, out_dtype)
+
+
+def prepare_2n(a, b1: Right, b2, alpha2: float, out_dtypes: tuple[torch.dtype, torch.dtype]) -> Launch2n | None:
+    """The launch of ``gemm_2n`` for these operands' layout; ``None`` when there is nothing to launch."""
+    if a.shape[0] == 0 or a.shape[1] == 0 or b1.shape[1] == 0 or b2.shape[1] == 0:
+        return None
+    return Launch2n(a, b1, b2, alpha2, out_dtypes)

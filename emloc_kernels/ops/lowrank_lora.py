@@ -21,12 +21,13 @@ dequantise inside the tile loop.  Backend choice: :func:`emloc_kernels.ops.gemm.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Optional, Union
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from .gemm import gemm_2k, gemm_2n, use_triton
+from .gemm import Gemms, use_triton
 from .quant import QUANT_MODES, PackedFactor, PackedOperand
 
 Factor = Union[torch.Tensor, PackedFactor]
@@ -111,19 +112,26 @@ def _check(op, x, frozen: dict, out_f: int, in_f: int, lora_a, lora_b, bias) -> 
             raise ValueError(f"{op}: bias is on {bias.device} but x is on {x.device}")
 
 
-def _eager(*tensors) -> bool:
-    """Whether a call may bypass the registered custom op: not tracing (torch.compile), no
-    dispatch or function mode, no functorch transform (vmap), plain tensors only.  The op's
-    dispatcher round trips (Python → C++ → autograd → Python) cost more than the kernel
-    launches at small shapes; everything that needs the registered op still gets it."""
-    if (
+def _no_tracing_or_modes() -> bool:
+    """Not tracing (torch.compile), no dispatch or function mode, no functorch transform (vmap)."""
+    return not (
         torch.compiler.is_compiling()
         or torch._C._is_torch_function_mode_enabled()
         or _get_current_dispatch_mode()
         or torch._C._are_functorch_transforms_active()
-    ):
-        return False
-    return all(t is None or type(t) is torch.Tensor for t in tensors)
+    )
+
+
+# plain tensors: a Parameter is one (a subclass such as DTensor or FakeTensor is not)
+_PLAIN = (torch.Tensor, torch.nn.Parameter, PackedFactor)
+
+
+def _eager(*tensors) -> bool:
+    """Whether a call may bypass the registered custom op: no tracing, modes or transforms, plain
+    tensors only.  The op's dispatcher round trips (Python → C++ → autograd → Python) cost more
+    than the kernel launches at small shapes; everything that needs the registered op still
+    gets it."""
+    return _no_tracing_or_modes() and all(t is None or type(t) in _PLAIN for t in tensors)
 
 
 def _records_grad(*tensors) -> bool:
@@ -185,21 +193,26 @@ def _lowrank_fwd_body(
     quant: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x: M×in.  Returns y (M×out) and ``t_A = x Aᵀ`` (M×ρ; M×0 without LoRA) for backward."""
-    tri = use_triton(x)
+    return _lowrank_fwd(
+        Gemms(use_triton(x)), x, u, u_scale, u_offset, v, v_scale, v_offset, lora_a, lora_b, scaling, bias, quant
+    )
+
+
+def _lowrank_fwd(g: Gemms, x, u, u_scale, u_offset, v, v_scale, v_offset, lora_a, lora_b, scaling, bias, quant):
     fu, fv = _unpack(x, u, u_scale, u_offset, v, v_scale, v_offset, quant)
     with _autocast_off(x):
         if lora_a is None or lora_b is None:  # given together (checked by the op's caller)
-            t_v = gemm_2k(x, _t(fv), triton=tri)
-            return gemm_2k(t_v, _t(fu), bias=bias, triton=tri), x.new_empty(x.shape[0], 0)
-        t_v, t_a = gemm_2n(x, _t(fv), lora_a.t(), out_dtypes=(x.dtype, _lora_dtype(x, lora_a)), triton=tri)
-        y = gemm_2k(t_v, _t(fu), t_a, lora_b.t(), alpha2=scaling, bias=bias, out_dtype=x.dtype, triton=tri)
+            t_v = g.two_k(x, _t(fv))
+            return g.two_k(t_v, _t(fu), bias=bias), x.new_empty(x.shape[0], 0)
+        t_v, t_a = g.two_n(x, _t(fv), lora_a.t(), out_dtypes=(x.dtype, _lora_dtype(x, lora_a)))
+        y = g.two_k(t_v, _t(fu), t_a, lora_b.t(), alpha2=scaling, bias=bias, out_dtype=x.dtype)
     return y, t_a
 
 
-_lowrank_fwd = torch.library.custom_op("emloc::lowrank_lora_fwd", mutates_args=())(_lowrank_fwd_body)
+_lowrank_fwd_op = torch.library.custom_op("emloc::lowrank_lora_fwd", mutates_args=())(_lowrank_fwd_body)
 
 
-@_lowrank_fwd.register_fake
+@_lowrank_fwd_op.register_fake
 def _(x, u, u_scale, u_offset, v, v_scale, v_offset, lora_a, lora_b, scaling, bias, quant):
     rho = 0 if lora_a is None else lora_a.shape[0]
     return x.new_empty(x.shape[0], u.shape[0]), x.new_empty(x.shape[0], rho, dtype=_lora_dtype(x, lora_a))
@@ -222,28 +235,36 @@ def _lowrank_bwd_body(
     need_dx: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dx, dA, dB); an empty tensor stands for a gradient not asked for / no LoRA."""
-    tri = use_triton(dy)
+    g = Gemms(use_triton(dy))
+    return _lowrank_bwd(
+        g, dy, x, t_a, u, u_scale, u_offset, v, v_scale, v_offset, lora_a, lora_b, scaling, quant, need_dx
+    )
+
+
+def _lowrank_bwd(
+    g: Gemms, dy, x, t_a, u, u_scale, u_offset, v, v_scale, v_offset, lora_a, lora_b, scaling, quant, need_dx
+):
     fu, fv = _unpack(x, u, u_scale, u_offset, v, v_scale, v_offset, quant)
     with _autocast_off(dy):
         if lora_a is None or lora_b is None:
-            dx = gemm_2k(gemm_2k(dy, _n(fu), triton=tri), _n(fv), triton=tri) if need_dx else dy.new_empty(0)
+            dx = g.two_k(g.two_k(dy, _n(fu)), _n(fv)) if need_dx else dy.new_empty(0)
             return dx, dy.new_empty(0), dy.new_empty(0)
         ta_dtype = _lora_dtype(dy, lora_b)
         if need_dx:
-            dt_v, dt_a = gemm_2n(dy, _n(fu), lora_b, alpha2=scaling, out_dtypes=(dy.dtype, ta_dtype), triton=tri)
-            dx = gemm_2k(dt_v, _n(fv), dt_a, lora_a, out_dtype=x.dtype, triton=tri)
+            dt_v, dt_a = g.two_n(dy, _n(fu), lora_b, alpha2=scaling, out_dtypes=(dy.dtype, ta_dtype))
+            dx = g.two_k(dt_v, _n(fv), dt_a, lora_a, out_dtype=x.dtype)
         else:
-            dt_a = gemm_2k(dy, lora_b, alpha1=scaling, out_dtype=ta_dtype, triton=tri)
+            dt_a = g.two_k(dy, lora_b, alpha1=scaling, out_dtype=ta_dtype)
             dx = dy.new_empty(0)
-        da = gemm_2k(dt_a.t(), x, out_dtype=lora_a.dtype, triton=tri)
-        db = gemm_2k(dy.t(), t_a, alpha1=scaling, out_dtype=lora_b.dtype, triton=tri)
+        da = g.two_k(dt_a.t(), x, out_dtype=lora_a.dtype)
+        db = g.two_k(dy.t(), t_a, alpha1=scaling, out_dtype=lora_b.dtype)
     return dx, da, db
 
 
-_lowrank_bwd = torch.library.custom_op("emloc::lowrank_lora_bwd", mutates_args=())(_lowrank_bwd_body)
+_lowrank_bwd_op = torch.library.custom_op("emloc::lowrank_lora_bwd", mutates_args=())(_lowrank_bwd_body)
 
 
-@_lowrank_bwd.register_fake
+@_lowrank_bwd_op.register_fake
 def _(dy, x, t_a, u, u_scale, u_offset, v, v_scale, v_offset, lora_a, lora_b, scaling, quant, need_dx):
     dx = x.new_empty(x.shape) if need_dx else dy.new_empty(0)
     if lora_a is None:
@@ -258,11 +279,12 @@ def _lowrank_setup(ctx, inputs, output):
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _lowrank_grads(ctx, dy, bwd) -> tuple:
+def _lowrank_grads(ctx, dy, bwd, offset: int = 0) -> tuple:
     """Gradients of (x, u, u_scale, u_offset, v, v_scale, v_offset, lora_a, lora_b, scaling,
-    bias, quant) from ``bwd`` (the registered op, or its body on the eager path)."""
+    bias, quant) from ``bwd`` (the registered op, or its body on the eager path); ``offset``:
+    inputs of the autograd node before x."""
     x, t_a, u, us, uo, v, vs, vo, lora_a, lora_b = ctx.saved_tensors
-    need = ctx.needs_input_grad
+    need = ctx.needs_input_grad[offset:]
     dx = da = db = None
     if dy is not None and (need[0] or need[7] or need[8]):
         dx, da, db = bwd(dy, x, t_a, u, us, uo, v, vs, vo, lora_a, lora_b, ctx.scaling, ctx.quant, need[0])
@@ -292,23 +314,104 @@ def _lowrank_backward(ctx, dy, _dt_a):
     return _lowrank_grads(ctx, dy, torch.ops.emloc.lowrank_lora_bwd)
 
 
-_lowrank_fwd.register_autograd(_lowrank_backward, setup_context=_lowrank_setup_op)
+_lowrank_fwd_op.register_autograd(_lowrank_backward, setup_context=_lowrank_setup_op)
+
+
+def _stamp(t) -> object:
+    """What a replay depends on besides a tensor's identity: what a ``.data`` assignment or
+    ``requires_grad_`` may change (data pointer, shape, dtype, whether it requires grad)."""
+    if t is None:
+        return None
+    if isinstance(t, PackedFactor):
+        return t.qweight.data_ptr(), t.scale.data_ptr(), None if t.offset is None else t.offset.data_ptr()
+    return t.data_ptr(), t.shape, t.dtype, t.requires_grad
+
+
+class _Replay:
+    """The Triton launches of ``lowrank_lora`` for one layer's tensors and one input layout,
+    prepared on its first call and replayed by the later ones (every call of every step), so
+    that a call after the first skips the argument checks and the launch planning.  It holds
+    the tensors weakly and applies while the very same objects come back with the same
+    stamps (:func:`_stamp`)."""
+
+    __slots__ = ("refs", "stamps", "in_f", "out_f", "records_grad", "fwd", "bwd")
+
+    def __init__(self, objects: tuple, in_f: int, out_f: int, records_grad: bool) -> None:
+        self.refs = tuple(None if t is None else weakref.ref(t) for t in objects)
+        self.stamps = tuple(map(_stamp, objects))
+        self.in_f, self.out_f, self.records_grad = in_f, out_f, records_grad
+        self.fwd: Optional[list] = None
+        self.bwd: dict[tuple, list] = {}
+
+    def applies(self, objects: tuple) -> bool:
+        return (
+            all(r() is t for r, t in zip(self.refs, objects) if r is not None)
+            and tuple(map(_stamp, objects)) == self.stamps
+        )
+
+    # A first pass fills a list of its own and publishes it whole: a replay never sees a
+    # half-prepared list, whatever other thread runs the same layer.
+
+    def forward(self, *inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        launches = [] if self.fwd is None else self.fwd
+        out = _lowrank_fwd(Gemms(True, launches), *inputs)
+        self.fwd = launches
+        return out
+
+    def backward(self, dy: torch.Tensor, *rest) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        key = (dy.shape, dy.stride(), dy.dtype, rest[-1])  # rest[-1]: need_dx
+        launches = self.bwd.get(key, [])
+        out = _lowrank_bwd(Gemms(True, launches), dy, *rest)
+        self.bwd[key] = launches
+        return out
+
+
+_REPLAYS: dict[tuple, _Replay] = {}
+_MAX_REPLAYS = 4096  # layers × input layouts; past it the table starts over
+
+
+def _replay_key(x: torch.Tensor, objects: tuple, scaling: float) -> tuple:
+    return (
+        x.shape,
+        x.stride(),
+        x.dtype,
+        x.device,
+        x.requires_grad,
+        torch.is_grad_enabled(),
+        scaling,
+        torch.get_float32_matmul_precision(),
+        *map(id, objects),
+    )
+
+
+def _replayable(x) -> bool:
+    """Calls that may replay: eager (no tracing, modes or transforms), a plain tensor x on the
+    Triton path, autocast off (it would cast the arguments into new tensors every call)."""
+    return (
+        type(x) is torch.Tensor
+        and not torch.is_autocast_enabled(x.device.type)
+        and _no_tracing_or_modes()
+        and use_triton(x)
+    )
 
 
 class _LowRankLora(torch.autograd.Function):
     """Eager training: the op's bodies under a plain autograd.Function, without the custom-op
-    dispatcher round trips (about 200 µs a call); t_A gets no gradient buffer at all."""
+    dispatcher round trips (about 200 µs a call); t_A gets no gradient buffer at all.  With a
+    :class:`_Replay` its launches are replayed, forward and backward."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        y, t_a = _lowrank_fwd_body(*inputs)
+    def forward(ctx, replay: Optional[_Replay], *inputs):
+        y, t_a = _lowrank_fwd_body(*inputs) if replay is None else replay.forward(*inputs)
         ctx.set_materialize_grads(False)
+        ctx.replay = replay
         _lowrank_setup(ctx, inputs, (y, t_a))
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        return _lowrank_grads(ctx, dy, _lowrank_bwd_body)
+        bwd = _lowrank_bwd_body if ctx.replay is None else ctx.replay.backward
+        return (None, *_lowrank_grads(ctx, dy, bwd, offset=1))
 
 
 def lowrank_lora(
@@ -322,7 +425,57 @@ def lowrank_lora(
 ) -> torch.Tensor:
     """``x vᵀ uᵀ + scaling·x lora_aᵀ lora_bᵀ + bias`` (u: out×r, v: r×in, lora_a: ρ×in,
     lora_b: out×ρ), fused; any leading shape of x; output in x's dtype."""
+    replay = None
+    objects = (u, v, lora_a, lora_b, bias)
+    if not torch.compiler.is_compiling() and _replayable(x):
+        key = _replay_key(x, objects, scaling)
+        replay = _REPLAYS.get(key)
+        if replay is None or not replay.applies(objects):
+            replay = None
+            _check_lowrank(x, u, v, lora_a, lora_b, bias)
+            if _eager(*_flat(u)[:3], *_flat(v)[:3], lora_a, lora_b, bias):
+                if len(_REPLAYS) >= _MAX_REPLAYS:
+                    _REPLAYS.clear()
+                records = _records_grad(x, lora_a, lora_b, bias)
+                replay = _REPLAYS[key] = _Replay(objects, v.shape[1], u.shape[0], records)
+    if replay is not None:  # checked when the replay was made
+        (ut, us, uo, um, ug), (vt, vs, vo, vm, vg) = _flat(u), _flat(v)
+        args = (
+            x.reshape(-1, replay.in_f),
+            ut,
+            us,
+            uo,
+            vt,
+            vs,
+            vo,
+            lora_a,
+            lora_b,
+            float(scaling),
+            bias,
+            [um, ug, vm, vg],
+        )
+        if replay.records_grad:
+            y = _LowRankLora.apply(replay, *args)
+        else:  # inference, decode
+            y, _ = replay.forward(*args)
+        return y.reshape(*x.shape[:-1], replay.out_f)
+
     x, u, v, lora_a, lora_b, bias = _autocast(x, u, v, lora_a, lora_b, bias)
+    _check_lowrank(x, u, v, lora_a, lora_b, bias)
+    out_f, in_f = u.shape[0], v.shape[1]
+    (ut, us, uo, um, ug), (vt, vs, vo, vm, vg) = _flat(u), _flat(v)
+    args = (x.reshape(-1, in_f), ut, us, uo, vt, vs, vo, lora_a, lora_b, float(scaling), bias, [um, ug, vm, vg])
+    tensors = (x, ut, us, uo, vt, vs, vo, lora_a, lora_b, bias)
+    if not _eager(*tensors):
+        y, _ = torch.ops.emloc.lowrank_lora_fwd(*args)
+    elif _records_grad(*tensors):
+        y = _LowRankLora.apply(None, *args)
+    else:  # inference, decode
+        y, _ = _lowrank_fwd_body(*args)
+    return y.reshape(*x.shape[:-1], out_f)
+
+
+def _check_lowrank(x, u, v, lora_a, lora_b, bias) -> None:
     for name, f in (("u", u), ("v", v)):
         if not isinstance(f, (torch.Tensor, PackedFactor)) or len(f.shape) != 2:
             raise ValueError(
@@ -334,16 +487,6 @@ def lowrank_lora(
     _check_2d("lowrank_lora", "u", u, (out_f, rank), x)
     _check_2d("lowrank_lora", "v", v, (rank, in_f), x)
     _check("lowrank_lora", x, {"u": u, "v": v}, out_f, in_f, lora_a, lora_b, bias)
-    (ut, us, uo, um, ug), (vt, vs, vo, vm, vg) = _flat(u), _flat(v)
-    args = (x.reshape(-1, in_f), ut, us, uo, vt, vs, vo, lora_a, lora_b, float(scaling), bias, [um, ug, vm, vg])
-    tensors = (x, ut, us, uo, vt, vs, vo, lora_a, lora_b, bias)
-    if not _eager(*tensors):
-        y, _ = torch.ops.emloc.lowrank_lora_fwd(*args)
-    elif _records_grad(*tensors):
-        y = _LowRankLora.apply(*args)
-    else:  # inference, decode
-        y, _ = _lowrank_fwd_body(*args)
-    return y.reshape(*x.shape[:-1], out_f)
 
 
 # ----------------------------------------------------------------------------- dense + LoRA op
@@ -358,10 +501,10 @@ def _dense_fwd_body(
     bias: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x: M×in.  ``t_A = x Aᵀ``; ``y = [x | t_A]·[W | s·B]ᵀ + b``; returns (y, t_A)."""
-    tri = use_triton(x)
+    g = Gemms(use_triton(x))
     with _autocast_off(x):
-        t_a = gemm_2k(x, lora_a.t(), out_dtype=_lora_dtype(x, lora_a), triton=tri)
-        y = gemm_2k(x, weight.t(), t_a, lora_b.t(), alpha2=scaling, bias=bias, out_dtype=x.dtype, triton=tri)
+        t_a = g.two_k(x, lora_a.t(), out_dtype=_lora_dtype(x, lora_a))
+        y = g.two_k(x, weight.t(), t_a, lora_b.t(), alpha2=scaling, bias=bias, out_dtype=x.dtype)
     return y, t_a
 
 
@@ -386,12 +529,12 @@ def _dense_bwd_body(
     need_dx: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``dt_A = s·dy B``; ``dx = [dy | dt_A]·[W; A]``; ``dA = dt_Aᵀ x``; ``dB = s·dyᵀ t_A``."""
-    tri = use_triton(dy)
+    g = Gemms(use_triton(dy))
     with _autocast_off(dy):
-        dt_a = gemm_2k(dy, lora_b, alpha1=scaling, out_dtype=_lora_dtype(dy, lora_b), triton=tri)
-        dx = gemm_2k(dy, weight, dt_a, lora_a, out_dtype=x.dtype, triton=tri) if need_dx else dy.new_empty(0)
-        da = gemm_2k(dt_a.t(), x, out_dtype=lora_a.dtype, triton=tri)
-        db = gemm_2k(dy.t(), t_a, alpha1=scaling, out_dtype=lora_b.dtype, triton=tri)
+        dt_a = g.two_k(dy, lora_b, alpha1=scaling, out_dtype=_lora_dtype(dy, lora_b))
+        dx = g.two_k(dy, weight, dt_a, lora_a, out_dtype=x.dtype) if need_dx else dy.new_empty(0)
+        da = g.two_k(dt_a.t(), x, out_dtype=lora_a.dtype)
+        db = g.two_k(dy.t(), t_a, alpha1=scaling, out_dtype=lora_b.dtype)
     return dx, da, db
 
 

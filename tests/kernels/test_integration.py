@@ -189,9 +189,10 @@ def test_eager_calls_skip_the_dispatcher(monkeypatch):
     from torch.utils._python_dispatch import TorchDispatchMode
 
     mod = importlib.import_module("emloc_kernels.ops.lowrank_lora")
-    body_calls = []
-    body = mod._lowrank_fwd_body
+    body_calls = []  # eager forwards: the body, or a replay of its launches (the Triton path)
+    body, replay = mod._lowrank_fwd_body, mod._Replay.forward
     monkeypatch.setattr(mod, "_lowrank_fwd_body", lambda *a: body_calls.append(1) or body(*a))
+    monkeypatch.setattr(mod._Replay, "forward", lambda self, *a: body_calls.append(1) or replay(self, *a))
     seen = []
 
     class Log(TorchDispatchMode):

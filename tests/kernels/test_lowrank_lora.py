@@ -289,3 +289,56 @@ def test_expanded_output_gradient(device):
     want = torch.autograd.grad(lowrank_lora_reference(**t64, scaling=0.5).sum(), [t64[k] for k in grads])
     for k, gv, wv in zip(grads, got, want):
         assert rel_err(gv, wv) < tol(torch.float32, device), k
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_repeated_calls_replay_their_launches(device, launches, monkeypatch):
+    """A layer's second call with the same tensors and input layout replays the launches the
+    first call prepared (no planning), through the plain autograd.Function also when the LoRA
+    factors are Parameters; a new input layout, an output gradient of another layout or a
+    factor changed under ``.data`` prepares anew, and every result stays exact."""
+    import importlib
+
+    from emloc_kernels.ops import _triton_gemm
+
+    prepared: list[str] = []
+    for name in ("prepare_2k", "prepare_2n"):
+        real = getattr(_triton_gemm, name)
+        monkeypatch.setattr(_triton_gemm, name, lambda *a, _r=real, _n=name: prepared.append(_n) or _r(*a))
+    mod = importlib.import_module("emloc_kernels.ops.lowrank_lora")
+    monkeypatch.setattr(mod, "_REPLAYS", {})
+    t, grads = _inputs(device, torch.float32, torch.float32, True, False, "train")
+    t["lora_a"], t["lora_b"] = torch.nn.Parameter(t["lora_a"].detach()), torch.nn.Parameter(t["lora_b"].detach())
+
+    def step(seed: int, **changed) -> int:
+        """One checked fwd+bwd on fresh x; the number of launches it prepared."""
+        before = len(prepared)
+        fresh, _ = _inputs(device, torch.float32, None, False, False, "train", seed=seed)
+        args = {**t, "x": fresh["x"].requires_grad_(), **changed}
+        _check_against_fp64(ops.lowrank_lora, lowrank_lora_reference, args, grads, torch.float32, device, 0.75)
+        return len(prepared) - before
+
+    first = step(1)
+    assert first == 6  # forward: shrink, expand; backward: shrink of dy, dx, dA, dB
+    assert step(2) == 0 and step(3) == 0
+    y = ops.lowrank_lora(**t, scaling=0.75)
+    assert type(y.grad_fn.next_functions[0][0]).__name__ == "_LowRankLoraBackward"  # not the registered op
+    before = len(prepared)
+    y.sum().backward()  # dy expanded from a scalar: zero strides
+    assert len(prepared) - before == 4
+    assert step(4, x=strided(t["x"].detach()).requires_grad_()) == first  # another input layout
+    with torch.no_grad():  # new data, same shape: prepared anew (the stamp has the data pointer)
+        t["lora_a"].data = t["lora_a"].data.clone()
+    assert step(5) == first and step(6) == 0
+    # another rank under the same Parameters (autograd keeps a leaf's first shape: no grad here)
+    with torch.no_grad():
+        x = t["x"].detach()
+        kept = ops.lowrank_lora(**{**t, "x": x}, scaling=0.75)
+        rank = t["lora_a"].shape[0] + 2
+        t["lora_a"].data = torch.randn(rank, t["lora_a"].shape[1], device=device) / 9
+        t["lora_b"].data = torch.randn(t["lora_b"].shape[0], rank, device=device)
+        before = len(prepared)
+        y = ops.lowrank_lora(**{**t, "x": x}, scaling=0.75)
+        assert len(prepared) - before == 2 and not torch.equal(y, kept)
+        want = lowrank_lora_reference(**{k: v.detach().double() for k, v in {**t, "x": x}.items()}, scaling=0.75)
+        assert rel_err(y, want) < tol(torch.float32, device)
