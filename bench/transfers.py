@@ -44,7 +44,9 @@ def main() -> None:
     for run in a.runs:
         report = json.loads((run / "report.json").read_text())
         known = FinetuneSettings.__dataclass_fields__
-        s = FinetuneSettings(**{k: v for k, v in report["settings"].items() if k in known and k != "model"})
+        s = FinetuneSettings(
+            **{k: v for k, v in report["settings"].items() if k in known and k != "model" and v is not None}
+        )
         model_path, task, train_rows, val_rows, test_rows = prepare(s)
         device, dtype = device_and_dtype(s)
         calib = calibration_texts(s, train_rows)

@@ -251,6 +251,7 @@ def test_a_given_emulator_is_fine_tuned_on_and_must_come_from_the_model(material
         assert given[key] == built[key], key
     assert given["emulator_build"]["build"]["distill"]["steps"] == 2
     assert "build_emulator" in given["timings_s"] and given["settings"]["emulator"] == emulator
+    assert given["settings"]["ratio"] is None and given["settings"]["distill_steps"] is None  # not used
     assert (
         json.loads((tmp_path / "given" / "emulator" / "emloc.json").read_text())["modules"]
         == json.loads((tmp_path / "built" / "emulator" / "emloc.json").read_text())["modules"]

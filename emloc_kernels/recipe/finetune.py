@@ -821,7 +821,10 @@ def _run(r: Run, out: Path) -> dict:
         "loss_steps": logged["steps"],
         "timings_s": timings,
         "device": str(device),
-        "settings": asdict(s) | {"model": str(model_path), "anchor": r.anchor},
+        "settings": asdict(s)
+        | {"model": str(model_path), "anchor": r.anchor}
+        # with --emulator the build options were not used: its build is under "emulator_build"
+        | ({k: None for k in BUILD_OPTIONS} if s.emulator is not None else {}),
         "sizes": {"train": len(train_rows), "validation": len(val_rows), "test": len(test_rows)},
     }
     if r.generative:
