@@ -76,6 +76,9 @@ PRESETS = {
         "distill 300 on 256 + anchor, 0.4": dict(
             ratio=0.4, allocate="uniform", distill_steps=300, distill_samples=256, anchor=True
         ),
+        "distill 300 on 256 + anchor, 0.3": dict(
+            ratio=0.3, allocate="uniform", distill_steps=300, distill_samples=256, anchor=True
+        ),
         "distill 300 on 256 + anchor, 0.4 int4-g64": dict(
             ratio=0.4,
             allocate="uniform",
