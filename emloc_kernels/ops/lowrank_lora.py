@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
@@ -141,6 +141,108 @@ def _records_grad(*tensors) -> bool:
 def _lora_dtype(x: torch.Tensor, lora: Optional[torch.Tensor]) -> torch.dtype:
     """dtype of ``t_A = x Aᵀ``: the LoRA branch runs in the adapter's dtype (as the reference)."""
     return x.dtype if lora is None else torch.promote_types(x.dtype, lora.dtype)
+
+
+# ----------------------------------------------------------------------------- replays
+
+
+def _stamp(t) -> object:
+    """What a replay depends on besides a tensor's identity: what a ``.data`` assignment or
+    ``requires_grad_`` may change (data pointer, shape, dtype, whether it requires grad)."""
+    if t is None:
+        return None
+    if isinstance(t, PackedFactor):
+        return t.qweight.data_ptr(), t.scale.data_ptr(), None if t.offset is None else t.offset.data_ptr()
+    return t.data_ptr(), t.shape, t.dtype, t.requires_grad
+
+
+class _Replay:
+    """The Triton launches of an op for one layer's tensors and one input layout, prepared on
+    its first call and replayed by the later ones (every call of every step), so that a call
+    after the first skips the argument checks and the launch planning.  ``fwd_impl`` /
+    ``bwd_impl`` are the op's bodies taking a :class:`Gemms` first.  It holds the tensors
+    weakly and applies while the very same objects come back with the same stamps
+    (:func:`_stamp`)."""
+
+    __slots__ = ("refs", "stamps", "in_f", "out_f", "records_grad", "fwd_impl", "bwd_impl", "fwd", "bwd")
+
+    def __init__(
+        self, objects: tuple, in_f: int, out_f: int, records_grad: bool, fwd_impl: Callable, bwd_impl: Callable
+    ) -> None:
+        self.refs = tuple(None if t is None else weakref.ref(t) for t in objects)
+        self.stamps = tuple(map(_stamp, objects))
+        self.in_f, self.out_f, self.records_grad = in_f, out_f, records_grad
+        self.fwd_impl, self.bwd_impl = fwd_impl, bwd_impl
+        self.fwd: Optional[list] = None
+        self.bwd: dict[tuple, list] = {}
+
+    def applies(self, objects: tuple) -> bool:
+        return (
+            all(r() is t for r, t in zip(self.refs, objects) if r is not None)
+            and tuple(map(_stamp, objects)) == self.stamps
+        )
+
+    # A first pass fills a list of its own and publishes it whole: a replay never sees a
+    # half-prepared list, whatever other thread runs the same layer.
+
+    def forward(self, *inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        launches = [] if self.fwd is None else self.fwd
+        out = self.fwd_impl(Gemms(True, launches), *inputs)
+        self.fwd = launches
+        return out
+
+    def backward(self, dy: torch.Tensor, *rest) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        key = (dy.shape, dy.stride(), dy.dtype, rest[-1])  # rest[-1]: need_dx
+        launches = self.bwd.get(key, [])
+        out = self.bwd_impl(Gemms(True, launches), dy, *rest)
+        self.bwd[key] = launches
+        return out
+
+
+_REPLAYS: dict[tuple, _Replay] = {}
+_MAX_REPLAYS = 4096  # layers × input layouts; past it the table starts over
+
+
+def _replay_key(op: str, x: torch.Tensor, objects: tuple, scaling: float) -> tuple:
+    return (
+        op,
+        x.shape,
+        x.stride(),
+        x.dtype,
+        x.device,
+        x.requires_grad,
+        torch.is_grad_enabled(),
+        scaling,
+        torch.get_float32_matmul_precision(),
+        *map(id, objects),
+    )
+
+
+def _replayable(x) -> bool:
+    """Calls that may replay: eager (no tracing, modes or transforms), a plain tensor x on the
+    Triton path, autocast off (it would cast the arguments into new tensors every call)."""
+    return (
+        type(x) is torch.Tensor
+        and not torch.is_autocast_enabled(x.device.type)
+        and _no_tracing_or_modes()
+        and use_triton(x)
+    )
+
+
+def _replay_for(op: str, x, objects: tuple, scaling: float, make: Callable[[], Optional[_Replay]]):
+    """This call's replay: the one an earlier call of the layer made, else ``make()``'s (which
+    checks the arguments; ``None`` for a call that may not replay)."""
+    if torch.compiler.is_compiling() or not _replayable(x):
+        return None
+    key = _replay_key(op, x, objects, scaling)
+    replay = _REPLAYS.get(key)
+    if replay is None or not replay.applies(objects):
+        replay = make()
+        if replay is not None:
+            if len(_REPLAYS) >= _MAX_REPLAYS:
+                _REPLAYS.clear()
+            _REPLAYS[key] = replay
+    return replay
 
 
 # ----------------------------------------------------------------------------- low-rank + LoRA op
@@ -317,84 +419,6 @@ def _lowrank_backward(ctx, dy, _dt_a):
 _lowrank_fwd_op.register_autograd(_lowrank_backward, setup_context=_lowrank_setup_op)
 
 
-def _stamp(t) -> object:
-    """What a replay depends on besides a tensor's identity: what a ``.data`` assignment or
-    ``requires_grad_`` may change (data pointer, shape, dtype, whether it requires grad)."""
-    if t is None:
-        return None
-    if isinstance(t, PackedFactor):
-        return t.qweight.data_ptr(), t.scale.data_ptr(), None if t.offset is None else t.offset.data_ptr()
-    return t.data_ptr(), t.shape, t.dtype, t.requires_grad
-
-
-class _Replay:
-    """The Triton launches of ``lowrank_lora`` for one layer's tensors and one input layout,
-    prepared on its first call and replayed by the later ones (every call of every step), so
-    that a call after the first skips the argument checks and the launch planning.  It holds
-    the tensors weakly and applies while the very same objects come back with the same
-    stamps (:func:`_stamp`)."""
-
-    __slots__ = ("refs", "stamps", "in_f", "out_f", "records_grad", "fwd", "bwd")
-
-    def __init__(self, objects: tuple, in_f: int, out_f: int, records_grad: bool) -> None:
-        self.refs = tuple(None if t is None else weakref.ref(t) for t in objects)
-        self.stamps = tuple(map(_stamp, objects))
-        self.in_f, self.out_f, self.records_grad = in_f, out_f, records_grad
-        self.fwd: Optional[list] = None
-        self.bwd: dict[tuple, list] = {}
-
-    def applies(self, objects: tuple) -> bool:
-        return (
-            all(r() is t for r, t in zip(self.refs, objects) if r is not None)
-            and tuple(map(_stamp, objects)) == self.stamps
-        )
-
-    # A first pass fills a list of its own and publishes it whole: a replay never sees a
-    # half-prepared list, whatever other thread runs the same layer.
-
-    def forward(self, *inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        launches = [] if self.fwd is None else self.fwd
-        out = _lowrank_fwd(Gemms(True, launches), *inputs)
-        self.fwd = launches
-        return out
-
-    def backward(self, dy: torch.Tensor, *rest) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        key = (dy.shape, dy.stride(), dy.dtype, rest[-1])  # rest[-1]: need_dx
-        launches = self.bwd.get(key, [])
-        out = _lowrank_bwd(Gemms(True, launches), dy, *rest)
-        self.bwd[key] = launches
-        return out
-
-
-_REPLAYS: dict[tuple, _Replay] = {}
-_MAX_REPLAYS = 4096  # layers × input layouts; past it the table starts over
-
-
-def _replay_key(x: torch.Tensor, objects: tuple, scaling: float) -> tuple:
-    return (
-        x.shape,
-        x.stride(),
-        x.dtype,
-        x.device,
-        x.requires_grad,
-        torch.is_grad_enabled(),
-        scaling,
-        torch.get_float32_matmul_precision(),
-        *map(id, objects),
-    )
-
-
-def _replayable(x) -> bool:
-    """Calls that may replay: eager (no tracing, modes or transforms), a plain tensor x on the
-    Triton path, autocast off (it would cast the arguments into new tensors every call)."""
-    return (
-        type(x) is torch.Tensor
-        and not torch.is_autocast_enabled(x.device.type)
-        and _no_tracing_or_modes()
-        and use_triton(x)
-    )
-
-
 class _LowRankLora(torch.autograd.Function):
     """Eager training: the op's bodies under a plain autograd.Function, without the custom-op
     dispatcher round trips (about 200 µs a call); t_A gets no gradient buffer at all.  With a
@@ -425,19 +449,8 @@ def lowrank_lora(
 ) -> torch.Tensor:
     """``x vᵀ uᵀ + scaling·x lora_aᵀ lora_bᵀ + bias`` (u: out×r, v: r×in, lora_a: ρ×in,
     lora_b: out×ρ), fused; any leading shape of x; output in x's dtype."""
-    replay = None
     objects = (u, v, lora_a, lora_b, bias)
-    if not torch.compiler.is_compiling() and _replayable(x):
-        key = _replay_key(x, objects, scaling)
-        replay = _REPLAYS.get(key)
-        if replay is None or not replay.applies(objects):
-            replay = None
-            _check_lowrank(x, u, v, lora_a, lora_b, bias)
-            if _eager(*_flat(u)[:3], *_flat(v)[:3], lora_a, lora_b, bias):
-                if len(_REPLAYS) >= _MAX_REPLAYS:
-                    _REPLAYS.clear()
-                records = _records_grad(x, lora_a, lora_b, bias)
-                replay = _REPLAYS[key] = _Replay(objects, v.shape[1], u.shape[0], records)
+    replay = _replay_for("lowrank", x, objects, scaling, lambda: _new_lowrank_replay(x, u, v, lora_a, lora_b, bias))
     if replay is not None:  # checked when the replay was made
         (ut, us, uo, um, ug), (vt, vs, vo, vm, vg) = _flat(u), _flat(v)
         args = (
@@ -475,6 +488,14 @@ def lowrank_lora(
     return y.reshape(*x.shape[:-1], out_f)
 
 
+def _new_lowrank_replay(x, u, v, lora_a, lora_b, bias) -> Optional[_Replay]:
+    _check_lowrank(x, u, v, lora_a, lora_b, bias)
+    if not _eager(*_flat(u)[:3], *_flat(v)[:3], lora_a, lora_b, bias):
+        return None
+    records = _records_grad(x, lora_a, lora_b, bias)
+    return _Replay((u, v, lora_a, lora_b, bias), v.shape[1], u.shape[0], records, _lowrank_fwd, _lowrank_bwd)
+
+
 def _check_lowrank(x, u, v, lora_a, lora_b, bias) -> None:
     for name, f in (("u", u), ("v", v)):
         if not isinstance(f, (torch.Tensor, PackedFactor)) or len(f.shape) != 2:
@@ -501,17 +522,20 @@ def _dense_fwd_body(
     bias: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x: M×in.  ``t_A = x Aᵀ``; ``y = [x | t_A]·[W | s·B]ᵀ + b``; returns (y, t_A)."""
-    g = Gemms(use_triton(x))
+    return _dense_fwd(Gemms(use_triton(x)), x, weight, lora_a, lora_b, scaling, bias)
+
+
+def _dense_fwd(g: Gemms, x, weight, lora_a, lora_b, scaling, bias):
     with _autocast_off(x):
         t_a = g.two_k(x, lora_a.t(), out_dtype=_lora_dtype(x, lora_a))
         y = g.two_k(x, weight.t(), t_a, lora_b.t(), alpha2=scaling, bias=bias, out_dtype=x.dtype)
     return y, t_a
 
 
-_dense_fwd = torch.library.custom_op("emloc::dense_lora_fwd", mutates_args=())(_dense_fwd_body)
+_dense_fwd_op = torch.library.custom_op("emloc::dense_lora_fwd", mutates_args=())(_dense_fwd_body)
 
 
-@_dense_fwd.register_fake
+@_dense_fwd_op.register_fake
 def _(x, weight, lora_a, lora_b, scaling, bias):
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(
         x.shape[0], lora_a.shape[0], dtype=_lora_dtype(x, lora_a)
@@ -529,7 +553,10 @@ def _dense_bwd_body(
     need_dx: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``dt_A = s·dy B``; ``dx = [dy | dt_A]·[W; A]``; ``dA = dt_Aᵀ x``; ``dB = s·dyᵀ t_A``."""
-    g = Gemms(use_triton(dy))
+    return _dense_bwd(Gemms(use_triton(dy)), dy, x, t_a, weight, lora_a, lora_b, scaling, need_dx)
+
+
+def _dense_bwd(g: Gemms, dy, x, t_a, weight, lora_a, lora_b, scaling, need_dx):
     with _autocast_off(dy):
         dt_a = g.two_k(dy, lora_b, alpha1=scaling, out_dtype=_lora_dtype(dy, lora_b))
         dx = g.two_k(dy, weight, dt_a, lora_a, out_dtype=x.dtype) if need_dx else dy.new_empty(0)
@@ -538,10 +565,10 @@ def _dense_bwd_body(
     return dx, da, db
 
 
-_dense_bwd = torch.library.custom_op("emloc::dense_lora_bwd", mutates_args=())(_dense_bwd_body)
+_dense_bwd_op = torch.library.custom_op("emloc::dense_lora_bwd", mutates_args=())(_dense_bwd_body)
 
 
-@_dense_bwd.register_fake
+@_dense_bwd_op.register_fake
 def _(dy, x, t_a, weight, lora_a, lora_b, scaling, need_dx):
     dx = x.new_empty(x.shape) if need_dx else dy.new_empty(0)
     return dx, lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape)
@@ -559,10 +586,11 @@ def _dense_setup_op(ctx, inputs, output):
     _dense_setup(ctx, inputs, output)
 
 
-def _dense_grads(ctx, dy, bwd) -> tuple:
-    """Gradients of (x, weight, lora_a, lora_b, scaling, bias) from ``bwd``."""
+def _dense_grads(ctx, dy, bwd, offset: int = 0) -> tuple:
+    """Gradients of (x, weight, lora_a, lora_b, scaling, bias) from ``bwd`` (``offset`` as in
+    :func:`_lowrank_grads`)."""
     x, t_a, weight, lora_a, lora_b = ctx.saved_tensors
-    need = ctx.needs_input_grad
+    need = ctx.needs_input_grad[offset:]
     dx = da = db = None
     if dy is not None and (need[0] or need[2] or need[3]):
         dx, da, db = bwd(dy, x, t_a, weight, lora_a, lora_b, ctx.scaling, need[0])
@@ -574,22 +602,24 @@ def _dense_backward(ctx, dy, _dt_a):
     return _dense_grads(ctx, dy, torch.ops.emloc.dense_lora_bwd)
 
 
-_dense_fwd.register_autograd(_dense_backward, setup_context=_dense_setup_op)
+_dense_fwd_op.register_autograd(_dense_backward, setup_context=_dense_setup_op)
 
 
 class _DenseLora(torch.autograd.Function):
     """Eager training of ``dense_lora`` without the dispatcher (as :class:`_LowRankLora`)."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        y, t_a = _dense_fwd_body(*inputs)
+    def forward(ctx, replay: Optional[_Replay], *inputs):
+        y, t_a = _dense_fwd_body(*inputs) if replay is None else replay.forward(*inputs)
         ctx.set_materialize_grads(False)
+        ctx.replay = replay
         _dense_setup(ctx, inputs, (y, t_a))
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        return _dense_grads(ctx, dy, _dense_bwd_body)
+        bwd = _dense_bwd_body if ctx.replay is None else ctx.replay.backward
+        return (None, *_dense_grads(ctx, dy, bwd, offset=1))
 
 
 def dense_lora(
@@ -601,7 +631,36 @@ def dense_lora(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x weightᵀ + scaling·x lora_aᵀ lora_bᵀ + bias`` (weight: out×in), fused; any leading shape of x."""
+    objects = (weight, lora_a, lora_b, bias)
+    replay = _replay_for("dense", x, objects, scaling, lambda: _new_dense_replay(x, weight, lora_a, lora_b, bias))
+    if replay is not None:  # checked when the replay was made
+        args = (x.reshape(-1, replay.in_f), weight, lora_a, lora_b, float(scaling), bias)
+        y = _DenseLora.apply(replay, *args) if replay.records_grad else replay.forward(*args)[0]
+        return y.reshape(*x.shape[:-1], replay.out_f)
+
     x, weight, lora_a, lora_b, bias = _autocast(x, weight, lora_a, lora_b, bias)
+    _check_dense(x, weight, lora_a, lora_b, bias)
+    out_f, in_f = weight.shape
+    args = (x.reshape(-1, in_f), weight, lora_a, lora_b, float(scaling), bias)
+    tensors = (x, weight, lora_a, lora_b, bias)
+    if not _eager(*tensors):
+        y, _ = torch.ops.emloc.dense_lora_fwd(*args)
+    elif _records_grad(*tensors):
+        y = _DenseLora.apply(None, *args)
+    else:
+        y, _ = _dense_fwd_body(*args)
+    return y.reshape(*x.shape[:-1], out_f)
+
+
+def _new_dense_replay(x, weight, lora_a, lora_b, bias) -> Optional[_Replay]:
+    _check_dense(x, weight, lora_a, lora_b, bias)
+    if not _eager(weight, lora_a, lora_b, bias):
+        return None
+    records = _records_grad(x, lora_a, lora_b, bias)
+    return _Replay((weight, lora_a, lora_b, bias), weight.shape[1], weight.shape[0], records, _dense_fwd, _dense_bwd)
+
+
+def _check_dense(x, weight, lora_a, lora_b, bias) -> None:
     if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
         raise ValueError(
             f"dense_lora: weight must be an out×in tensor, got {type(weight).__name__} "
@@ -613,12 +672,3 @@ def dense_lora(
     _check_x("dense_lora", x, in_f)
     _check_2d("dense_lora", "weight", weight, (out_f, in_f), x)
     _check("dense_lora", x, {"weight": weight}, out_f, in_f, lora_a, lora_b, bias)
-    args = (x.reshape(-1, in_f), weight, lora_a, lora_b, float(scaling), bias)
-    tensors = (x, weight, lora_a, lora_b, bias)
-    if not _eager(*tensors):
-        y, _ = torch.ops.emloc.dense_lora_fwd(*args)
-    elif _records_grad(*tensors):
-        y = _DenseLora.apply(*args)
-    else:
-        y, _ = _dense_fwd_body(*args)
-    return y.reshape(*x.shape[:-1], out_f)

@@ -342,3 +342,26 @@ def test_repeated_calls_replay_their_launches(device, launches, monkeypatch):
         assert len(prepared) - before == 2 and not torch.equal(y, kept)
         want = lowrank_lora_reference(**{k: v.detach().double() for k, v in {**t, "x": x}.items()}, scaling=0.75)
         assert rel_err(y, want) < tol(torch.float32, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dense_lora_replays_its_launches(device, launches, monkeypatch):
+    """dense_lora replays like lowrank_lora: a second fwd+bwd prepares nothing and stays exact."""
+    import importlib
+
+    from emloc_kernels.ops import _triton_gemm
+
+    prepared: list[str] = []
+    real = _triton_gemm.prepare_2k
+    monkeypatch.setattr(_triton_gemm, "prepare_2k", lambda *a: prepared.append("2k") or real(*a))
+    monkeypatch.setattr(importlib.import_module("emloc_kernels.ops.lowrank_lora"), "_REPLAYS", {})
+    t, grads = _inputs(device, torch.bfloat16, torch.float32, True, True, "train", dense=True)
+    t["weight"] = torch.nn.Parameter(t["weight"].detach(), requires_grad=False)  # a frozen base linear
+    counts = []
+    for seed in (1, 2):
+        fresh, _ = _inputs(device, torch.bfloat16, None, False, True, "train", dense=True, seed=seed)
+        before = len(prepared)
+        args = {**t, "x": fresh["x"].requires_grad_()}
+        _check_against_fp64(ops.dense_lora, dense_lora_reference, args, grads, torch.bfloat16, device, 1.5)
+        counts.append(len(prepared) - before)
+    assert counts == [6, 0]  # forward: t_A, y; backward: dt_A, dx, dA, dB
