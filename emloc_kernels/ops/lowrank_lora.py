@@ -148,12 +148,12 @@ def _lora_dtype(x: torch.Tensor, lora: Optional[torch.Tensor]) -> torch.dtype:
 
 def _stamp(t) -> object:
     """What a replay depends on besides a tensor's identity: what a ``.data`` assignment or
-    ``requires_grad_`` may change (data pointer, shape, dtype, whether it requires grad)."""
+    ``requires_grad_`` may change (data pointer, shape, strides, dtype, whether it requires grad)."""
     if t is None:
         return None
     if isinstance(t, PackedFactor):
         return t.qweight.data_ptr(), t.scale.data_ptr(), None if t.offset is None else t.offset.data_ptr()
-    return t.data_ptr(), t.shape, t.dtype, t.requires_grad
+    return t.data_ptr(), t.shape, t.stride(), t.dtype, t.requires_grad
 
 
 class _Replay:
@@ -192,7 +192,8 @@ class _Replay:
         return out
 
     def backward(self, dy: torch.Tensor, *rest) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        key = (dy.shape, dy.stride(), dy.dtype, rest[-1])  # rest[-1]: need_dx
+        x = rest[0]  # saved; a saved-tensor hook may hand it back in another layout
+        key = (dy.shape, dy.stride(), dy.dtype, rest[-1], x.stride(), x.storage_offset(), x.untyped_storage().nbytes())
         launches = self.bwd.get(key, [])
         out = self.bwd_impl(Gemms(True, launches), dy, *rest)
         self.bwd[key] = launches
@@ -212,7 +213,7 @@ def _replay_key(op: str, x: torch.Tensor, objects: tuple, scaling: float) -> tup
         x.device,
         x.requires_grad,
         torch.is_grad_enabled(),
-        scaling,
+        float(scaling),
         torch.get_float32_matmul_precision(),
         *map(id, objects),
     )

@@ -365,3 +365,17 @@ def test_dense_lora_replays_its_launches(device, launches, monkeypatch):
         _check_against_fp64(ops.dense_lora, dense_lora_reference, args, grads, torch.bfloat16, device, 1.5)
         counts.append(len(prepared) - before)
     assert counts == [6, 0]  # forward: t_A, y; backward: dt_A, dx, dA, dB
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_replayed_backward_follows_the_saved_input_layout(device, launches):
+    """A saved-tensor hook may give x back in another layout than the forward saw (activation
+    offloading returns it contiguous): the backward's launches must follow it."""
+    t, grads = _inputs(device, torch.float32, torch.float32, False, True, "decode")
+    for seed, hooked in ((1, False), (2, True)):
+        fresh, _ = _inputs(device, torch.float32, None, False, True, "decode", seed=seed)
+        x = strided(fresh["x"].reshape(3, -1)[:, : t["x"].shape[-1]].clone()).requires_grad_()
+        with torch.autograd.graph.saved_tensors_hooks(lambda s: s.contiguous() if hooked else s, lambda s: s):
+            _check_against_fp64(
+                ops.lowrank_lora, lowrank_lora_reference, {**t, "x": x}, grads, torch.float32, device, 0.5
+            )
