@@ -1,8 +1,8 @@
 """The two generic GEMMs every fused op is built from, with their torch references.
 
-* ``gemm_2k``: ``C = α₁·A₁B₁ + α₂·A₂B₂ + bias`` -- two K segments accumulated into one
+* ``two_k`` (``gemm_2k``): ``C = α₁·A₁B₁ + α₂·A₂B₂ + bias`` -- two K segments accumulated into one
   fp32 tile (e.g. ``[t_v | s·t_A]·[u | B]ᵀ``) without concatenating anything in memory.
-* ``gemm_2n``: ``C₁ = A·B₁``, ``C₂ = α₂·A·B₂`` -- two N segments fed by one read of ``A``
+* ``two_n`` (``gemm_2n``): ``C₁ = A·B₁``, ``C₂ = α₂·A·B₂`` -- two N segments fed by one read of ``A``
   (e.g. ``x·[v; A]ᵀ``).
 
 Right operands are K×N: any strided tensor view (a transposed weight is just ``w.t()``)
@@ -72,54 +72,18 @@ def aligned_rows(t: torch.Tensor, multiple: int = 16) -> torch.Tensor:
     return out
 
 
-def gemm_2k(
-    a1: torch.Tensor,
-    b1: Right,
-    a2: torch.Tensor | None = None,
-    b2: torch.Tensor | None = None,
-    *,
-    alpha1: float = 1.0,
-    alpha2: float = 1.0,
-    bias: torch.Tensor | None = None,
-    out_dtype: torch.dtype | None = None,
-    triton: bool,
-) -> torch.Tensor:
-    """``C = α₁·A₁B₁ + α₂·A₂B₂ + bias`` (M×N, ``out_dtype`` or A₁'s dtype); segment 2 optional
-    (a2 and b2 both given or both None)."""
-    if not triton:
-        return gemm_2k_reference(a1, b1, a2, b2, alpha1, alpha2, bias, out_dtype)
-    launch = _kernels().prepare_2k(a1, b1, a2, b2, alpha1, alpha2, bias, out_dtype or a1.dtype)
-    if launch is None:
-        return gemm_2k_reference(a1, b1, a2, b2, alpha1, alpha2, bias, out_dtype)
-    return launch(a1, b1, a2, b2, bias)
-
-
-def gemm_2n(
-    a: torch.Tensor,
-    b1: Right,
-    b2: torch.Tensor,
-    *,
-    alpha2: float = 1.0,
-    out_dtypes: tuple[torch.dtype, torch.dtype] | None = None,
-    triton: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A·B₁, α₂·A·B₂)`` with one pass over ``A``; dtypes default to A's."""
-    if not triton:
-        return gemm_2n_reference(a, b1, b2, alpha2, out_dtypes)
-    launch = _kernels().prepare_2n(a, b1, b2, alpha2, out_dtypes or (a.dtype, a.dtype))
-    if launch is None:
-        return gemm_2n_reference(a, b1, b2, alpha2, out_dtypes)
-    return launch(a, b1, b2)
-
-
 class Gemms:
-    """``gemm_2k`` / ``gemm_2n`` as an op's body calls them, in a fixed order.
+    """The two GEMMs as an op's body calls them, in a fixed order.
 
-    ``Gemms(triton)`` runs each call afresh.  ``Gemms(True, launches)`` is one pass of a
-    replay: the i-th call of the pass uses ``launches[i]``, the Triton launch prepared on the
-    first pass (and appended to the list then), so that a later call of the same body on
-    operands of the same layout skips the launch planning.  The caller keys ``launches`` by
-    everything the layouts follow from.
+    * ``two_k``: ``C = α₁·A₁B₁ + α₂·A₂B₂ + bias`` (M×N, ``out_dtype`` or A₁'s dtype); segment 2
+      optional (a2 and b2 both given or both None).
+    * ``two_n``: ``(A·B₁, α₂·A·B₂)`` with one pass over ``A``; dtypes default to A's.
+
+    ``Gemms(triton)`` plans each call afresh (``triton=False``: the torch references).
+    ``Gemms(True, launches)`` is one pass of a replay: the i-th call of the pass uses
+    ``launches[i]``, the Triton launch prepared on the first pass (and appended to the list
+    then), so that a later call of the same body on operands of the same layout skips the
+    launch planning.  The caller keys ``launches`` by everything the layouts follow from.
     """
 
     __slots__ = ("triton", "launches", "i")
@@ -127,9 +91,11 @@ class Gemms:
     def __init__(self, triton: bool, launches: list | None = None) -> None:
         self.triton, self.launches, self.i = triton, launches, 0
 
-    def _prepared(self, prepare, *args):
+    def _launch(self, prepare, *args):
+        """The call's prepared launch (None: nothing to launch): planned now, or the replay's."""
         launches = self.launches
-        assert launches is not None
+        if launches is None:
+            return prepare(*args)
         i, self.i = self.i, self.i + 1
         if i == len(launches):
             launches.append(prepare(*args))
@@ -147,11 +113,11 @@ class Gemms:
         bias: torch.Tensor | None = None,
         out_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        if self.launches is None:
-            return gemm_2k(
-                a1, b1, a2, b2, alpha1=alpha1, alpha2=alpha2, bias=bias, out_dtype=out_dtype, triton=self.triton
-            )
-        launch = self._prepared(_kernels().prepare_2k, a1, b1, a2, b2, alpha1, alpha2, bias, out_dtype or a1.dtype)
+        launch = (
+            self._launch(_kernels().prepare_2k, a1, b1, a2, b2, alpha1, alpha2, bias, out_dtype or a1.dtype)
+            if self.triton
+            else None
+        )
         if launch is None:
             return gemm_2k_reference(a1, b1, a2, b2, alpha1, alpha2, bias, out_dtype)
         return launch(a1, b1, a2, b2, bias)
@@ -165,9 +131,11 @@ class Gemms:
         alpha2: float = 1.0,
         out_dtypes: tuple[torch.dtype, torch.dtype] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.launches is None:
-            return gemm_2n(a, b1, b2, alpha2=alpha2, out_dtypes=out_dtypes, triton=self.triton)
-        launch = self._prepared(_kernels().prepare_2n, a, b1, b2, alpha2, out_dtypes or (a.dtype, a.dtype))
+        launch = (
+            self._launch(_kernels().prepare_2n, a, b1, b2, alpha2, out_dtypes or (a.dtype, a.dtype))
+            if self.triton
+            else None
+        )
         if launch is None:
             return gemm_2n_reference(a, b1, b2, alpha2, out_dtypes)
         return launch(a, b1, b2)
