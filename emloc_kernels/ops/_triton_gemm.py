@@ -766,6 +766,11 @@ class _RightArgs(NamedTuple):
     dtype: torch.dtype
     n_load: int
 
+    @property
+    def strides(self) -> tuple[int, int, int, int]:
+        """The kernels' right-operand stride arguments: data (k, n), then scales (k, n)."""
+        return self.stride_k, self.stride_n, self.ss_k, self.ss_n
+
 
 def _right_args(b: Right) -> _RightArgs:
     """Kernel arguments for a K×N right operand; packed strides are in (k, n) order."""
@@ -940,10 +945,7 @@ class Launch2k:
             plan.k_per,
             r.n_load,
             *a1.stride(),
-            r.stride_k,
-            r.stride_n,
-            r.ss_k,
-            r.ss_n,
+            *r.strides,
             *a2.stride(),
             *b2.stride(),
             n,
@@ -1014,10 +1016,7 @@ class Launch2n:
             plan.k_per,
             r.n_load,
             *a.stride(),
-            r.stride_k,
-            r.stride_n,
-            r.ss_k,
-            r.ss_n,
+            *r.strides,
             *b2.stride(),
             _pad16(n1),
             1,
