@@ -92,6 +92,9 @@ PRESETS = {
         "default on the anchored run's emulator": dict(emulator_of="distill 300 on 256 + anchor, 0.4"),
         "anchor on the default's emulator": dict(anchor=True, emulator_of="distill 300 on 256, 0.4"),
         "anchor on the default's emulator, 0.3": dict(anchor=True, emulator_of="distill 300 on 256, 0.3"),
+        "anchor in 4 rounds on the anchored run's emulator": dict(
+            anchor=True, anchor_rounds=4, emulator_of="distill 300 on 256 + anchor, 0.4"
+        ),
     },
     "ratios": {f"paper build, {r}": dict(ratio=r, **PAPER) for r in (0.3, 0.4, 0.6)},
 }

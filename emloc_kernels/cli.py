@@ -368,6 +368,15 @@ def parser(task: str | None = None) -> argparse.ArgumentParser:
         "data, the only kind it serves)",
     )
     f.add_argument(
+        "--anchor-rounds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="anchored training in N rounds: before each round after the first, the original with the LoRA "
+        "so far merged in (inference only, the emulator out of memory meanwhile) gives the anchor afresh "
+        "(default 1)",
+    )
+    f.add_argument(
         "--emulator",
         default=None,
         metavar="DIR",

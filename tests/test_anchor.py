@@ -7,9 +7,10 @@ import copy
 
 import pytest
 import torch
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from emloc_kernels.conventions import hidden_states_as_logits
-from emloc_kernels.recipe.finetune import batch_schedule, train
+from emloc_kernels.recipe.finetune import anchor_rounds, batch_schedule, train, train_in_rounds
 from emloc_kernels.recipe.models import attach_lora
 from emloc_kernels.recipe.task import LabelTask, last_hidden_states, loss_on
 
@@ -101,3 +102,64 @@ def test_schedule_passes_over_every_row_before_repeating():
     flat = [i for b in batches for i in b]
     assert sorted(flat[:9]) == sorted(set(flat[:9])) and set(flat[:10]) == set(range(10))
     assert batch_schedule(10, 7, 3, seed=4) == batches != batch_schedule(10, 7, 3, seed=5)
+
+
+def _rounds_kw(original, emulator, task, anchored=True):
+    """train_in_rounds' models: fresh LoRAs on copies of ``emulator``; the anchor from
+    ``original`` with the adapter state merged in."""
+
+    def original_states(lora, rows):
+        model = attach_lora(copy.deepcopy(original), 4, 4.0, seed=0)
+        if lora is not None:
+            set_peft_model_state_dict(model, lora)
+        return last_hidden_states(model.merge_and_unload(), task, rows)
+
+    return dict(
+        lora_on_emulator=lambda: attach_lora(copy.deepcopy(emulator), 4, 4.0, seed=0),
+        original_states=original_states if anchored else None,
+        lr=1e-2,
+        device=torch.device("cpu"),
+        progress=False,
+    )
+
+
+def test_rounds_split_the_schedule_evenly():
+    schedule = batch_schedule(10, 7, 3, seed=0)
+    for n in (1, 2, 3, 7, 9):
+        rounds = anchor_rounds(schedule, n)
+        assert [b for r in rounds for b in r] == schedule and len(rounds) == min(n, 7)
+        assert max(map(len, rounds)) - min(map(len, rounds)) <= 1
+
+
+def test_rounds_with_a_perfect_emulator_are_plain_training(pair):
+    """Each round's anchor is zero when the emulator is the original: three rounds (the model
+    reloaded, LoRA and optimizer state carried) train as one plain run."""
+    original, _, task = pair
+    schedule = batch_schedule(len(ROWS), 6, 3, seed=0)
+    plain = attach_lora(copy.deepcopy(original), 4, 4.0, seed=0)
+    losses = train(
+        plain, task, ROWS, steps=6, batch_size=3, lr=1e-2, seed=0, device=torch.device("cpu"), progress=False
+    )
+    model, got = train_in_rounds(task, ROWS, anchor_rounds(schedule, 3), **_rounds_kw(original, original, task))
+    assert got == pytest.approx(losses, rel=1e-4)
+    for (name, p), q in zip(plain.named_parameters(), model.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_every_round_starts_from_the_originals_loss_with_the_lora_so_far(pair):
+    """The loss at a round's first step is the original's, with the LoRA trained in the earlier
+    rounds merged in, on that batch: the anchor is refreshed, not the first round's."""
+    original, emulator, task = pair
+    rounds = anchor_rounds(batch_schedule(len(ROWS), 4, 3, seed=0), 2)
+    kw = _rounds_kw(original, emulator, task)
+    first, _ = train_in_rounds(task, ROWS, rounds[:1], **kw)
+    _, losses = train_in_rounds(task, ROWS, rounds, **kw)
+    lora = get_peft_model_state_dict(first)
+    merged = attach_lora(copy.deepcopy(original), 4, 4.0, seed=0)
+    set_peft_model_state_dict(merged, lora)
+    want = loss_on(merged.merge_and_unload(), task.encode([ROWS[i] for i in rounds[1][0]]))
+    assert losses[len(rounds[0])] == pytest.approx(want.item(), rel=1e-4)
+    # with the first round's anchor kept instead, the emulator's LoRA effect stands in: not exact
+    _, stale = train_in_rounds(task, ROWS, [rounds[0] + rounds[1]], **kw)
+    assert stale[len(rounds[0])] != pytest.approx(want.item(), rel=1e-3)

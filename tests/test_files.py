@@ -154,6 +154,7 @@ def test_a_users_folder_in_place_of_the_build_checkpoint_is_refused(sandbox):
         ("finetune --device bogus", "--device 'bogus' is not a device"),
         ("finetune --device cuda:9", "CUDA device"),
         ("finetune --distill-lr 0", "--distill-lr must be a positive finite number"),
+        ("finetune --anchor-rounds 0", "--anchor-rounds must be an integer from 1"),
         ("build P/a --data data.txt --out e --samples -1", "--samples must be an integer from 1"),
         ("build P/a --data data.txt --out e --distill-lr nan", "--distill-lr must be a positive finite number"),
         ("build P/a --data data.txt --out e --distill-rank 0", "--distill-rank must be an integer from 1"),

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from emloc_kernels import cli
 from emloc_kernels.recipe import demo
-from emloc_kernels.recipe.finetune import TRANSFERS, batch_schedule
+from emloc_kernels.recipe.finetune import TRANSFERS, anchor_rounds, batch_schedule, rows_of
 from emloc_kernels.recipe.task import LabelTask, accuracy, read_jsonl
 
 
@@ -159,6 +159,8 @@ def test_upper_bound_and_build_options_reach_the_report(material, tmp_path):
         "auto",
         "--allocate",
         "block",
+        "--anchor-rounds",
+        "2",
     )
     gain = report["lora_original"] - report["zero_shot"]
     if gain != 0:
@@ -170,10 +172,13 @@ def test_upper_bound_and_build_options_reach_the_report(material, tmp_path):
     assert meta["build"]["distill"]["steps"] == 2  # the default distillation, shortened by run()
     assert all(m["heldout_error"] is not None for m in meta["modules"].values())
     assert report["settings"]["upper_bound"] is True
-    # anchored by default on label data
+    # anchored by default on label data, here in two rounds: the file holds the first round's anchor
     assert report["settings"]["anchor"] is True and "anchor_original" in report["timings_s"]
+    assert report["settings"]["anchor_rounds"] == 2 and len(report["losses"]) == 3
     states = torch.load(tmp_path / "ub" / "anchor_original.pt")  # the original's, one row per example trained on
-    assert states.shape == (len({i for b in batch_schedule(36, 3, 4, 0) for i in b}), 64)
+    assert states.shape == (len(rows_of(anchor_rounds(batch_schedule(36, 3, 4, 0), 2)[0])), 64)
+    with pytest.raises(SystemExit, match="--anchor-rounds 2: rounds of anchored training need --anchor"):
+        run(material, tmp_path / "no", "--anchor-rounds", "2", "--no-anchor")
 
 
 def test_distilled_quantised_emulator_keeps_the_ranks_of_the_plain_build(material, tmp_path):

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, cast
 
 import torch
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -33,6 +34,7 @@ from .._version import __version__
 from ..conventions import check_built_from, check_device, hidden_states_as_logits
 from ..correction import correct_adapter
 from ..emulator import build_emulator, load_emulator, save_emulator
+from ..emulator.calibration import to_device
 from ..emulator.distill import Distillation
 from ..emulator.io import read_metadata
 from ..files import check_output, copy_tokenizer, write_dir_atomically, write_dir_resumably
@@ -60,6 +62,7 @@ TRANSFERS = {
 PAPER_TRANSFERS = ("uncorrected", "L=1", "L=3", "unclamped")
 # the Trainer's checkpoints in the work directory (removed once their training is done)
 CHECKPOINTS, CHECKPOINTS_ORIGINAL = "checkpoints", "checkpoints-original"
+CPU = torch.device("cpu")
 ANCHOR = "anchor_original.pt"  # the original's final hidden states on the training rows (--anchor)
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 # the Trainer's options: label data trains with the plain loop and refuses other values than these
@@ -93,6 +96,7 @@ COUNTS = {
     "distill_steps": (0, 10**8),
     "distill_rank": (1, 4096),
     "distill_samples": (1, 10**7),
+    "anchor_rounds": (1, 10**6),
 }
 
 
@@ -150,6 +154,9 @@ class FinetuneSettings:
     # h_E(x; LoRA) + h_O(x) − h_E(x)); see train().  None: on for label data (the only kind it
     # serves); RT recovery 0.76 → 0.85 over three seeds (bench/RESULTS.md)
     anchor: bool | None = None
+    # anchored training in N rounds: before each round after the first, the original with the
+    # LoRA so far (merged, inference only) gives the anchor afresh; see train_in_rounds()
+    anchor_rounds: int = 1
     upper_bound: bool = False  # also train LoRA on the original: report lora_original and recovery
     emulator: str | None = None  # a built emulator directory to use instead of building one
     task: str | None = None  # an embedded task (demo.TASKS); None: Rotten Tomatoes
@@ -247,13 +254,26 @@ def train(
     loss is that of ``h_O(x) + [h_E(x; LoRA) − h_E(x)]``: the original's starting point moved by
     what the LoRA does to the emulator, a first-order stand-in for the original with the
     LoRA, so the LoRA is not trained to repair the emulator's own errors."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    return train_steps(
+        model, task, rows, batch_schedule(len(rows), steps, batch_size, seed), opt, device, progress, offsets
+    )
+
+
+def train_steps(
+    model: torch.nn.Module,
+    task: LabelTask,
+    rows: list[dict],
+    schedule: list[list[int]],
+    opt: torch.optim.Optimizer,
+    device: torch.device,
+    progress: bool = True,
+    offsets: dict[int, torch.Tensor] | None = None,
+) -> list[float]:
+    """The steps of :func:`train` for the batches of ``schedule`` (row indices), with ``opt``."""
     model.train()
     losses: list[float] = []
-    bar = tqdm(
-        batch_schedule(len(rows), steps, batch_size, seed), desc="LoRA on emulator", unit="step", disable=not progress
-    )
+    bar = tqdm(schedule, desc="LoRA on emulator", unit="step", disable=not progress)
     with hidden_states_as_logits(model) if offsets is not None else contextlib.nullcontext() as head:
         if offsets is not None and head is None:
             raise ValueError(NO_PLAIN_HEAD)
@@ -270,6 +290,17 @@ def train(
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
     return losses
+
+
+def anchor_rounds(schedule: list[list[int]], rounds: int) -> list[list[list[int]]]:
+    """``schedule`` cut into ``rounds`` consecutive runs of steps (as even as can be; none empty)."""
+    rounds = min(rounds, len(schedule))
+    return [schedule[len(schedule) * k // rounds : len(schedule) * (k + 1) // rounds] for k in range(rounds)]
+
+
+def rows_of(steps: list[list[int]]) -> list[int]:
+    """The distinct rows ``steps`` use, sorted."""
+    return sorted({i for b in steps for i in b})
 
 
 def report_to() -> str:
@@ -546,6 +577,8 @@ class Run:
             raise ValueError(
                 "--anchor: for label classification data only (the loss reads one hidden state per example)"
             )
+        if s.anchor_rounds > 1 and not anchor:
+            raise ValueError(f"--anchor-rounds {s.anchor_rounds}: rounds of anchored training need --anchor")
         if isinstance(task, LabelTask):
             changed = [k for k, v in TRAINER_DEFAULTS.items() if getattr(s, k) != v]
             if changed:
@@ -583,14 +616,12 @@ class Run:
             return accuracy(model, self.task, self.val_rows if split == "validation" else self.test_rows)
         return lm_loss(model, self.task, self.features(split))
 
-    def train(
-        self, model: torch.nn.Module, checkpoints: Path, offsets: dict[int, torch.Tensor] | None = None
-    ) -> dict[str, list]:
+    def train(self, model: torch.nn.Module, checkpoints: Path) -> dict[str, list]:
         """LoRA training of ``model``: losses and their steps (Trainer checkpoints in
-        ``checkpoints`` for generative data; ``offsets`` anchor label training, see :func:`train`)."""
+        ``checkpoints`` for generative data)."""
         s = self.settings
         if isinstance(self.task, LabelTask):
-            losses = train_as_set(s, model, self.task, self.train_rows, self.device, offsets)
+            losses = train_as_set(s, model, self.task, self.train_rows, self.device)
             return {"losses": losses, "steps": list(range(1, len(losses) + 1))}
         return train_with_trainer(s, model, self.task, self.features("train"), checkpoints, self.device)
 
@@ -697,29 +728,46 @@ def _run(r: Run, out: Path) -> dict:
         shutil.rmtree(out / ".emulator.partial")
         return weight_sizes(emulator, original_bytes)
 
-    # with --anchor: the training rows the schedule will use
-    anchored = (
-        sorted({i for b in batch_schedule(len(train_rows), s.steps, s.batch_size, s.seed) for i in b})
-        if r.anchor
-        else []
+    # the training steps, in anchoring rounds (one without --anchor, or with --anchor-rounds 1)
+    rounds = anchor_rounds(
+        batch_schedule(len(train_rows), s.steps, s.batch_size, s.seed), s.anchor_rounds if r.anchor else 1
     )
 
     def anchor_original(original: nn.Module) -> dict[str, int]:
-        """The original's final hidden states on the training rows the LoRA will see
-        (inference only, while it is in memory for the zero-shot score)."""
-        states = last_hidden_states(original, cast(LabelTask, task), [train_rows[i] for i in anchored])
+        """The original's final hidden states on the training rows of the first round (inference
+        only, while it is in memory for the zero-shot score)."""
+        rows = rows_of(rounds[0])
+        states = last_hidden_states(original, cast(LabelTask, task), [train_rows[i] for i in rows])
         torch.save(states, out / ANCHOR)
-        return {"rows": len(anchored)}
+        return {"rows": len(rows)}
 
-    def train_on_emulator(emulator: nn.Module) -> dict[str, list]:
+    def train_on_emulator() -> dict[str, list]:
         """Stage 2: LoRA on the emulator; the adapter names the original (load_emulator sets
         it), as PEFT expects of an adapter for it."""
-        offsets = None
-        if r.anchor:
-            before = last_hidden_states(emulator, cast(LabelTask, task), [train_rows[i] for i in anchored])
-            offsets = dict(zip(anchored, torch.load(out / ANCHOR) - before))
-        peft_model = attach_lora(emulator, s.lora_rank, alpha, s.seed)
-        logged = r.train(peft_model, out / CHECKPOINTS, offsets)
+        peft_model: Any
+        logged: dict[str, list]
+        if isinstance(task, LabelTask):
+            peft_model, losses = train_in_rounds(
+                task,
+                train_rows,
+                rounds,
+                lora_on_emulator=lambda: attach_lora(
+                    load_emulator(out / "emulator", device=device), s.lora_rank, alpha, s.seed
+                ),
+                # the first round's anchor was kept while the original was in memory
+                original_states=(
+                    (lambda lora, rows: torch.load(out / ANCHOR) if lora is None else original_states(r, lora, rows))
+                    if r.anchor
+                    else None
+                ),
+                lr=s.lr,
+                device=device,
+                progress=s.progress,
+            )
+            logged = {"losses": losses, "steps": list(range(1, len(losses) + 1))}
+        else:
+            peft_model = attach_lora(load_emulator(out / "emulator", device=device), s.lora_rank, alpha, s.seed)
+            logged = r.train(peft_model, out / CHECKPOINTS)
 
         def write(directory: Path) -> None:
             peft_model.save_pretrained(str(directory))
@@ -740,8 +788,8 @@ def _run(r: Run, out: Path) -> dict:
     if "train" not in stages:
         emulator = load_emulator(out / "emulator", device=device)
         stages.run("eval_emulator", r.evaluate, emulator, "test")
-        stages.run("train", train_on_emulator, emulator)
         del emulator
+        stages.run("train", train_on_emulator)
     shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # the training's checkpoints are done with
     acc = {"zero_shot": stages.result("eval_zero_shot"), "emulator": stages.result("eval_emulator")}
     sizes, logged = stages.result("build_emulator"), stages.result("train")
@@ -901,12 +949,7 @@ def _evaluate_variants(
 
 
 def train_as_set(
-    s: FinetuneSettings,
-    model: torch.nn.Module,
-    task: LabelTask,
-    rows: list[dict],
-    device: torch.device,
-    offsets: dict[int, torch.Tensor] | None = None,
+    s: FinetuneSettings, model: torch.nn.Module, task: LabelTask, rows: list[dict], device: torch.device
 ) -> list[float]:
     """:func:`train` with the run's steps, batch size, learning rate, seed and progress setting."""
     return train(
@@ -919,8 +962,62 @@ def train_as_set(
         seed=s.seed,
         device=device,
         progress=s.progress,
-        offsets=offsets,
     )
+
+
+def train_in_rounds(
+    task: LabelTask,
+    rows: list[dict],
+    rounds: list[list[list[int]]],
+    *,
+    lora_on_emulator: Callable[[], Any],
+    original_states: Callable[[dict[str, torch.Tensor] | None, list[dict]], torch.Tensor] | None,
+    lr: float,
+    device: torch.device,
+    progress: bool = True,
+) -> tuple[Any, list[float]]:
+    """LoRA on the emulator over the steps of ``rounds``: the PEFT model and the loss per step.
+
+    ``lora_on_emulator()`` loads the emulator with a fresh LoRA; ``original_states(lora, rows)``
+    gives the original's final hidden states on ``rows`` with the adapter state ``lora``
+    merged in (None: the LoRA's initial, zero state), or is None for training without anchors.
+    Each round anchors afresh where the training stands: the emulator leaves memory, the
+    original gives its states on the round's rows (inference only), and the training goes on
+    (LoRA and optimizer state kept) around ``h_O(x; LoRA_k) + [h_E(x; LoRA) − h_E(x; LoRA_k)]``,
+    so the first-order stand-in for the original is exact at the start of every round."""
+    lora: dict[str, torch.Tensor] | None = None
+    opt_state: dict | None = None
+    losses: list[float] = []
+    for k, steps in enumerate(rounds):
+        used = rows_of(steps)
+        picked = [rows[i] for i in used]
+        target = original_states(lora, picked) if original_states is not None else None
+        model = lora_on_emulator()
+        if lora is not None:
+            set_peft_model_state_dict(model, lora)
+        offsets = None
+        if target is not None:
+            offsets = dict(zip(used, target - last_hidden_states(model, task, picked)))
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+        if opt_state is not None:
+            opt.load_state_dict(opt_state)
+        if len(rounds) > 1:
+            logger.info("anchoring round %d of %d: %d steps", k + 1, len(rounds), len(steps))
+        losses += train_steps(model, task, rows, steps, opt, device, progress, offsets)
+        if k + 1 < len(rounds):  # out of memory before the original comes in
+            lora = to_device({n: t.detach().clone() for n, t in get_peft_model_state_dict(model).items()}, CPU)
+            opt_state = to_device(opt.state_dict(), CPU)
+            del model, opt
+    return model, losses
+
+
+def original_states(r: Run, lora: dict[str, torch.Tensor], rows: list[dict]) -> torch.Tensor:
+    """The original's final hidden states on ``rows`` with the adapter state ``lora`` merged
+    into its weights: inference on the original, at its inference memory."""
+    model, _ = load_model(r.model_path, r.device, r.dtype)
+    peft_model = attach_lora(model, r.settings.lora_rank, r.alpha, r.settings.seed)
+    set_peft_model_state_dict(peft_model, lora)
+    return last_hidden_states(peft_model.merge_and_unload(), cast(LabelTask, r.task), rows)
 
 
 def lora_on_original(r: Run, checkpoints: Path) -> float:
