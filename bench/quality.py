@@ -227,7 +227,8 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    markers = dict(zip(sorted({r["task"] for r in rows}), "osD^v"))
     for task in sorted({r["task"] for r in rows}):
         mine = [r for r in rows if r["task"] == task and r["recovery"] not in ("", None)]
         by_setting: dict[str, list[dict]] = {}
@@ -236,7 +237,7 @@ def plot(rows: list[dict], path: Path) -> None:
         for name, rs in by_setting.items():
             x = sum(float(r["peak_mem_finetune_mib"]) for r in rs) / len(rs)
             y = sum(float(r["recovery"]) for r in rs) / len(rs)
-            ax.scatter(x, y, label=f"{task}: {name} ({len(rs)} seed{'s' if len(rs) > 1 else ''})")
+            ax.scatter(x, y, marker=markers[task], label=f"{task}: {name} ({len(rs)} seed{'s' if len(rs) > 1 else ''})")
     upper = [
         float(r["peak_mem_lora_original_mib"]) for r in rows if r.get("peak_mem_lora_original_mib") not in ("", None)
     ]
@@ -248,7 +249,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.axhline(0.9, color="gray", ls=":", label="target 0.9")
     ax.set_xlabel("fine-tuning peak memory (MiB, same batch)")
     ax.set_ylabel("recovery of the fine-tuning gain")
-    ax.legend(fontsize=6, loc="lower right")
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the axes: no point hidden
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
