@@ -336,9 +336,9 @@ def _reduce(
 
 
 @triton.jit
-def _store(acc, c_ptr, stride_cm, stride_cn, offs_m, offs_n, M, N, bias_ptr, HAS_BIAS: tl.constexpr):
+def _store(acc, c_ptr, stride_cm, stride_cn, offs_m, offs_n, M, N, bias_ptr, stride_bias, HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + offs_n * stride_bias, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     c = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
@@ -357,6 +357,7 @@ def _finish(
     M,
     N,
     bias_ptr,
+    stride_bias,
     HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
@@ -377,10 +378,10 @@ def _finish(
             total = tl.zeros_like(acc)
             for s in range(0, tl.num_programs(1)):
                 total += tl.load(ws + s * stride_ws, mask=mask, other=0.0, cache_modifier=".cg")
-            _store(total, c_ptr, stride_cm, stride_cn, offs_m, offs_n, M, N, bias_ptr, HAS_BIAS)
+            _store(total, c_ptr, stride_cm, stride_cn, offs_m, offs_n, M, N, bias_ptr, stride_bias, HAS_BIAS)
             tl.store(cnt_ptr + tl.program_id(0), 0)  # every program of the tile has counted
     else:
-        _store(acc, c_ptr, stride_cm, stride_cn, offs_m, offs_n, M, N, bias_ptr, HAS_BIAS)
+        _store(acc, c_ptr, stride_cm, stride_cn, offs_m, offs_n, M, N, bias_ptr, stride_bias, HAS_BIAS)
 
 
 @triton.jit
@@ -414,6 +415,7 @@ def _gemm_2k_kernel(
     stride_cm,
     stride_cn,
     stride_ws,
+    stride_bias,
     alpha1,
     alpha2,
     QUANT1: tl.constexpr,
@@ -500,7 +502,21 @@ def _gemm_2k_kernel(
             )
             acc += acc2 * alpha2
     _finish(
-        acc, c_ptr, stride_cm, stride_cn, ws_ptr, stride_ws, cnt_ptr, offs_m, offs_n, M, N, bias_ptr, HAS_BIAS, SPLIT
+        acc,
+        c_ptr,
+        stride_cm,
+        stride_cn,
+        ws_ptr,
+        stride_ws,
+        cnt_ptr,
+        offs_m,
+        offs_n,
+        M,
+        N,
+        bias_ptr,
+        stride_bias,
+        HAS_BIAS,
+        SPLIT,
     )
 
 
@@ -601,6 +617,7 @@ def _gemm_2n_kernel(
             M,
             N1,
             c1_ptr,
+            0,
             False,
             SPLIT,
         )
@@ -645,6 +662,7 @@ def _gemm_2n_kernel(
             M,
             N2,
             c2_ptr,
+            0,
             False,
             SPLIT,
         )
@@ -951,6 +969,7 @@ class Launch2k:
             n,
             1,
             m * _pad16(n),
+            bias.stride(0) if bias is not None else 0,
             float(alpha1),
             float(alpha2),
         )

@@ -28,10 +28,15 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def strided(t: torch.Tensor) -> torch.Tensor:
-    """The same values in a non-contiguous layout (reversed dimension order)."""
-    perm = list(reversed(range(t.ndim)))
-    out = t.permute(perm).contiguous().permute(perm)
-    assert not out.is_contiguous() or t.ndim < 2 or min(t.shape) == 1
+    """The same values in a non-contiguous layout: reversed dimension order, every other
+    element of a 1-D tensor."""
+    if t.ndim == 1:
+        out = t.detach().new_empty(t.shape[0], 2)[:, 0]
+        out.copy_(t)
+    else:
+        perm = list(reversed(range(t.ndim)))
+        out = t.detach().permute(perm).contiguous().permute(perm)
+    assert not out.is_contiguous() or min(t.shape) == 1
     return out.requires_grad_(t.requires_grad)
 
 
