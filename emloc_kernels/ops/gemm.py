@@ -21,6 +21,7 @@ call of every layer.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from types import ModuleType
@@ -72,6 +73,14 @@ def aligned_rows(t: torch.Tensor, multiple: int = 16) -> torch.Tensor:
     return out
 
 
+def _autocast_off(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off around a reference GEMM (the ops cast their inputs already; the kernels
+    never see autocast), entered only when it is on: the context costs host time."""
+    if torch.is_autocast_enabled(t.device.type):
+        return torch.autocast(t.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class Gemms:
     """The two GEMMs as an op's body calls them, in a fixed order.
 
@@ -119,7 +128,8 @@ class Gemms:
             else None
         )
         if launch is None:
-            return gemm_2k_reference(a1, b1, a2, b2, alpha1, alpha2, bias, out_dtype)
+            with _autocast_off(a1):
+                return gemm_2k_reference(a1, b1, a2, b2, alpha1, alpha2, bias, out_dtype)
         return launch(a1, b1, a2, b2, bias)
 
     def two_n(
@@ -137,5 +147,6 @@ class Gemms:
             else None
         )
         if launch is None:
-            return gemm_2n_reference(a, b1, b2, alpha2, out_dtypes)
+            with _autocast_off(a):
+                return gemm_2n_reference(a, b1, b2, alpha2, out_dtypes)
         return launch(a, b1, b2)

@@ -20,7 +20,6 @@ dequantise inside the tile loop.  Backend choice: :func:`emloc_kernels.ops.gemm.
 
 from __future__ import annotations
 
-import contextlib
 import weakref
 from typing import Callable, Optional, Union
 
@@ -44,14 +43,6 @@ def _autocast(x: torch.Tensor, *ts):
     dt = torch.get_autocast_dtype(x.device.type)
     cast = lambda t: t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
     return tuple(cast(t) for t in (x, *ts))
-
-
-def _autocast_off(t: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Autocast switched off inside the bodies (inputs are cast already), entered only when it
-    is on: the context costs more host time than a decode kernel takes."""
-    if torch.is_autocast_enabled(t.device.type):
-        return torch.autocast(t.device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _check_2d(op: str, name: str, t, shape: tuple[int, int], x: torch.Tensor) -> None:
@@ -233,7 +224,7 @@ def _replayable(x) -> bool:
 def _replay_for(op: str, x, objects: tuple, scaling: float, make: Callable[[], Optional[_Replay]]):
     """This call's replay: the one an earlier call of the layer made, else ``make()``'s (which
     checks the arguments; ``None`` for a call that may not replay)."""
-    if torch.compiler.is_compiling() or not _replayable(x):
+    if not _replayable(x):
         return None
     key = _replay_key(op, x, objects, scaling)
     replay = _REPLAYS.get(key)
@@ -303,12 +294,11 @@ def _lowrank_fwd_body(
 
 def _lowrank_fwd(g: Gemms, x, u, u_scale, u_offset, v, v_scale, v_offset, lora_a, lora_b, scaling, bias, quant):
     fu, fv = _unpack(x, u, u_scale, u_offset, v, v_scale, v_offset, quant)
-    with _autocast_off(x):
-        if lora_a is None or lora_b is None:  # given together (checked by the op's caller)
-            t_v = g.two_k(x, _t(fv))
-            return g.two_k(t_v, _t(fu), bias=bias), x.new_empty(x.shape[0], 0)
-        t_v, t_a = g.two_n(x, _t(fv), lora_a.t(), out_dtypes=(x.dtype, _lora_dtype(x, lora_a)))
-        y = g.two_k(t_v, _t(fu), t_a, lora_b.t(), alpha2=scaling, bias=bias, out_dtype=x.dtype)
+    if lora_a is None or lora_b is None:  # given together (checked by the op's caller)
+        t_v = g.two_k(x, _t(fv))
+        return g.two_k(t_v, _t(fu), bias=bias), x.new_empty(x.shape[0], 0)
+    t_v, t_a = g.two_n(x, _t(fv), lora_a.t(), out_dtypes=(x.dtype, _lora_dtype(x, lora_a)))
+    y = g.two_k(t_v, _t(fu), t_a, lora_b.t(), alpha2=scaling, bias=bias, out_dtype=x.dtype)
     return y, t_a
 
 
@@ -348,19 +338,18 @@ def _lowrank_bwd(
     g: Gemms, dy, x, t_a, u, u_scale, u_offset, v, v_scale, v_offset, lora_a, lora_b, scaling, quant, need_dx
 ):
     fu, fv = _unpack(x, u, u_scale, u_offset, v, v_scale, v_offset, quant)
-    with _autocast_off(dy):
-        if lora_a is None or lora_b is None:
-            dx = g.two_k(g.two_k(dy, _n(fu)), _n(fv)) if need_dx else dy.new_empty(0)
-            return dx, dy.new_empty(0), dy.new_empty(0)
-        ta_dtype = _lora_dtype(dy, lora_b)
-        if need_dx:
-            dt_v, dt_a = g.two_n(dy, _n(fu), lora_b, alpha2=scaling, out_dtypes=(dy.dtype, ta_dtype))
-            dx = g.two_k(dt_v, _n(fv), dt_a, lora_a, out_dtype=x.dtype)
-        else:
-            dt_a = g.two_k(dy, lora_b, alpha1=scaling, out_dtype=ta_dtype)
-            dx = dy.new_empty(0)
-        da = g.two_k(dt_a.t(), x, out_dtype=lora_a.dtype)
-        db = g.two_k(dy.t(), t_a, alpha1=scaling, out_dtype=lora_b.dtype)
+    if lora_a is None or lora_b is None:
+        dx = g.two_k(g.two_k(dy, _n(fu)), _n(fv)) if need_dx else dy.new_empty(0)
+        return dx, dy.new_empty(0), dy.new_empty(0)
+    ta_dtype = _lora_dtype(dy, lora_b)
+    if need_dx:
+        dt_v, dt_a = g.two_n(dy, _n(fu), lora_b, alpha2=scaling, out_dtypes=(dy.dtype, ta_dtype))
+        dx = g.two_k(dt_v, _n(fv), dt_a, lora_a, out_dtype=x.dtype)
+    else:
+        dt_a = g.two_k(dy, lora_b, alpha1=scaling, out_dtype=ta_dtype)
+        dx = dy.new_empty(0)
+    da = g.two_k(dt_a.t(), x, out_dtype=lora_a.dtype)
+    db = g.two_k(dy.t(), t_a, alpha1=scaling, out_dtype=lora_b.dtype)
     return dx, da, db
 
 
@@ -527,9 +516,8 @@ def _dense_fwd_body(
 
 
 def _dense_fwd(g: Gemms, x, weight, lora_a, lora_b, scaling, bias):
-    with _autocast_off(x):
-        t_a = g.two_k(x, lora_a.t(), out_dtype=_lora_dtype(x, lora_a))
-        y = g.two_k(x, weight.t(), t_a, lora_b.t(), alpha2=scaling, bias=bias, out_dtype=x.dtype)
+    t_a = g.two_k(x, lora_a.t(), out_dtype=_lora_dtype(x, lora_a))
+    y = g.two_k(x, weight.t(), t_a, lora_b.t(), alpha2=scaling, bias=bias, out_dtype=x.dtype)
     return y, t_a
 
 
@@ -558,11 +546,10 @@ def _dense_bwd_body(
 
 
 def _dense_bwd(g: Gemms, dy, x, t_a, weight, lora_a, lora_b, scaling, need_dx):
-    with _autocast_off(dy):
-        dt_a = g.two_k(dy, lora_b, alpha1=scaling, out_dtype=_lora_dtype(dy, lora_b))
-        dx = g.two_k(dy, weight, dt_a, lora_a, out_dtype=x.dtype) if need_dx else dy.new_empty(0)
-        da = g.two_k(dt_a.t(), x, out_dtype=lora_a.dtype)
-        db = g.two_k(dy.t(), t_a, alpha1=scaling, out_dtype=lora_b.dtype)
+    dt_a = g.two_k(dy, lora_b, alpha1=scaling, out_dtype=_lora_dtype(dy, lora_b))
+    dx = g.two_k(dy, weight, dt_a, lora_a, out_dtype=x.dtype) if need_dx else dy.new_empty(0)
+    da = g.two_k(dt_a.t(), x, out_dtype=lora_a.dtype)
+    db = g.two_k(dy.t(), t_a, alpha1=scaling, out_dtype=lora_b.dtype)
     return dx, da, db
 
 
