@@ -9,6 +9,7 @@ import re
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, cast
 
@@ -443,6 +444,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     if getattr(args, "task", None) is not None:  # parsed again: the options given override the task's settings
         args = parser(args.task).parse_args(argv)
+    # PEFT reads transformers' deprecated `is_gradient_checkpointing` whenever it wraps a model: a
+    # warning per adapter loaded that no user of the command can act on
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     log = logging.getLogger("emloc_kernels")
     if not log.handlers:  # the library's notes (such as a resumed build) on stderr
         handler = logging.StreamHandler()
