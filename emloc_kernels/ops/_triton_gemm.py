@@ -471,12 +471,13 @@ def _gemm_2k_kernel(
         PRECISION,
         BLOCK_K,
     )
-    acc = acc * alpha1
     if HAS_SEG2:
-        if pid_k == 0:
-            acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            acc2 = _reduce(
-                acc2,
+        if pid_k == 0:  # segment 2 once, on the first split
+            # one accumulator for both segments (a second holds BLOCK_M·BLOCK_N more fp32 values
+            # in registers): α₁S₁ + α₂S₂ = α₂·((α₁/α₂)·S₁ + S₂); α₂ ≠ 0 (the host drops a zero segment)
+            acc = acc * (alpha1 / alpha2)
+            acc = _reduce(
+                acc,
                 a2_ptr,
                 offs_m,
                 m_ok,
@@ -500,7 +501,8 @@ def _gemm_2k_kernel(
                 PRECISION,
                 BLOCK_K2,
             )
-            acc += acc2 * alpha2
+            alpha1 = alpha2
+    acc = acc * alpha1
     _finish(
         acc,
         c_ptr,
@@ -930,7 +932,7 @@ class Launch2k:
     def __init__(self, a1, b1: Right, a2, b2, alpha1: float, alpha2: float, bias, out_dtype: torch.dtype) -> None:
         m, k1 = a1.shape
         n = b1.shape[1]
-        k2 = a2.shape[1] if a2 is not None else 0
+        k2 = a2.shape[1] if a2 is not None and alpha2 != 0 else 0  # (the kernel divides by α₂)
         r = _right_args(b1)
         if k2 == 0:
             a2 = b2 = a1  # stand-ins the kernel never reads

@@ -76,6 +76,15 @@ def test_lowrank_lora_matches_fp64(device, case):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [CASES[1], CASES[3]], ids=_ids)
+def test_zero_scaling(device, case):
+    """scaling = 0: the expand drops the LoRA segment (its kernel divides by the scaling)."""
+    dt, ldt, with_bias, strd, shape = case
+    t, grads = _inputs(device, dt, ldt, with_bias, strd, shape)
+    _check_against_fp64(ops.lowrank_lora, lowrank_lora_reference, t, grads, dt, device, scaling=0.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", [c for c in CASES if c[1] is not None][:4], ids=_ids)
 def test_dense_lora_matches_fp64(device, case):
     dt, ldt, with_bias, strd, shape = case
