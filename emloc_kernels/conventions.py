@@ -173,6 +173,18 @@ def matches_probe(weight: torch.Tensor, probe: dict[str, Any]) -> bool:
     return bool(((a - b).abs() <= eps * torch.maximum(a.abs(), b.abs())).all())
 
 
+def check_probe(weight: torch.Tensor, info: Mapping[str, Any], where: str, built_from: str | None) -> None:
+    """Refuse a linear ``weight`` of an original other than the one the emulator's build probed
+    (``info``: the emulator's record of that linear, ``built_from``: the original's name there);
+    ``where`` starts the message."""
+    probe = info.get("original_probe")
+    if probe is not None and not matches_probe(weight, probe):
+        raise ValueError(
+            f"{where}: the original is not the model the emulator was built from "
+            f"({built_from or 'unnamed'}): its weights differ; pass that model"
+        )
+
+
 def check_built_from(metadata: Mapping[str, Any], original: nn.Module, option: str) -> None:
     """Refuse an ``original`` other than the model an emulator (its ``metadata``) was built
     from: another architecture, a missing linear, or weights other than the build probed."""
@@ -184,14 +196,13 @@ def check_built_from(metadata: Mapping[str, Any], original: nn.Module, option: s
             weight = out_in_weight(original.get_submodule(path))
         except AttributeError:
             raise ValueError(f"{option}: the emulator has a linear {path} that the model lacks") from None
-        probe = info.get("original_probe")
-        if tuple(weight.shape) != (info["out_features"], info["in_features"]) or (
-            probe is not None and not matches_probe(weight, probe)
-        ):
+        if tuple(weight.shape) != (info["out_features"], info["in_features"]):
             raise ValueError(
                 f"{option}: the emulator was built from another model "
-                f"({metadata.get('original_model') or 'unnamed'}): {path}'s weights differ"
+                f"({metadata.get('original_model') or 'unnamed'}): {path} is {tuple(weight.shape)} in the model, "
+                f"{(info['out_features'], info['in_features'])} in the emulator"
             )
+        check_probe(weight, info, f"{option}: {path}", metadata.get("original_model"))
 
 
 def check_device(name: str | None, option: str = "--device") -> torch.device | None:

@@ -41,8 +41,8 @@ from .conventions import (
     EMULATOR_METADATA,
     LINEAR_TYPES,
     PEFT_KEY_PREFIX,
+    check_probe,
     load_model,
-    matches_probe,
 )
 from .files import check_output, copy_tokenizer, write_dir_atomically
 from .modules import LowRankLinear
@@ -379,12 +379,7 @@ def weights_for(
     for name, t in (("original", w), ("emulator", w_e), ("adapter's lora_A", lora_a), ("adapter's lora_B", lora_b)):
         if not torch.isfinite(t).all():
             raise ValueError(f"{path}: the {name} weight holds NaN or inf; check that checkpoint (or the training run)")
-    probe = info.get("original_probe")
-    if probe is not None and not matches_probe(w, probe):
-        raise ValueError(
-            f"{path}: the original ({orig.source}) is not the model the emulator was built from "
-            f"({emu.metadata.get('original_model') or 'unnamed'}): its weights differ; pass that model"
-        )
+    check_probe(w, info, f"{path} (original {orig.source})", emu.metadata.get("original_model"))
     return w, w_e, conv1d
 
 

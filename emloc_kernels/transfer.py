@@ -48,7 +48,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from .conventions import load_model, matches_probe, out_in_weight
+from .conventions import check_probe, load_model, out_in_weight
 from .correction import (
     _KEY_PREFIX,
     _LORA_A,
@@ -195,9 +195,8 @@ def _check_fits_original(
             f"{path}: the adapter is out×in = {(lora_b.shape[0], lora_a.shape[1])}, the original "
             f"{tuple(weight.shape)}; the adapter, emulator and original must belong to the same model"
         )
-    info = ((getattr(emulator, "emloc_metadata", None) or {}).get("modules") or {}).get(path) or {}
-    if "original_probe" in info and not matches_probe(weight, info["original_probe"]):
-        raise ValueError(f"{path}: the original is not the model the emulator was built from: its weights differ")
+    metadata = getattr(emulator, "emloc_metadata", None) or {}
+    check_probe(weight, (metadata.get("modules") or {}).get(path) or {}, path, metadata.get("original_model"))
 
 
 def _write_adapter(

@@ -15,6 +15,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from emloc_kernels import LowRankLinear
+from emloc_kernels.conventions import out_in_weight, weight_probe
 from emloc_kernels.correction import correct_adapter, correct_lora
 from emloc_kernels.transfer import (
     collect_grams,
@@ -366,6 +367,16 @@ def test_transfer_argument_errors(perfect, tmp_path):
             calibration(1),
             perfect["root"] / "adapter",
             progress=False,
+        )
+    # an emulator whose build probed another original's weights
+    stranger, path = copy.deepcopy(perfect["emulator"]), "model.layers.1.mlp.up_proj"
+    other = torch.randn_like(out_in_weight(stranger.get_submodule(path)))
+    stranger.emloc_metadata = {"original_model": "another", "modules": {path: {"original_probe": weight_probe(other)}}}
+    with pytest.raises(
+        ValueError, match=rf"{path}: the original is not the model the emulator was built from \(another\)"
+    ):
+        transfer_adapter(
+            perfect["root"] / "adapter", stranger, perfect["original"], calibration(1), tmp_path / "d", progress=False
         )
 
 
