@@ -746,14 +746,16 @@ def _run(r: Run, out: Path) -> dict:
         it), as PEFT expects of an adapter for it."""
         peft_model: Any
         logged: dict[str, list]
+
+        def lora_on_emulator() -> Any:
+            return attach_lora(load_emulator(out / "emulator", device=device), s.lora_rank, alpha, s.seed)
+
         if isinstance(task, LabelTask):
             peft_model, losses = train_in_rounds(
                 task,
                 train_rows,
                 rounds,
-                lora_on_emulator=lambda: attach_lora(
-                    load_emulator(out / "emulator", device=device), s.lora_rank, alpha, s.seed
-                ),
+                lora_on_emulator=lora_on_emulator,
                 # the first round's anchor was kept while the original was in memory
                 original_states=(
                     (lambda lora, rows: torch.load(out / ANCHOR) if lora is None else original_states(r, lora, rows))
@@ -766,7 +768,7 @@ def _run(r: Run, out: Path) -> dict:
             )
             logged = {"losses": losses, "steps": list(range(1, len(losses) + 1))}
         else:
-            peft_model = attach_lora(load_emulator(out / "emulator", device=device), s.lora_rank, alpha, s.seed)
+            peft_model = lora_on_emulator()
             logged = r.train(peft_model, out / CHECKPOINTS)
 
         def write(directory: Path) -> None:
