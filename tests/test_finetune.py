@@ -264,7 +264,7 @@ def test_a_given_emulator_is_fine_tuned_on_and_must_come_from_the_model(material
     )
 
     save_tiny_llama(material / "other", initializer_range=0.05)  # same shapes, other weights
-    with pytest.raises(SystemExit, match="is not the model the emulator was built from"):
+    with pytest.raises(SystemExit, match="--emulator .*: the original is not the model the emulator was built from"):
         run(material, tmp_path / "other", "--emulator", emulator, model="other", build=())
     with pytest.raises(SystemExit, match="--ratio, --distill-steps: options of the emulator's build"):
         run(material, tmp_path / "ratio", "--emulator", emulator, "--ratio", "0.3")
