@@ -69,9 +69,11 @@ def cmd_build(a: argparse.Namespace) -> None:
 
     from .conventions import check_device, load_model, model_class
     from .emulator import NotStreamable, build_emulator, save_emulator, write_emulator_from_pretrained
+    from .emulator.build import dense_top_blocks
     from .emulator.checkpoint import checkpoint_beside
     from .emulator.distill import Distillation
     from .emulator.io import read_metadata
+    from .emulator.stream import empty_model
     from .files import check_output
     from .recipe.finetune import check_count, check_positive
 
@@ -81,6 +83,9 @@ def cmd_build(a: argparse.Namespace) -> None:
     for name in ("distill_steps", "distill_rank", "distill_samples"):
         check_count(name, getattr(a, name))
     check_positive("distill_lr", a.distill_lr)
+    check_count("dense_top_blocks", a.dense_top_blocks)
+    if a.dense_top_blocks and not isinstance(ratio, float):
+        raise ValueError("--dense-top-blocks needs one --ratio for all linears, not regex=ratio pairs")
     check_device(a.device)
     if a.model != "demo":
         from .recipe.models import check_model_source
@@ -102,6 +107,8 @@ def cmd_build(a: argparse.Namespace) -> None:
     texts = pool[: a.samples]
     dtype = getattr(torch, a.dtype)
     model_class(model_dir)  # an emulator directory or a config without a model class: refused before the tokenizer
+    if a.dense_top_blocks:
+        ratio = dense_top_blocks(empty_model(model_dir)[0], cast(float, ratio), a.dense_top_blocks)
     options: dict[str, Any] = dict(
         tokenizer=AutoTokenizer.from_pretrained(model_dir),
         device=a.device,
@@ -205,6 +212,14 @@ def _build_options(p: argparse.ArgumentParser, allocate: str) -> None:
         help="uniform: every linear keeps "
         f"its ratio; block: the same parameters per block, spent where the spectra remove most error "
         f"(default {allocate})",
+    )
+    p.add_argument(
+        "--dense-top-blocks",
+        type=int,
+        default=0,
+        metavar="N",
+        help="keep the emulator's last N blocks dense (the original's weights, which LoRA on them then meets) "
+        "and compress the blocks below harder, to the same parameter budget as --ratio (default 0)",
     )
 
 
@@ -359,6 +374,14 @@ def parser(task: str | None = None) -> argparse.ArgumentParser:
         action="store_true",
         help="also train LoRA on the original and report its "
         "accuracy (lora_original) and the share of its gain the delivered adapter keeps (recovery)",
+    )
+    f.add_argument(
+        "--baseline-top-blocks",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also train LoRA on the original's last N blocks only (the blocks below run without autograd), a "
+        "baseline that fits in about the original's inference memory; reports lora_top_blocks and its peak memory",
     )
     f.add_argument(
         "--anchor",

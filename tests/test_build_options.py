@@ -117,6 +117,37 @@ def test_rank_allocation_keeps_the_parameter_budget(tiny_model):
         assert allocated.get_submodule(n).rank == info["rank"]
 
 
+def test_dense_top_blocks_keep_the_original_weights_within_the_parameter_budget(tiny_model):
+    from emloc_kernels import LowRankLinear
+    from emloc_kernels.emulator.build import dense_top_blocks
+
+    def linear_params(model):
+        return sum(
+            m.rank * (m.in_features + m.out_features) if isinstance(m, LowRankLinear) else m.weight.numel()
+            for m in model.model.layers.modules()
+            if isinstance(m, torch.nn.Linear)
+        )
+
+    calib = calibration()
+    original = tiny_model("llama", num_hidden_layers=4)
+    ratio = dense_top_blocks(original, 0.5, 1)
+    assert list(ratio.values()) == [pytest.approx((0.5 * 4 - 1) / 3)]
+    emulator = build_emulator(copy.deepcopy(original), calib, ratio, progress=False)
+    uniform = build_emulator(copy.deepcopy(original), calib, 0.5, progress=False)
+    for i, block in enumerate(emulator.model.layers):
+        for name, m in block.named_modules():
+            if isinstance(m, torch.nn.Linear):
+                assert isinstance(m, LowRankLinear) == (i < 3), (i, name)
+                if i == 3:  # the original's own weights
+                    assert torch.equal(m.weight, original.model.layers[3].get_submodule(name).weight)
+    # the same budget as the uniform ratio, up to rounding the ranks down
+    assert 0.97 * linear_params(uniform) <= linear_params(emulator) <= linear_params(uniform)
+    with pytest.raises(ValueError, match="dense top blocks must be from 1 to 3 .the model has 4 blocks., got 4"):
+        dense_top_blocks(original, 0.5, 4)
+    with pytest.raises(ValueError, match="2 dense blocks of 4 hold more parameters than ratio 0.5 keeps of all"):
+        dense_top_blocks(original, 0.5, 2)
+
+
 def test_allocate_ranks_prefers_the_steeper_spectrum():
     flat = torch.ones(10)
     steep = torch.tensor([10.0, 8, 6, 1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])

@@ -117,6 +117,9 @@ def test_same_seed_same_numbers(material, tmp_path):
         (["--transfer", "stream:2"], "0 ≤ λ ≤ 1"),
         (["--prompt", "no placeholder"], "placeholder"),
         (["--ratio", "1.5"], "ratio"),
+        (["--dense-top-blocks", "2"], "--dense-top-blocks must be less than the model's 2 blocks, got 2"),
+        (["--baseline-top-blocks", "3"], "--baseline-top-blocks must be at most the model's 2 blocks, got 3"),
+        (["--baseline-top-blocks", "0"], "--baseline-top-blocks must be an integer from 1"),
     ],
 )
 def test_bad_options_exit_with_a_clear_message(material, tmp_path, extra, message):
@@ -162,11 +165,19 @@ def test_upper_bound_and_build_options_reach_the_report(material, tmp_path):
         "block",
         "--anchor-rounds",
         "2",
+        "--baseline-top-blocks",
+        "1",
     )
     gain = report["lora_original"] - report["zero_shot"]
     if gain != 0:
         assert report["recovery"] == pytest.approx((report["corrected"] - report["zero_shot"]) / gain)
     assert "train_original" in report["timings_s"]
+    # the baseline: LoRA on the original's last block, trained and measured like the others
+    assert 0 <= report["lora_top_blocks"] <= 1 and "train_top_blocks" in report["timings_s"]
+    assert 0 < report["memory"]["finetune_top_blocks"]
+    table = (tmp_path / "ub" / "table.md").read_text()
+    assert "original + LoRA on its last 1 block only (baseline)" in table
+    assert "| original, LoRA on its last 1 block |" in table
     meta = json.loads((tmp_path / "ub" / "emulator" / "emloc.json").read_text())
     build = {k: meta["build"][k] for k in ("propagate", "shrinkage", "allocate", "reserve_rank")}
     assert build == {"propagate": True, "shrinkage": "auto", "allocate": "block", "reserve_rank": 8}
@@ -213,6 +224,27 @@ def test_distilled_quantised_emulator_keeps_the_ranks_of_the_plain_build(materia
     report = json.loads((tmp_path / "distilled" / "report.json").read_text())
     assert report["settings"]["anchor"] is False and "anchor_original" not in report["timings_s"]
     assert not (tmp_path / "distilled" / "anchor_original.pt").exists()
+
+
+def test_dense_top_blocks_keep_the_last_block_and_its_adapter_through_the_corrections(material, tmp_path):
+    report = run(material, tmp_path / "dense", "--ratio", "0.6", "--dense-top-blocks", "1")
+    meta = json.loads((tmp_path / "dense" / "emulator" / "emloc.json").read_text())
+    assert meta["modules"] and all(n.startswith("model.layers.0.") for n in meta["modules"])
+    assert [m["ratio"] for m in meta["modules"].values()] == [pytest.approx(0.2)] * 7  # 2 × 0.6 − 1
+    b = report["bytes"]  # the dense block counts at its stored size: fp32, twice its fp16 bytes
+    assert b["original_linears_fp16"] == 2 * sum(
+        2 * m["in_features"] * m["out_features"] for m in meta["modules"].values()
+    )
+    assert 0.5 * 2 < (b["emulator_linears"] / b["original_linears_fp16"]) / 0.6 <= 2
+    # every transfer keeps the trained LoRA of the dense block as it is (the emulator is exact there)
+    trained = load_file(tmp_path / "dense" / "adapter" / "adapter_model.safetensors")
+    assert any("layers.1." in k for k in trained)
+    corrected = sorted((tmp_path / "dense").glob("corrected-*"))
+    assert [d.name for d in corrected] == ["corrected-L1", "corrected-L3", "corrected-unclamped"]
+    for directory in corrected:
+        weights = load_file(directory / "adapter_model.safetensors")
+        assert all(torch.equal(weights[k], trained[k]) for k in trained if "layers.1." in k), directory.name
+    assert report["settings"]["dense_top_blocks"] == 1
 
 
 def test_interrupted_run_resumes_at_the_first_unfinished_stage(material, tmp_path, monkeypatch):

@@ -272,3 +272,36 @@ def test_plain_loop_lora_saves_a_peft_adapter(emulator, tmp_path):
 def test_add_lora_rejects_unknown_targets(emulator):
     with pytest.raises(ValueError, match="nope"):
         ek.add_lora(emulator, targets=["q_proj", "nope"])
+
+
+def test_top_blocks_lora_trains_the_last_blocks_without_autograd_below(arch, tiny_model):
+    from emloc_kernels.recipe.models import attach_lora
+
+    if arch == "bert":
+        pytest.skip("the recipe's LoRA (task_type CAUSAL_LM) is for causal LMs")
+
+    def three_blocks():
+        return tiny_model(arch, **({"n_layer": 3} if arch == "gpt2" else {"num_hidden_layers": 3}))
+
+    model = three_blocks()
+    path, blocks = next((n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList))
+    assert len(blocks) == 3
+    full = {n for n, p in attach_lora(three_blocks(), 4, 4.0, seed=0).named_parameters() if p.requires_grad}
+    peft_model = attach_lora(model, 4, 4.0, seed=0, top_blocks=1)
+    trained = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    # every linear of the last block, none elsewhere: what "all-linear" puts in a block
+    assert {n.replace(f"{path}.2.", f"{path}.#.") for n in trained} == {
+        n.replace(f"{path}.0.", f"{path}.#.") for n in full if f"{path}.0." in n
+    }
+    needs_grad = {}
+    for i in (1, 2):
+        blocks[i].register_forward_hook(lambda m, a, out, i=i: needs_grad.__setitem__(i, out[0].requires_grad))
+    peft_model.train()
+    x = torch.randint(3, 100, (2, 7))
+    peft_model(input_ids=x, labels=x).loss.backward()
+    assert needs_grad == {1: False, 2: True}  # no autograd through the blocks below
+    assert all(p.grad is not None for n, p in peft_model.named_parameters() if p.requires_grad)
+    assert all(p.grad.abs().sum() > 0 for n, p in peft_model.named_parameters() if "lora_B" in n)  # B starts at 0
+    for bad in (0, 4):
+        with pytest.raises(ValueError, match="top_blocks must be between 1 and the model's 3 blocks"):
+            attach_lora(three_blocks(), 4, 4.0, seed=0, top_blocks=bad)

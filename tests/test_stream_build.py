@@ -449,3 +449,47 @@ def test_emloc_build_distils_within_the_byte_budget(cli_model, tmp_path):
         n: (m["rank"], m["quant"]) for n, m in plain["modules"].items()
     }
     load_emulator(tmp_path / "distilled")
+
+
+def test_emloc_build_keeps_dense_top_blocks_at_the_ratio_budget(cli_model, tmp_path):
+    from emloc_kernels.emulator.io import read_metadata
+
+    data = str(cli_model / "data.txt")
+    out = tmp_path / "dense"
+    cli.main(
+        [
+            "build",
+            str(cli_model / "model"),
+            "--data",
+            data,
+            "--out",
+            str(out),
+            "--ratio",
+            "0.5",
+            "--dense-top-blocks",
+            "1",
+        ]
+    )
+    modules = read_metadata(out)["modules"]
+    lower = (0.5 * BLOCKS - 1) / (BLOCKS - 1)
+    assert {n.split(".")[2] for n in modules} == {str(i) for i in range(BLOCKS - 1)}
+    assert all(m["ratio"] == pytest.approx(lower) for m in modules.values())
+    emulator = load_emulator(out)  # the last block: the original's weights
+    original = transformers.AutoModelForCausalLM.from_pretrained(cli_model / "model")
+    last = f"model.layers.{BLOCKS - 1}.mlp.down_proj.weight"
+    assert torch.equal(emulator.get_parameter(last), original.get_parameter(last))
+    with pytest.raises(SystemExit, match="--dense-top-blocks needs one --ratio for all linears"):
+        cli.main(
+            [
+                "build",
+                str(cli_model / "model"),
+                "--data",
+                data,
+                "--out",
+                str(tmp_path / "x"),
+                "--ratio",
+                "mlp=0.5",
+                "--dense-top-blocks",
+                "1",
+            ]
+        )

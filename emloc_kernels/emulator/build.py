@@ -153,6 +153,28 @@ def select_modules(
     return {n: (m, r) for n, m in candidates.items()}
 
 
+def dense_top_blocks(model: nn.Module, ratio: float, blocks: int) -> dict[str, float]:
+    """The ``{regex: ratio}`` that keeps the linears of ``model``'s last ``blocks`` blocks dense
+    and compresses those below at the one ratio that spends ``ratio``'s parameters on all of
+    them: LoRA trained on the emulator's top blocks then acts on the original's own weights."""
+    name, layers = find_blocks(model)
+    ratio, n = _check_ratio(ratio, ""), len(layers)
+    if not (isinstance(blocks, int) and 1 <= blocks < n):
+        raise ValueError(f"dense top blocks must be from 1 to {n - 1} (the model has {n} blocks), got {blocks!r}")
+
+    def params(i: int) -> int:
+        return sum(dense_weight_of(m).numel() for m in layers[i].modules() if isinstance(m, LINEAR_TYPES))
+
+    top, low = sum(params(i) for i in range(n - blocks, n)), sum(params(i) for i in range(n - blocks))
+    lower = (ratio * (top + low) - top) / low
+    if lower <= 0:
+        raise ValueError(
+            f"{blocks} dense blocks of {n} hold more parameters than ratio {ratio} keeps of all: "
+            "keep fewer blocks dense or give a larger ratio"
+        )
+    return {rf"^{re.escape(name)}\.(?:{'|'.join(map(str, range(n - blocks)))})\.": lower}
+
+
 class InputRecorder:
     """Records, for one forward of a block, the input each group of linears reads.
 

@@ -31,10 +31,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._version import __version__
-from ..conventions import check_built_from, check_device, hidden_states_as_logits
+from ..conventions import LINEAR_TYPES, check_built_from, check_device, hidden_states_as_logits, out_in_weight
 from ..correction import correct_adapter
 from ..emulator import build_emulator, load_emulator, save_emulator
-from ..emulator.calibration import to_device
+from ..emulator.build import dense_top_blocks
+from ..emulator.calibration import find_blocks, to_device
 from ..emulator.distill import Distillation
 from ..emulator.io import read_metadata
 from ..files import check_output, copy_tokenizer, write_dir_atomically, write_dir_resumably
@@ -80,6 +81,7 @@ BUILD_OPTIONS = (
     "distill_rank",
     "distill_lr",
     "distill_samples",
+    "dense_top_blocks",
 )
 
 
@@ -97,6 +99,8 @@ COUNTS = {
     "distill_rank": (1, 4096),
     "distill_samples": (1, 10**7),
     "anchor_rounds": (1, 10**6),
+    "baseline_top_blocks": (1, 10**6),
+    "dense_top_blocks": (0, 10**6),
 }
 
 
@@ -150,6 +154,8 @@ class FinetuneSettings:
     distill_rank: int = 8  # rank each emulated linear spends on the distillation (within its budget)
     distill_samples: int = 256  # training examples the distillation matches the original on
     distill_lr: float = 1e-3  # the distillation's AdamW learning rate
+    # keep the last N blocks dense, the others compressed to spend --ratio's parameters on all
+    dense_top_blocks: int = 0
     # train the LoRA on the emulator around the original's final hidden states (the loss sees
     # h_E(x; LoRA) + h_O(x) − h_E(x)); see train().  None: on for label data (the only kind it
     # serves); RT recovery 0.76 → 0.85 over three seeds (bench/RESULTS.md)
@@ -158,6 +164,9 @@ class FinetuneSettings:
     # LoRA so far (merged, inference only) gives the anchor afresh; see train_in_rounds()
     anchor_rounds: int = 1
     upper_bound: bool = False  # also train LoRA on the original: report lora_original and recovery
+    # also train LoRA on the original's last N blocks only (no autograd below them): a baseline
+    # that fits in about the original's inference memory; report lora_top_blocks and its peak
+    baseline_top_blocks: int | None = None
     emulator: str | None = None  # a built emulator directory to use instead of building one
     task: str | None = None  # an embedded task (demo.TASKS); None: Rotten Tomatoes
     # generative data (transformers' Trainer) only
@@ -211,7 +220,7 @@ class FinetuneSettings:
         """Counts, learning rate and device in range, before any work (the CLI's options by name)."""
         for name in COUNTS:
             value = getattr(self, name)
-            if value is None and name == "eval_samples":
+            if value is None and name in ("eval_samples", "baseline_top_blocks"):
                 continue
             check_count(name, value)
         for name in ("lr", "lora_alpha", "distill_lr"):
@@ -420,6 +429,10 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.0f} MiB"
 
 
+def last_blocks(n: int) -> str:
+    return f"last {n} block{'s' * (n > 1)}"
+
+
 def format_table(report: dict) -> str:
     """The one table the job prints (markdown): accuracies for label data, held-out loss per
     token and perplexity for generative data."""
@@ -433,6 +446,9 @@ def format_table(report: dict) -> str:
         rows.append((label + mark, v["test"], val))
     if acc.get("lora_original") is not None:
         rows.append(("original + LoRA trained on it (upper bound)", acc["lora_original"], ""))
+    if acc.get("lora_top_blocks") is not None:
+        blocks = report["settings"]["baseline_top_blocks"]
+        rows.append((f"original + LoRA on its {last_blocks(blocks)} only (baseline)", acc["lora_top_blocks"], ""))
     if metric == "accuracy":
         lines = ["| model | test accuracy | validation accuracy |", "|---|---|---|"]
         lines += [f"| {name} | {a:.3f} | {val} |" for name, a, val in rows]
@@ -451,6 +467,9 @@ def format_table(report: dict) -> str:
     ]
     if "finetune_original" in mem:  # --upper-bound
         lines.append(f"| original, LoRA fine-tuning | {_mib(mem['finetune_original'])} |")
+    if "finetune_top_blocks" in mem:  # --baseline-top-blocks
+        blocks = report["settings"]["baseline_top_blocks"]
+        lines.append(f"| original, LoRA on its {last_blocks(blocks)} | {_mib(mem['finetune_top_blocks'])} |")
     b = report["bytes"]
     lines += [
         "",
@@ -572,6 +591,18 @@ class Run:
         _check_vocabulary(model_path, task)
         if s.emulator is not None:
             read_metadata(s.emulator)  # an emulator directory, or refused before any work
+        if s.baseline_top_blocks is not None or s.dense_top_blocks:
+            from transformers import AutoConfig
+
+            blocks = AutoConfig.from_pretrained(model_path).num_hidden_layers
+            if s.baseline_top_blocks is not None and s.baseline_top_blocks > blocks:
+                raise ValueError(
+                    f"--baseline-top-blocks must be at most the model's {blocks} blocks, got {s.baseline_top_blocks}"
+                )
+            if s.dense_top_blocks >= blocks:
+                raise ValueError(
+                    f"--dense-top-blocks must be less than the model's {blocks} blocks, got {s.dense_top_blocks}"
+                )
         anchor = isinstance(task, LabelTask) if s.anchor is None else s.anchor
         if anchor and not isinstance(task, LabelTask):
             raise ValueError(
@@ -615,6 +646,16 @@ class Run:
         if isinstance(self.task, LabelTask):
             return accuracy(model, self.task, self.val_rows if split == "validation" else self.test_rows)
         return lm_loss(model, self.task, self.features(split))
+
+    def write_memory_batch(self, path: Path) -> Path:
+        """The first training batch, as the fresh-process memory measurements read it."""
+        s = self.settings
+        if isinstance(self.task, LabelTask):
+            batch: dict = {"rows": self.train_rows[: s.batch_size], "prompt": s.prompt, "labels": self.task.labels}
+        else:
+            batch = {"format": self.task.format, "features": self.features("train")[: s.batch_size]}
+        path.write_text(json.dumps({**batch, "max_length": s.max_length, "tokenizer": str(self.model_path)}))
+        return path
 
     def train(self, model: torch.nn.Module, checkpoints: Path) -> dict[str, list]:
         """LoRA training of ``model``: losses and their steps (Trainer checkpoints in
@@ -687,12 +728,7 @@ def _run(r: Run, out: Path) -> dict:
     stages = Stages(out)
     torch.manual_seed(s.seed)
     # memory of the same batch, each in a fresh process (fine-tuning measured after the emulator exists)
-    spec = out / "memory_batch.json"
-    if isinstance(task, LabelTask):
-        batch_spec = {"rows": train_rows[: s.batch_size], "prompt": s.prompt, "labels": task.labels}
-    else:
-        batch_spec = {"format": task.format, "features": r.features("train")[: s.batch_size]}
-    spec.write_text(json.dumps({**batch_spec, "max_length": s.max_length, "tokenizer": str(model_path)}))
+    spec = r.write_memory_batch(out / "memory_batch.json")
     calib = calibration_texts(s, train_rows, task)
 
     def build(original: nn.Module) -> dict[str, int]:
@@ -712,7 +748,7 @@ def _run(r: Run, out: Path) -> dict:
         emulator = build_emulator(
             original,
             calib,
-            s.ratio,
+            dense_top_blocks(original, s.ratio, s.dense_top_blocks) if s.dense_top_blocks else s.ratio,
             tokenizer=task.tokenizer,
             device=device,
             progress=s.progress,
@@ -837,6 +873,11 @@ def _run(r: Run, out: Path) -> dict:
         acc["lora_original"] = stages.run("train_original", lora_on_original, r, out / CHECKPOINTS_ORIGINAL)
         shutil.rmtree(out / CHECKPOINTS_ORIGINAL, ignore_errors=True)
         acc["recovery"] = recovery(acc["corrected"], acc["zero_shot"], acc["lora_original"])
+    if s.baseline_top_blocks is not None:
+        acc["lora_top_blocks"] = stages.run(
+            "train_top_blocks", lora_on_original, r, out / CHECKPOINTS_ORIGINAL, s.baseline_top_blocks
+        )
+        shutil.rmtree(out / CHECKPOINTS_ORIGINAL, ignore_errors=True)
 
     memory_args = {"device": str(device), "dtype": str(dtype).split(".")[-1]}
     training_args = {**memory_args, "rank": s.lora_rank, "alpha": alpha, "lr": s.lr}
@@ -851,6 +892,16 @@ def _run(r: Run, out: Path) -> dict:
     if s.upper_bound:
         mem["finetune_original"] = stages.run(
             "peak_mem_finetune_original", peak_in_fresh_process, "finetune", model_path, spec, **training_args
+        )
+    if s.baseline_top_blocks is not None:
+        mem["finetune_top_blocks"] = stages.run(
+            "peak_mem_finetune_top_blocks",
+            peak_in_fresh_process,
+            "finetune",
+            model_path,
+            spec,
+            top_blocks=s.baseline_top_blocks,
+            **training_args,
         )
     timings = stages.timings()
     metric = "loss" if r.generative else "accuracy"
@@ -1022,10 +1073,11 @@ def original_states(r: Run, lora: dict[str, torch.Tensor], rows: list[dict]) -> 
     return last_hidden_states(peft_model.merge_and_unload(), cast(LabelTask, r.task), rows)
 
 
-def lora_on_original(r: Run, checkpoints: Path) -> float:
-    """The upper bound: the same LoRA training on the original model; its test score."""
+def lora_on_original(r: Run, checkpoints: Path, top_blocks: int | None = None) -> float:
+    """The upper bound: the same LoRA training on the original model; its test score.
+    ``top_blocks``: on its last N blocks only (the baseline at about inference memory)."""
     model, _ = load_model(r.model_path, r.device, r.dtype)
-    peft_model = attach_lora(model, r.settings.lora_rank, r.alpha, r.settings.seed)
+    peft_model = attach_lora(model, r.settings.lora_rank, r.alpha, r.settings.seed, top_blocks=top_blocks)
     r.train(peft_model, checkpoints)
     return r.evaluate(peft_model, "test")
 
@@ -1042,13 +1094,25 @@ def tensor_bytes(model: torch.nn.Module) -> int:
 
 
 def weight_sizes(emulator: torch.nn.Module, original_bytes: int) -> dict[str, int]:
-    """Bytes of the emulated linears against the original's (as stored, and in fp16), and of
-    the whole emulator against the whole original."""
+    """Bytes of the linears inside the blocks (emulated, or kept dense) against the original's
+    (as stored, and in fp16), and of the whole emulator against the whole original."""
+    _, blocks = find_blocks(emulator)
+    linears = [m for m in blocks.modules() if isinstance(m, LINEAR_TYPES)]
 
-    infos = cast(Any, emulator).emloc_metadata["modules"]
+    def stored(m: Any) -> int:
+        if isinstance(m, LowRankLinear):
+            return m.weight_bytes()
+        return sum(t.numel() * t.element_size() for t in (m.weight, m.bias) if t is not None)
+
+    def fp16(m: Any) -> int:
+        out_features, in_features = (
+            (m.out_features, m.in_features) if isinstance(m, LowRankLinear) else out_in_weight(m).shape
+        )
+        return 2 * (in_features + (m.bias is not None)) * out_features
+
     return {
-        "emulator_linears": sum(cast(LowRankLinear, emulator.get_submodule(n)).weight_bytes() for n in infos),
-        "original_linears_fp16": sum(2 * (i["in_features"] + i["bias"]) * i["out_features"] for i in infos.values()),
+        "emulator_linears": sum(stored(m) for m in linears),
+        "original_linears_fp16": sum(fp16(m) for m in linears),
         "emulator_total": tensor_bytes(emulator),
         "original_total": original_bytes,
     }

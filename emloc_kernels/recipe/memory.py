@@ -55,7 +55,15 @@ class PeakMeter:
 
 
 def measure(
-    kind: str, model_dir: str, batch_file: str, device: str, dtype: str, rank: int, alpha: float, lr: float
+    kind: str,
+    model_dir: str,
+    batch_file: str,
+    device: str,
+    dtype: str,
+    rank: int,
+    alpha: float,
+    lr: float,
+    top_blocks: int | None = None,
 ) -> int:
     from ..conventions import is_emulator_dir
     from ..emulator.io import load_emulator
@@ -96,7 +104,7 @@ def measure(
         with torch.no_grad():
             forward(model)
     else:
-        peft_model = attach_lora(model, rank, alpha, seed=0)
+        peft_model = attach_lora(model, rank, alpha, seed=0, top_blocks=top_blocks)
         peft_model.train()  # gradient checkpointing acts in training mode only, as in finetune.train
         opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
         for _ in range(2):  # the second step runs with the optimiser state allocated
@@ -184,8 +192,10 @@ def peak_in_fresh_process(
     rank: int = 8,
     alpha: float = 8.0,
     lr: float = 1e-3,
+    top_blocks: int | None = None,
 ) -> int:
-    """Run :func:`measure` in a new Python process and return its peak bytes."""
+    """Run :func:`measure` in a new Python process and return its peak bytes (``top_blocks``:
+    LoRA on the last N blocks only, see :func:`attach_lora`)."""
     cmd = [
         sys.executable,
         "-m",
@@ -203,6 +213,7 @@ def peak_in_fresh_process(
         str(alpha),
         "--lr",
         str(lr),
+        *(["--top-blocks", str(top_blocks)] if top_blocks is not None else []),
     ]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -221,8 +232,9 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=8.0)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--top-blocks", type=int, default=None, help="finetune: LoRA on the last N blocks only")
     a = p.parse_args()
-    peak = measure(a.kind, a.model_dir, a.batch_file, a.device, a.dtype, a.rank, a.alpha, a.lr)
+    peak = measure(a.kind, a.model_dir, a.batch_file, a.device, a.dtype, a.rank, a.alpha, a.lr, a.top_blocks)
     print(json.dumps({"peak_bytes": peak}))
 
 

@@ -60,13 +60,48 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype) -> tu
     return model, load_tokenizer(path)
 
 
-def attach_lora(model: nn.Module, rank: int, alpha: float, seed: int) -> PeftModel:
-    """PEFT LoRA on every linear, lean for memory: non-reentrant gradient checkpointing."""
+def attach_lora(model: nn.Module, rank: int, alpha: float, seed: int, top_blocks: int | None = None) -> PeftModel:
+    """PEFT LoRA on every linear, lean for memory: non-reentrant gradient checkpointing.
+
+    ``top_blocks``: LoRA on the linears of the last N decoder blocks only (PEFT's
+    ``layers_to_transform``); the blocks below run without autograd, so training keeps the
+    activations of N blocks and stores no gradient below them."""
     from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
 
     torch.manual_seed(seed)
-    cast(Any, model).config.use_cache = False
-    set_checkpointing(model, True)
+    m = cast(Any, model)
+    m.config.use_cache = False
+    layers: list[int] | None = None
+    targets: str | list[str] = "all-linear"
+    if top_blocks is not None:
+        n = int(m.config.num_hidden_layers)
+        if not 1 <= top_blocks <= n:
+            raise ValueError(f"top_blocks must be between 1 and the model's {n} blocks, got {top_blocks}")
+        layers = list(range(n - top_blocks, n))
+        # PEFT takes layers_to_transform with a list of module names only: those "all-linear" means
+        head, linear = m.get_output_embeddings(), (nn.Linear, Conv1D)
+        names = {
+            n.rsplit(".", 1)[-1] for n, mod in model.named_modules() if isinstance(mod, linear) and mod is not head
+        }
+        targets = sorted(names)
     # PEFT annotates lora_alpha as int; a float alpha scales by alpha / r all the same
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")  # type: ignore[arg-type]
-    return get_peft_model(model, config)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,  # type: ignore[arg-type]
+        lora_dropout=0.0,
+        target_modules=targets,
+        layers_to_transform=layers,
+        task_type="CAUSAL_LM",
+    )
+    if layers is None:
+        set_checkpointing(model, True)
+        return get_peft_model(model, config)
+    # checkpointing switched on after PEFT, whose input-grad hook would not be removable: the
+    # embeddings' output then needs no gradient (non-reentrant checkpointing works without), so
+    # autograd neither runs nor recomputes through the blocks below the trained ones
+    peft_model = get_peft_model(model, config)
+    set_checkpointing(model, True)
+    if hasattr(m, "disable_input_require_grads"):
+        m.disable_input_require_grads()
+    return peft_model
