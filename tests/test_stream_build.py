@@ -454,22 +454,12 @@ def test_emloc_build_distils_within_the_byte_budget(cli_model, tmp_path):
 def test_emloc_build_keeps_dense_top_blocks_at_the_ratio_budget(cli_model, tmp_path):
     from emloc_kernels.emulator.io import read_metadata
 
-    data = str(cli_model / "data.txt")
+    def build(out, ratio):
+        argv = ["build", str(cli_model / "model"), "--data", str(cli_model / "data.txt"), "--out", str(out)]
+        cli.main([*argv, "--ratio", ratio, "--dense-top-blocks", "1"])
+
     out = tmp_path / "dense"
-    cli.main(
-        [
-            "build",
-            str(cli_model / "model"),
-            "--data",
-            data,
-            "--out",
-            str(out),
-            "--ratio",
-            "0.5",
-            "--dense-top-blocks",
-            "1",
-        ]
-    )
+    build(out, "0.5")
     modules = read_metadata(out)["modules"]
     lower = (0.5 * BLOCKS - 1) / (BLOCKS - 1)
     assert {n.split(".")[2] for n in modules} == {str(i) for i in range(BLOCKS - 1)}
@@ -479,17 +469,4 @@ def test_emloc_build_keeps_dense_top_blocks_at_the_ratio_budget(cli_model, tmp_p
     last = f"model.layers.{BLOCKS - 1}.mlp.down_proj.weight"
     assert torch.equal(emulator.get_parameter(last), original.get_parameter(last))
     with pytest.raises(SystemExit, match="--dense-top-blocks needs one --ratio for all linears"):
-        cli.main(
-            [
-                "build",
-                str(cli_model / "model"),
-                "--data",
-                data,
-                "--out",
-                str(tmp_path / "x"),
-                "--ratio",
-                "mlp=0.5",
-                "--dense-top-blocks",
-                "1",
-            ]
-        )
+        build(tmp_path / "x", "mlp=0.5")
