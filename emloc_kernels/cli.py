@@ -67,9 +67,10 @@ def cmd_build(a: argparse.Namespace) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from .conventions import check_device, load_model, model_class
+    from .conventions import LINEAR_TYPES, check_device, load_model, model_class, out_in_weight
     from .emulator import NotStreamable, build_emulator, save_emulator, write_emulator_from_pretrained
     from .emulator.build import dense_top_blocks
+    from .emulator.calibration import find_blocks
     from .emulator.checkpoint import checkpoint_beside
     from .emulator.distill import Distillation
     from .emulator.io import read_metadata
@@ -107,8 +108,12 @@ def cmd_build(a: argparse.Namespace) -> None:
     texts = pool[: a.samples]
     dtype = getattr(torch, a.dtype)
     model_class(model_dir)  # an emulator directory or a config without a model class: refused before the tokenizer
+    dense: list[int] = []  # parameters of each linear kept dense
     if a.dense_top_blocks:
-        ratio = dense_top_blocks(empty_model(model_dir)[0], cast(float, ratio), a.dense_top_blocks)
+        skeleton = empty_model(model_dir)[0]
+        ratio = dense_top_blocks(skeleton, cast(float, ratio), a.dense_top_blocks)
+        top = find_blocks(skeleton)[1][-a.dense_top_blocks :]
+        dense = [out_in_weight(m).numel() for m in top.modules() if isinstance(m, LINEAR_TYPES)]
     options: dict[str, Any] = dict(
         tokenizer=AutoTokenizer.from_pretrained(model_dir),
         device=a.device,
@@ -131,11 +136,12 @@ def cmd_build(a: argparse.Namespace) -> None:
         save_emulator(emulator, out, overwrite=a.overwrite, inputs=inputs)
         shutil.rmtree(partial)
     modules = read_metadata(out)["modules"]
-    kept = sum(m["rank"] * (m["in_features"] + m["out_features"]) for m in modules.values())
-    dense = sum(m["in_features"] * m["out_features"] for m in modules.values())
+    total = sum(m["in_features"] * m["out_features"] for m in modules.values()) + sum(dense)
+    kept = sum(m["rank"] * (m["in_features"] + m["out_features"]) for m in modules.values()) + sum(dense)
+    kept_dense = f" and {len(dense)} kept dense" if dense else ""
     print(
-        f"emulator of {len(modules)} linears written to {out} in {time.perf_counter() - start:.1f} s: "
-        f"{kept / 1e6:.1f}M of {dense / 1e6:.1f}M linear parameters ({kept / dense:.1%})"
+        f"emulator of {len(modules)} linears{kept_dense} written to {out} in {time.perf_counter() - start:.1f} s: "
+        f"{kept / 1e6:.1f}M of {total / 1e6:.1f}M linear parameters ({kept / total:.1%})"
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import weakref
 from pathlib import Path
 
@@ -451,7 +452,7 @@ def test_emloc_build_distils_within_the_byte_budget(cli_model, tmp_path):
     load_emulator(tmp_path / "distilled")
 
 
-def test_emloc_build_keeps_dense_top_blocks_at_the_ratio_budget(cli_model, tmp_path):
+def test_emloc_build_keeps_dense_top_blocks_at_the_ratio_budget(cli_model, tmp_path, capsys):
     from emloc_kernels.emulator.io import read_metadata
 
     def build(out, ratio):
@@ -460,6 +461,10 @@ def test_emloc_build_keeps_dense_top_blocks_at_the_ratio_budget(cli_model, tmp_p
 
     out = tmp_path / "dense"
     build(out, "0.5")
+    # the summary counts the dense linears whole: about half of all linear parameters kept
+    assert re.search(
+        r"linears and 7 kept dense written .* linear parameters \((4[5-9]|50)\.\d%\)", capsys.readouterr().out
+    )
     modules = read_metadata(out)["modules"]
     lower = (0.5 * BLOCKS - 1) / (BLOCKS - 1)
     assert {n.split(".")[2] for n in modules} == {str(i) for i in range(BLOCKS - 1)}
