@@ -117,7 +117,10 @@ def test_same_seed_same_numbers(material, tmp_path):
         (["--transfer", "stream:2"], "0 ≤ λ ≤ 1"),
         (["--prompt", "no placeholder"], "placeholder"),
         (["--ratio", "1.5"], "ratio"),
-        (["--dense-top-blocks", "2"], "--dense-top-blocks must be less than the model's 2 blocks, got 2"),
+        (
+            ["--dense-top-blocks", "1"],
+            r"--dense-top-blocks must be less than --ratio × the model's blocks \(0.4 × 2 = 0.8\), got 1",
+        ),
         (["--baseline-top-blocks", "3"], "--baseline-top-blocks must be at most the model's 2 blocks, got 3"),
         (["--baseline-top-blocks", "0"], "--baseline-top-blocks must be an integer from 1"),
     ],

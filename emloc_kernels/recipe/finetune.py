@@ -599,9 +599,10 @@ class Run:
                 raise ValueError(
                     f"--baseline-top-blocks must be at most the model's {blocks} blocks, got {s.baseline_top_blocks}"
                 )
-            if s.dense_top_blocks >= blocks:
+            if s.dense_top_blocks >= s.ratio * blocks:  # the blocks below would get no parameters
                 raise ValueError(
-                    f"--dense-top-blocks must be less than the model's {blocks} blocks, got {s.dense_top_blocks}"
+                    f"--dense-top-blocks must be less than --ratio × the model's blocks "
+                    f"({s.ratio} × {blocks} = {s.ratio * blocks:g}), got {s.dense_top_blocks}"
                 )
         anchor = isinstance(task, LabelTask) if s.anchor is None else s.anchor
         if anchor and not isinstance(task, LabelTask):
