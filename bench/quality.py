@@ -282,6 +282,9 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(11, 4.5))
     markers = dict(zip(sorted({r["task"] for r in rows}), "osD^v"))
+    # one colour per setting across tasks (tab20: no two settings of a task share one up to 20)
+    names = sorted({r["setting"] for r in rows})
+    colours = {n: plt.get_cmap("tab20")(i % 20) for i, n in enumerate(names)}
     for task in sorted({r["task"] for r in rows}):
         mine = [r for r in rows if r["task"] == task and r["recovery"] not in ("", None)]
         by_setting: dict[str, list[dict]] = {}
@@ -290,7 +293,15 @@ def plot(rows: list[dict], path: Path) -> None:
         for name, rs in by_setting.items():
             x = sum(float(r["peak_mem_finetune_mib"]) for r in rs) / len(rs)
             y = sum(float(r["recovery"]) for r in rs) / len(rs)
-            ax.scatter(x, y, marker=markers[task], label=f"{task}: {name} ({len(rs)} seed{'s' if len(rs) > 1 else ''})")
+            baseline = "baseline_top_blocks" in PRESETS["ablation"].get(name, {})  # no emulator: marked apart
+            ax.scatter(
+                x,
+                y,
+                marker="X" if baseline else markers[task],
+                s=90 if baseline else None,
+                color=colours[name],
+                label=f"{task}: {name} ({len(rs)} seed{'s' if len(rs) > 1 else ''})",
+            )
     upper = [
         float(r["peak_mem_lora_original_mib"]) for r in rows if r.get("peak_mem_lora_original_mib") not in ("", None)
     ]
