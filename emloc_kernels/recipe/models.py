@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
-from ..conventions import set_checkpointing
+from ..conventions import LINEAR_TYPES, set_checkpointing
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -67,7 +67,6 @@ def attach_lora(model: nn.Module, rank: int, alpha: float, seed: int, top_blocks
     ``layers_to_transform``); the blocks below run without autograd, so training keeps the
     activations of N blocks and stores no gradient below them."""
     from peft import LoraConfig, get_peft_model
-    from transformers.pytorch_utils import Conv1D
 
     torch.manual_seed(seed)
     m = cast(Any, model)
@@ -80,11 +79,9 @@ def attach_lora(model: nn.Module, rank: int, alpha: float, seed: int, top_blocks
             raise ValueError(f"top_blocks must be between 1 and the model's {n} blocks, got {top_blocks}")
         layers = list(range(n - top_blocks, n))
         # PEFT takes layers_to_transform with a list of module names only: those "all-linear" means
-        head, linear = m.get_output_embeddings(), (nn.Linear, Conv1D)
-        names = {
-            n.rsplit(".", 1)[-1] for n, mod in model.named_modules() if isinstance(mod, linear) and mod is not head
-        }
-        targets = sorted(names)
+        head = m.get_output_embeddings()
+        linears = {name for name, mod in model.named_modules() if isinstance(mod, LINEAR_TYPES) and mod is not head}
+        targets = sorted({name.rsplit(".", 1)[-1] for name in linears})
     # PEFT annotates lora_alpha as int; a float alpha scales by alpha / r all the same
     config = LoraConfig(
         r=rank,
