@@ -99,20 +99,20 @@ class _Stubbed:
                 return self.fn()
 
 
-def tensors(device: str, tokens: int, n: int = 64, rank: int = 16, rho: int = 8) -> dict:
+def tensors(device: str, lead: tuple[int, ...], n: int = 64, rank: int = 16, rho: int = 8) -> dict:
     g = torch.Generator().manual_seed(0)
 
     def r(*shape: int) -> torch.Tensor:
         return (torch.randn(*shape, generator=g) / shape[-1] ** 0.5).to(device)
 
     return {
-        "x": r(tokens, n),
+        "x": r(*lead, n),
         "u": r(n, rank),
         "v": r(rank, n),
         "a": torch.nn.Parameter(r(rho, n)),  # as a LoRA layer passes them
         "b": torch.nn.Parameter(r(n, rho)),
         "bias": r(n),
-        "dy": r(tokens, n),
+        "dy": r(*lead, n),
     }
 
 
@@ -151,8 +151,14 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(1)
     rows = []
-    for case, tokens, train in (("fwd+bwd, 64 tokens", 64, True), ("decode, 1 token", 1, False)):
-        cpu = tensors("cpu", tokens)
+    cases = (
+        ("fwd+bwd, 64 tokens", (64,), True),
+        ("fwd+bwd, 64 tokens as (2, 32, n)", (2, 32), True),
+        ("decode, 1 token", (1,), False),
+        ("decode, 1 token as (1, 1, n)", (1, 1), False),  # what a transformer layer passes
+    )
+    for case, lead, train in cases:
+        cpu = tensors("cpu", lead)
         us = per_call_us(
             {
                 "fused_eager_us": _Stubbed(fused(cpu, train)),

@@ -753,9 +753,10 @@ def _pad16(n: int) -> int:
     return cdiv(n, 16) * 16
 
 
-def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Every kernel output comes from here (tests poison it with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
+def _alloc(shape: tuple[int, ...], strides: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every kernel output comes from here (tests poison it with NaN).  ``empty_strided`` costs
+    the host about half of ``torch.empty``, and gives padded rows without a slicing view."""
+    return torch.empty_strided(shape, strides, dtype=dtype, device=device)
 
 
 def _load_bound(b: torch.Tensor) -> int:
@@ -906,9 +907,9 @@ def _workspaces(plan: _Plan, m: int, widths: tuple[int, ...], device: torch.devi
     split-K launch; without split, ``None`` (the kernel never touches them)."""
     if plan.split == 1:
         return (None,) * len(widths), None
-    return tuple(_alloc((plan.split, m, _pad16(w)), torch.float32, device) for w in widths), _counters(
-        plan.tiles, device
-    )
+    return tuple(
+        _alloc((plan.split, m, _pad16(w)), (m * _pad16(w), _pad16(w), 1), torch.float32, device) for w in widths
+    ), _counters(plan.tiles, device)
 
 
 def _right_tensors(b: Right) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -977,7 +978,7 @@ class Launch2k:
         )
 
     def __call__(self, a1, b1: Right, a2, b2, bias) -> torch.Tensor:
-        c = _alloc((self.m, self.n), self.out_dtype, self.device)
+        c = _alloc((self.m, self.n), (self.n, 1), self.out_dtype, self.device)
         (ws,), cnt = _workspaces(self.plan, self.m, (self.n,), self.device) if self.grid[1] > 1 else ((None,), None)
         data, scale, offset = _right_tensors(b1)
         if not self.seg2:
@@ -1052,8 +1053,8 @@ class Launch2n:
         # C₁ (t_v, dt_v) is an intermediate of the op: rows padded to 16 elements keep the next
         # GEMM's loads aligned (vectorised, pipelined) whatever the rank.  C₂ (t_A) is returned by
         # the forward op, so it stays contiguous like its fake (meta) version.
-        c1 = _alloc((self.m, _pad16(self.n1)), self.out_dtypes[0], self.device)[:, : self.n1]
-        c2 = _alloc((self.m, self.n2), self.out_dtypes[1], self.device)
+        c1 = _alloc((self.m, self.n1), (_pad16(self.n1), 1), self.out_dtypes[0], self.device)
+        c2 = _alloc((self.m, self.n2), (self.n2, 1), self.out_dtypes[1], self.device)
         (ws1, ws2), cnt = (
             _workspaces(self.plan, self.m, (self.n1, self.n2), self.device)
             if self.grid[1] > 1

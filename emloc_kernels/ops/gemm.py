@@ -50,13 +50,21 @@ def _kernels() -> ModuleType:
     return _triton_gemm
 
 
+@functools.lru_cache(maxsize=None)
+def _interpreter() -> bool:
+    """Whether CPU tensors run the kernels: ``TRITON_INTERPRET=1`` and Triton importable, read
+    once (Triton too reads the variable once, when it is imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1" and _triton_importable()
+
+
 def use_triton(t: torch.Tensor) -> bool:
-    """Whether the op on ``t``'s device runs the Triton kernels (else the torch reference)."""
+    """Whether the op on ``t``'s device runs the Triton kernels (else the torch reference);
+    ``EMLOC_FORCE_REFERENCE=1`` is read on every call, so that it can be switched at run time."""
     if os.environ.get("EMLOC_FORCE_REFERENCE", "0") == "1":
         return False
     if t.is_cuda:
         return _triton_importable()
-    return t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1" and _triton_importable()
+    return t.device.type == "cpu" and _interpreter()
 
 
 def aligned_rows(t: torch.Tensor, multiple: int = 16) -> torch.Tensor:
@@ -99,6 +107,15 @@ class Gemms:
 
     def __init__(self, triton: bool, launches: list | None = None) -> None:
         self.triton, self.launches, self.i = triton, launches, 0
+
+    def t(self, t: torch.Tensor) -> torch.Tensor:
+        """``tᵀ`` as an operand of the next GEMM: a view, except when that GEMM replays a
+        prepared launch, which reads only the data pointer (the transposed strides are in its
+        plan) -- so a replayed call makes no views (microseconds each)."""
+        launches, i = self.launches, self.i
+        if launches is not None and i < len(launches) and launches[i] is not None:
+            return t
+        return t.t()
 
     def _launch(self, prepare, *args):
         """The call's prepared launch (None: nothing to launch): planned now, or the replay's."""

@@ -168,9 +168,8 @@ class _Replay:
         self.bwd: dict[tuple, list] = {}
 
     def applies(self, objects: tuple) -> bool:
-        return (
-            all(r() is t for r, t in zip(self.refs, objects) if r is not None)
-            and tuple(map(_stamp, objects)) == self.stamps
+        return all(r is None or r() is t for r, t in zip(self.refs, objects)) and self.stamps == tuple(
+            map(_stamp, objects)
         )
 
     # A first pass fills a list of its own and publishes it whole: a replay never sees a
@@ -215,9 +214,9 @@ def _replayable(x) -> bool:
     Triton path, autocast off (it would cast the arguments into new tensors every call)."""
     return (
         type(x) is torch.Tensor
+        and use_triton(x)
         and not torch.is_autocast_enabled(x.device.type)
         and _no_tracing_or_modes()
-        and use_triton(x)
     )
 
 
@@ -255,9 +254,9 @@ def _factor(t, scale, offset, mode: int, group: int, shape: tuple[int, int]) -> 
     return PackedFactor(t, scale, offset, fmt, shape, group)
 
 
-def _t(f: Factor):
-    """``fᵀ`` as a right operand (a view or a transposed packed operand)."""
-    return PackedOperand(f, True) if isinstance(f, PackedFactor) else f.t()
+def _t(g: Gemms, f: Factor):
+    """``fᵀ`` as a right operand of the next GEMM (see :meth:`Gemms.t`) or a transposed packed operand."""
+    return PackedOperand(f, True) if isinstance(f, PackedFactor) else g.t(f)
 
 
 def _n(f: Factor):
@@ -295,10 +294,10 @@ def _lowrank_fwd_body(
 def _lowrank_fwd(g: Gemms, x, u, u_scale, u_offset, v, v_scale, v_offset, lora_a, lora_b, scaling, bias, quant):
     fu, fv = _unpack(x, u, u_scale, u_offset, v, v_scale, v_offset, quant)
     if lora_a is None or lora_b is None:  # given together (checked by the op's caller)
-        t_v = g.two_k(x, _t(fv))
-        return g.two_k(t_v, _t(fu), bias=bias), x.new_empty(x.shape[0], 0)
-    t_v, t_a = g.two_n(x, _t(fv), lora_a.t(), out_dtypes=(x.dtype, _lora_dtype(x, lora_a)))
-    y = g.two_k(t_v, _t(fu), t_a, lora_b.t(), alpha2=scaling, bias=bias, out_dtype=x.dtype)
+        t_v = g.two_k(x, _t(g, fv))
+        return g.two_k(t_v, _t(g, fu), bias=bias), x.new_empty(x.shape[0], 0)
+    t_v, t_a = g.two_n(x, _t(g, fv), g.t(lora_a), out_dtypes=(x.dtype, _lora_dtype(x, lora_a)))
+    y = g.two_k(t_v, _t(g, fu), t_a, g.t(lora_b), alpha2=scaling, bias=bias, out_dtype=x.dtype)
     return y, t_a
 
 
@@ -348,8 +347,8 @@ def _lowrank_bwd(
     else:
         dt_a = g.two_k(dy, lora_b, alpha1=scaling, out_dtype=ta_dtype)
         dx = dy.new_empty(0)
-    da = g.two_k(dt_a.t(), x, out_dtype=lora_a.dtype)
-    db = g.two_k(dy.t(), t_a, alpha1=scaling, out_dtype=lora_b.dtype)
+    da = g.two_k(g.t(dt_a), x, out_dtype=lora_a.dtype)
+    db = g.two_k(g.t(dy), t_a, alpha1=scaling, out_dtype=lora_b.dtype)
     return dx, da, db
 
 
@@ -444,7 +443,7 @@ def lowrank_lora(
     if replay is not None:  # checked when the replay was made
         (ut, us, uo, um, ug), (vt, vs, vo, vm, vg) = _flat(u), _flat(v)
         args = (
-            x.reshape(-1, replay.in_f),
+            x if x.ndim == 2 else x.reshape(-1, replay.in_f),
             ut,
             us,
             uo,
@@ -461,7 +460,7 @@ def lowrank_lora(
             y = _LowRankLora.apply(replay, *args)
         else:  # inference, decode
             y, _ = replay.forward(*args)
-        return y.reshape(*x.shape[:-1], replay.out_f)
+        return y if x.ndim == 2 else y.reshape(*x.shape[:-1], replay.out_f)
 
     x, u, v, lora_a, lora_b, bias = _autocast(x, u, v, lora_a, lora_b, bias)
     _check_lowrank(x, u, v, lora_a, lora_b, bias)
@@ -516,8 +515,8 @@ def _dense_fwd_body(
 
 
 def _dense_fwd(g: Gemms, x, weight, lora_a, lora_b, scaling, bias):
-    t_a = g.two_k(x, lora_a.t(), out_dtype=_lora_dtype(x, lora_a))
-    y = g.two_k(x, weight.t(), t_a, lora_b.t(), alpha2=scaling, bias=bias, out_dtype=x.dtype)
+    t_a = g.two_k(x, g.t(lora_a), out_dtype=_lora_dtype(x, lora_a))
+    y = g.two_k(x, g.t(weight), t_a, g.t(lora_b), alpha2=scaling, bias=bias, out_dtype=x.dtype)
     return y, t_a
 
 
@@ -548,8 +547,8 @@ def _dense_bwd_body(
 def _dense_bwd(g: Gemms, dy, x, t_a, weight, lora_a, lora_b, scaling, need_dx):
     dt_a = g.two_k(dy, lora_b, alpha1=scaling, out_dtype=_lora_dtype(dy, lora_b))
     dx = g.two_k(dy, weight, dt_a, lora_a, out_dtype=x.dtype) if need_dx else dy.new_empty(0)
-    da = g.two_k(dt_a.t(), x, out_dtype=lora_a.dtype)
-    db = g.two_k(dy.t(), t_a, alpha1=scaling, out_dtype=lora_b.dtype)
+    da = g.two_k(g.t(dt_a), x, out_dtype=lora_a.dtype)
+    db = g.two_k(g.t(dy), t_a, alpha1=scaling, out_dtype=lora_b.dtype)
     return dx, da, db
 
 
@@ -622,9 +621,9 @@ def dense_lora(
     objects = (weight, lora_a, lora_b, bias)
     replay = _replay_for("dense", x, objects, scaling, lambda: _new_dense_replay(x, weight, lora_a, lora_b, bias))
     if replay is not None:  # checked when the replay was made
-        args = (x.reshape(-1, replay.in_f), weight, lora_a, lora_b, float(scaling), bias)
+        args = (x if x.ndim == 2 else x.reshape(-1, replay.in_f), weight, lora_a, lora_b, float(scaling), bias)
         y = _DenseLora.apply(replay, *args) if replay.records_grad else replay.forward(*args)[0]
-        return y.reshape(*x.shape[:-1], replay.out_f)
+        return y if x.ndim == 2 else y.reshape(*x.shape[:-1], replay.out_f)
 
     x, weight, lora_a, lora_b, bias = _autocast(x, weight, lora_a, lora_b, bias)
     _check_dense(x, weight, lora_a, lora_b, bias)

@@ -134,7 +134,7 @@ def main() -> int:
     G._gemm_2k_kernel, G._gemm_2n_kernel = _Recorder(G._gemm_2k_kernel), _Recorder(G._gemm_2n_kernel)
     G._sms = lambda device: 132
     importlib.import_module("emloc_kernels.ops.lowrank_lora").use_triton = lambda t: True
-    G._alloc = lambda shape, dtype, device: torch.zeros(shape, dtype=dtype)
+    G._alloc = lambda shape, strides, dtype, device: torch.empty_strided(shape, strides, dtype=dtype).zero_()
     record(2048, 512, 1792, 300, 16, torch.bfloat16, torch.bfloat16)  # training class
     record(300, 512, 1792, 300, 16, torch.bfloat16, torch.float32)  # middle class, fp32 adapters
     record(1, 512, 1792, 300, 8, torch.float16, torch.float16, packed=64)  # decode, packed factors

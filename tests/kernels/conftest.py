@@ -76,5 +76,9 @@ def poison_outputs(monkeypatch):
     from emloc_kernels.ops import _triton_gemm
 
     monkeypatch.setattr(
-        _triton_gemm, "_alloc", lambda shape, dtype, device: torch.full(shape, math.nan, dtype=dtype, device=device)
+        _triton_gemm,
+        "_alloc",
+        lambda shape, strides, dtype, device: torch.empty_strided(shape, strides, dtype=dtype, device=device).fill_(
+            math.nan
+        ),
     )

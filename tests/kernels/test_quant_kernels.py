@@ -74,6 +74,44 @@ def test_packed_factors_match_dequantised_reference(device, case):
         assert rel_err(gv, wv) < tol(dt, device), name
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fmt, group", [(None, 0), ("int8", 0), ("int4", 64)], ids=["float", "int8", "int4-g64"])
+@pytest.mark.parametrize("lead", [(1,), (2, 1)], ids=["x2d", "x3d"])
+def test_decode_calls_replay_exactly(device, fmt, group, lead, launches, monkeypatch):
+    """A layer's inference calls after the first replay its launches (nothing planned, no views
+    of the factors made); each replayed call on a fresh x matches the fp64 reference."""
+    import importlib
+
+    from emloc_kernels.ops import _triton_gemm
+
+    monkeypatch.setattr(importlib.import_module("emloc_kernels.ops.lowrank_lora"), "_REPLAYS", {})
+    prepared: list[int] = []
+    for name in ("prepare_2k", "prepare_2n"):
+        real = getattr(_triton_gemm, name)
+        monkeypatch.setattr(_triton_gemm, name, lambda *a, _r=real: prepared.append(1) or _r(*a))
+    g = torch.Generator().manual_seed(3)
+    n_in, n_out, r, dt = 150, 37, 45, torch.float16
+    if fmt is None:
+        u = (torch.randn(n_out, r, generator=g) / r**0.5).to(device, dt)
+        v = (torch.randn(r, n_in, generator=g) / n_in**0.5).to(device, dt)
+    else:
+        u, v = (_to(random_packed(n, k, fmt, group, dt, g), device) for n, k in ((n_out, r), (r, n_in)))
+    a = torch.nn.Parameter((torch.randn(5, n_in, generator=g) / n_in**0.5).to(device))
+    b = torch.nn.Parameter(torch.randn(n_out, 5, generator=g).to(device))
+    bias = torch.randn(n_out, generator=g).to(device, dt)
+    f64 = (lambda f: dequantize_reference(f).double()) if fmt else (lambda f: f.double())
+    counts = []
+    for _ in range(3):
+        x = torch.randn(*lead, n_in, generator=g).to(device, dt)
+        before = len(prepared)
+        with torch.no_grad():
+            y = ops.lowrank_lora(x, u, v, a, b, 0.5, bias)
+        counts.append(len(prepared) - before)
+        want = ops.lowrank_lora_reference(x.double(), f64(u), f64(v), a.double(), b.double(), 0.5, bias.double())
+        assert y.shape == (*lead, n_out) and rel_err(y, want) < tol(dt, device)
+    assert counts == [2, 0, 0]
+
+
 def test_packed_factor_is_frozen():
     v = random_packed(8, 16, "int8", 0, torch.float32, torch.Generator().manual_seed(0))
     with pytest.raises(dataclasses.FrozenInstanceError):
