@@ -10,7 +10,9 @@ not count; median of ``--repeats`` timings of ``--iterations`` calls):
   (the LoRA factors are Parameters; calls after the first replay the first call's launches);
 * fused, registered op: the same through the ``emloc::`` custom op (torch.compile's path);
 * unfused torch: ``F.linear(F.linear(x, v), u, b) + s·F.linear(F.linear(x, A), B)`` on the CPU,
-  its tiny GEMMs included (which favours the fused op slightly).
+  its tiny GEMMs included (which favours the fused op slightly); for the int8 / int4 cases on
+  the dequantised factors (torch has no such GEMM: the fused op must not cost more host time
+  for reading fewer bytes).
 The Triton launcher's own host time (a few µs per launch on a GPU host) is not included; the
 context managers that stub the launches cost the fused rows about 1 µs.
 """
@@ -36,6 +38,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from emloc_kernels import ops  # noqa: E402
 from emloc_kernels.ops import _triton_gemm  # noqa: E402
+from emloc_kernels.ops.quant import dequantize, quantize  # noqa: E402
 
 op_module = importlib.import_module("emloc_kernels.ops.lowrank_lora")  # the module (ops exports the function)
 
@@ -99,16 +102,25 @@ class _Stubbed:
                 return self.fn()
 
 
-def tensors(device: str, lead: tuple[int, ...], n: int = 64, rank: int = 16, rho: int = 8) -> dict:
+def tensors(
+    device: str, lead: tuple[int, ...], n: int = 64, rank: int = 16, rho: int = 8, quant: str | None = None
+) -> dict:
+    """The op's arguments; with ``quant`` ("int8", "int4") the fused op gets packed factors
+    (int4 in groups of 64) and the unfused composition their dequantised floats."""
     g = torch.Generator().manual_seed(0)
 
     def r(*shape: int) -> torch.Tensor:
         return (torch.randn(*shape, generator=g) / shape[-1] ** 0.5).to(device)
 
+    u, v = r(n, rank), r(rank, n)
+    packed = {} if quant is None else {"u_packed": quantize(u, quant, 64), "v_packed": quantize(v, quant, 64)}
+    if packed:
+        u, v = dequantize(packed["u_packed"]), dequantize(packed["v_packed"])
     return {
         "x": r(*lead, n),
-        "u": r(n, rank),
-        "v": r(rank, n),
+        "u": u,
+        "v": v,
+        **packed,
         "a": torch.nn.Parameter(r(rho, n)),  # as a LoRA layer passes them
         "b": torch.nn.Parameter(r(n, rho)),
         "bias": r(n),
@@ -117,11 +129,13 @@ def tensors(device: str, lead: tuple[int, ...], n: int = 64, rank: int = 16, rho
 
 
 def fused(t: dict, train: bool) -> Callable[[], object]:
+    u, v = t.get("u_packed", t["u"]), t.get("v_packed", t["v"])
+
     def step() -> object:
         if not train:
             with torch.no_grad():
-                return ops.lowrank_lora(t["x"], t["u"], t["v"], t["a"], t["b"], 2.0, t["bias"])
-        y = ops.lowrank_lora(t["x"], t["u"], t["v"], t["a"], t["b"], 2.0, t["bias"])
+                return ops.lowrank_lora(t["x"], u, v, t["a"], t["b"], 2.0, t["bias"])
+        y = ops.lowrank_lora(t["x"], u, v, t["a"], t["b"], 2.0, t["bias"])
         torch.autograd.backward(y, t["dy"])
         return y
 
@@ -152,13 +166,15 @@ def main() -> None:
     torch.set_num_threads(1)
     rows = []
     cases = (
-        ("fwd+bwd, 64 tokens", (64,), True),
-        ("fwd+bwd, 64 tokens as (2, 32, n)", (2, 32), True),
-        ("decode, 1 token", (1,), False),
-        ("decode, 1 token as (1, 1, n)", (1, 1), False),  # what a transformer layer passes
+        ("fwd+bwd, 64 tokens", (64,), True, None),
+        ("fwd+bwd, 64 tokens as (2, 32, n)", (2, 32), True, None),
+        ("decode, 1 token", (1,), False, None),
+        ("decode, 1 token as (1, 1, n)", (1, 1), False, None),  # what a transformer layer passes
+        ("decode int8, 1 token as (1, 1, n)", (1, 1), False, "int8"),
+        ("decode int4 g64, 1 token as (1, 1, n)", (1, 1), False, "int4"),
     )
-    for case, lead, train in cases:
-        cpu = tensors("cpu", lead)
+    for case, lead, train, quant in cases:
+        cpu = tensors("cpu", lead, quant=quant)
         us = per_call_us(
             {
                 "fused_eager_us": _Stubbed(fused(cpu, train)),

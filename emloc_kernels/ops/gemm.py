@@ -11,8 +11,8 @@ Operands may have different dtypes: two 16-bit operands of the same dtype are mu
 on tensor cores, anything else in fp32 (tf32 when torch allows it); accumulation is fp32.
 
 ``use_triton`` is the single dispatch point: Triton for CUDA tensors, Triton's
-interpreter for CPU tensors under ``TRITON_INTERPRET=1``, the torch reference otherwise
-or when ``EMLOC_FORCE_REFERENCE=1``.
+interpreter for CPU tensors under ``TRITON_INTERPRET=1``, the torch reference otherwise,
+in a process started with ``EMLOC_FORCE_REFERENCE=1`` or inside ``force_reference()``.
 
 Shapes are not checked here: the ops that call these GEMMs validate their arguments once,
 with messages that name them, and a second check per GEMM would cost host time on every
@@ -25,6 +25,7 @@ import contextlib
 import functools
 import os
 from types import ModuleType
+from typing import Iterator
 
 import torch
 
@@ -57,14 +58,30 @@ def _interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1" and _triton_importable()
 
 
+# read once, as Triton reads TRITON_INTERPRET: an environment read costs every call of every
+# layer about a microsecond; ``force_reference`` switches at run time
+_FORCE_REFERENCE = os.environ.get("EMLOC_FORCE_REFERENCE", "0") == "1"
+
+
+@contextlib.contextmanager
+def force_reference(enabled: bool = True) -> Iterator[None]:
+    """Inside the block every op runs its torch reference (``enabled=False``: its kernels again),
+    in every thread; for debugging, and for tests that run an op many times."""
+    global _FORCE_REFERENCE
+    saved, _FORCE_REFERENCE = _FORCE_REFERENCE, enabled
+    try:
+        yield
+    finally:
+        _FORCE_REFERENCE = saved
+
+
 def use_triton(t: torch.Tensor) -> bool:
-    """Whether the op on ``t``'s device runs the Triton kernels (else the torch reference);
-    ``EMLOC_FORCE_REFERENCE=1`` is read on every call, so that it can be switched at run time."""
-    if os.environ.get("EMLOC_FORCE_REFERENCE", "0") == "1":
+    """Whether the op on ``t``'s device runs the Triton kernels (else the torch reference)."""
+    if _FORCE_REFERENCE:
         return False
     if t.is_cuda:
         return _triton_importable()
-    return t.device.type == "cpu" and _interpreter()
+    return t.is_cpu and _interpreter()
 
 
 def aligned_rows(t: torch.Tensor, multiple: int = 16) -> torch.Tensor:

@@ -20,6 +20,7 @@ dequantise inside the tile loop.  Backend choice: :func:`emloc_kernels.ops.gemm.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Callable, Optional, Union
 
@@ -140,9 +141,7 @@ def _lora_dtype(x: torch.Tensor, lora: Optional[torch.Tensor]) -> torch.dtype:
 def _stamp(t) -> object:
     """What a replay depends on besides a tensor's identity: what a ``.data`` assignment or
     ``requires_grad_`` may change (data pointer, shape, strides, dtype, whether it requires grad)."""
-    if t is None:
-        return None
-    if isinstance(t, PackedFactor):
+    if type(t) is PackedFactor:
         return t.qweight.data_ptr(), t.scale.data_ptr(), None if t.offset is None else t.offset.data_ptr()
     return t.data_ptr(), t.shape, t.stride(), t.dtype, t.requires_grad
 
@@ -151,26 +150,42 @@ class _Replay:
     """The Triton launches of an op for one layer's tensors and one input layout, prepared on
     its first call and replayed by the later ones (every call of every step), so that a call
     after the first skips the argument checks and the launch planning.  ``fwd_impl`` /
-    ``bwd_impl`` are the op's bodies taking a :class:`Gemms` first.  It holds the tensors
-    weakly and applies while the very same objects come back with the same stamps
-    (:func:`_stamp`)."""
+    ``bwd_impl`` are the op's bodies taking a :class:`Gemms` first (the low-rank forward takes
+    the factors themselves, :func:`_lowrank_fwd_factors`).  It is kept under the ids of the
+    layer's objects, holds them weakly and leaves the table when one of them dies (so a
+    replay found by its key was made for these very objects), and applies while they have
+    the same stamps (:func:`_stamp`)."""
 
-    __slots__ = ("refs", "stamps", "in_f", "out_f", "records_grad", "fwd_impl", "bwd_impl", "fwd", "bwd")
+    __slots__ = (
+        "refs", "stamps", "in_f", "out_f", "records_grad", "flat_view", "fwd_impl", "bwd_impl", "fwd", "bwd"
+    )  # fmt: skip
 
     def __init__(
-        self, objects: tuple, in_f: int, out_f: int, records_grad: bool, fwd_impl: Callable, bwd_impl: Callable
+        self,
+        x: torch.Tensor,
+        objects: tuple,
+        in_f: int,
+        out_f: int,
+        records_grad: bool,
+        fwd_impl: Callable,
+        bwd_impl: Callable,
     ) -> None:
-        self.refs = tuple(None if t is None else weakref.ref(t) for t in objects)
-        self.stamps = tuple(map(_stamp, objects))
+        self.refs: tuple = ()
+        # whether x as an M×in matrix is a view of x's own memory: then, once every forward
+        # GEMM has a prepared launch (which reads only x's data pointer; its strides are
+        # planned), a call that records no gradient hands x over as it is, without the view
+        self.flat_view = x.ndim == 2 or (x.numel() > 0 and x.reshape(-1, in_f).data_ptr() == x.data_ptr())
+        self.stamps = tuple(None if t is None else _stamp(t) for t in objects)
         self.in_f, self.out_f, self.records_grad = in_f, out_f, records_grad
         self.fwd_impl, self.bwd_impl = fwd_impl, bwd_impl
         self.fwd: Optional[list] = None
         self.bwd: dict[tuple, list] = {}
 
     def applies(self, objects: tuple) -> bool:
-        return all(r is None or r() is t for r, t in zip(self.refs, objects)) and self.stamps == tuple(
-            map(_stamp, objects)
-        )
+        for t, stamp in zip(objects, self.stamps):
+            if stamp is not None and _stamp(t) != stamp:
+                return False
+        return True
 
     # A first pass fills a list of its own and publishes it whole: a replay never sees a
     # half-prepared list, whatever other thread runs the same layer.
@@ -178,8 +193,14 @@ class _Replay:
     def forward(self, *inputs) -> tuple[torch.Tensor, torch.Tensor]:
         launches = [] if self.fwd is None else self.fwd
         out = self.fwd_impl(Gemms(True, launches), *inputs)
-        self.fwd = launches
+        if self.fwd is None:
+            self.flat_view = self.flat_view and None not in launches
+            self.fwd = launches
         return out
+
+    def x_as_is(self) -> bool:
+        """Whether a replayed forward takes x in any leading shape (see ``flat_view``)."""
+        return self.flat_view and self.fwd is not None
 
     def backward(self, dy: torch.Tensor, *rest) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = rest[0]  # saved; a saved-tensor hook may hand it back in another layout
@@ -214,8 +235,8 @@ def _replayable(x) -> bool:
     Triton path, autocast off (it would cast the arguments into new tensors every call)."""
     return (
         type(x) is torch.Tensor
-        and use_triton(x)
-        and not torch.is_autocast_enabled(x.device.type)
+        and use_triton(x)  # (a CUDA or a CPU tensor, then)
+        and not torch.is_autocast_enabled("cuda" if x.is_cuda else "cpu")
         and _no_tracing_or_modes()
     )
 
@@ -233,7 +254,15 @@ def _replay_for(op: str, x, objects: tuple, scaling: float, make: Callable[[], O
             if len(_REPLAYS) >= _MAX_REPLAYS:
                 _REPLAYS.clear()
             _REPLAYS[key] = replay
+            replay.refs = tuple(weakref.ref(t, functools.partial(_evict, key)) for t in objects if t is not None)
     return replay
+
+
+def _evict(key: tuple, dead: weakref.ref) -> None:
+    """An object of the replay under ``key`` died (its id may now be another object's)."""
+    replay = _REPLAYS.get(key)
+    if replay is not None and dead in replay.refs:
+        del _REPLAYS[key]
 
 
 # ----------------------------------------------------------------------------- low-rank + LoRA op
@@ -293,6 +322,12 @@ def _lowrank_fwd_body(
 
 def _lowrank_fwd(g: Gemms, x, u, u_scale, u_offset, v, v_scale, v_offset, lora_a, lora_b, scaling, bias, quant):
     fu, fv = _unpack(x, u, u_scale, u_offset, v, v_scale, v_offset, quant)
+    return _lowrank_fwd_factors(g, x, fu, fv, lora_a, lora_b, scaling, bias)
+
+
+def _lowrank_fwd_factors(g: Gemms, x, fu: Factor, fv: Factor, lora_a, lora_b, scaling, bias):
+    """The forward on the factors as such: a replay of a call that records no gradient starts
+    here, without taking a packed factor apart and making it again (and checking it)."""
     if lora_a is None or lora_b is None:  # given together (checked by the op's caller)
         t_v = g.two_k(x, _t(g, fv))
         return g.two_k(t_v, _t(g, fu), bias=bias), x.new_empty(x.shape[0], 0)
@@ -415,7 +450,11 @@ class _LowRankLora(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, replay: Optional[_Replay], *inputs):
-        y, t_a = _lowrank_fwd_body(*inputs) if replay is None else replay.forward(*inputs)
+        if replay is None:
+            y, t_a = _lowrank_fwd_body(*inputs)
+        else:
+            x, u, us, uo, v, vs, vo, lora_a, lora_b, scaling, bias, quant = inputs
+            y, t_a = replay.forward(x, *_unpack(x, u, us, uo, v, vs, vo, quant), lora_a, lora_b, scaling, bias)
         ctx.set_materialize_grads(False)
         ctx.replay = replay
         _lowrank_setup(ctx, inputs, (y, t_a))
@@ -441,26 +480,15 @@ def lowrank_lora(
     objects = (u, v, lora_a, lora_b, bias)
     replay = _replay_for("lowrank", x, objects, scaling, lambda: _new_lowrank_replay(x, u, v, lora_a, lora_b, bias))
     if replay is not None:  # checked when the replay was made
-        (ut, us, uo, um, ug), (vt, vs, vo, vm, vg) = _flat(u), _flat(v)
-        args = (
-            x if x.ndim == 2 else x.reshape(-1, replay.in_f),
-            ut,
-            us,
-            uo,
-            vt,
-            vs,
-            vo,
-            lora_a,
-            lora_b,
-            float(scaling),
-            bias,
-            [um, ug, vm, vg],
-        )
         if replay.records_grad:
+            (ut, us, uo, um, ug), (vt, vs, vo, vm, vg) = _flat(u), _flat(v)
+            x2 = x if x.ndim == 2 else x.reshape(-1, replay.in_f)
+            args = (x2, ut, us, uo, vt, vs, vo, lora_a, lora_b, float(scaling), bias, [um, ug, vm, vg])
             y = _LowRankLora.apply(replay, *args)
         else:  # inference, decode
-            y, _ = replay.forward(*args)
-        return y if x.ndim == 2 else y.reshape(*x.shape[:-1], replay.out_f)
+            x2 = x if replay.x_as_is() else x.reshape(-1, replay.in_f)
+            y, _ = replay.forward(x2, u, v, lora_a, lora_b, scaling, bias)
+        return y if x.ndim == 2 else y.view(*x.shape[:-1], replay.out_f)
 
     x, u, v, lora_a, lora_b, bias = _autocast(x, u, v, lora_a, lora_b, bias)
     _check_lowrank(x, u, v, lora_a, lora_b, bias)
@@ -482,7 +510,8 @@ def _new_lowrank_replay(x, u, v, lora_a, lora_b, bias) -> Optional[_Replay]:
     if not _eager(*_flat(u)[:3], *_flat(v)[:3], lora_a, lora_b, bias):
         return None
     records = _records_grad(x, lora_a, lora_b, bias)
-    return _Replay((u, v, lora_a, lora_b, bias), v.shape[1], u.shape[0], records, _lowrank_fwd, _lowrank_bwd)
+    objects = (u, v, lora_a, lora_b, bias)
+    return _Replay(x, objects, v.shape[1], u.shape[0], records, _lowrank_fwd_factors, _lowrank_bwd)
 
 
 def _check_lowrank(x, u, v, lora_a, lora_b, bias) -> None:
@@ -621,9 +650,10 @@ def dense_lora(
     objects = (weight, lora_a, lora_b, bias)
     replay = _replay_for("dense", x, objects, scaling, lambda: _new_dense_replay(x, weight, lora_a, lora_b, bias))
     if replay is not None:  # checked when the replay was made
-        args = (x if x.ndim == 2 else x.reshape(-1, replay.in_f), weight, lora_a, lora_b, float(scaling), bias)
+        x2 = x if x.ndim == 2 or (not replay.records_grad and replay.x_as_is()) else x.reshape(-1, replay.in_f)
+        args = (x2, weight, lora_a, lora_b, float(scaling), bias)
         y = _DenseLora.apply(replay, *args) if replay.records_grad else replay.forward(*args)[0]
-        return y if x.ndim == 2 else y.reshape(*x.shape[:-1], replay.out_f)
+        return y if x.ndim == 2 else y.view(*x.shape[:-1], replay.out_f)
 
     x, weight, lora_a, lora_b, bias = _autocast(x, weight, lora_a, lora_b, bias)
     _check_dense(x, weight, lora_a, lora_b, bias)
@@ -644,7 +674,8 @@ def _new_dense_replay(x, weight, lora_a, lora_b, bias) -> Optional[_Replay]:
     if not _eager(weight, lora_a, lora_b, bias):
         return None
     records = _records_grad(x, lora_a, lora_b, bias)
-    return _Replay((weight, lora_a, lora_b, bias), weight.shape[1], weight.shape[0], records, _dense_fwd, _dense_bwd)
+    objects = (weight, lora_a, lora_b, bias)
+    return _Replay(x, objects, weight.shape[1], weight.shape[0], records, _dense_fwd, _dense_bwd)
 
 
 def _check_dense(x, weight, lora_a, lora_b, bias) -> None:

@@ -26,25 +26,22 @@ def _small(device, dtype=torch.float32, lora_dtype=torch.float32, seed=0):
 
 @pytest.mark.no_launch  # on CPU: the registration is checked with the torch reference
 @pytest.mark.parametrize("device", DEVICES)
-def test_custom_ops_pass_opcheck(device, monkeypatch):
+def test_custom_ops_pass_opcheck(device):
     """Schema, fake (meta) functions and autograd registration agree with the real ops."""
-    if device == "cpu":
-        monkeypatch.setenv("EMLOC_FORCE_REFERENCE", "1")  # opcheck runs each op many times
     x, u, v, a, b, bias = _small(device)
     x2 = x.detach().reshape(-1, 21).requires_grad_()
     args = (x2, u, None, None, v, None, None, a, b, 0.5, bias, [0, 0, 0, 0])
-    torch.library.opcheck(torch.ops.emloc.lowrank_lora_fwd.default, args)
     w = (u @ v).contiguous()
-    torch.library.opcheck(torch.ops.emloc.dense_lora_fwd.default, (x2, w, a, b, 0.5, bias))
+    with ops.force_reference(device == "cpu"):  # opcheck runs each op many times
+        torch.library.opcheck(torch.ops.emloc.lowrank_lora_fwd.default, args)
+        torch.library.opcheck(torch.ops.emloc.dense_lora_fwd.default, (x2, w, a, b, 0.5, bias))
 
 
 @pytest.mark.no_launch  # on CPU: tracing is checked with the torch reference
 @pytest.mark.parametrize("device", DEVICES)
-def test_torch_compile_fullgraph(device, monkeypatch):
+def test_torch_compile_fullgraph(device):
     """fullgraph tracing through the custom ops, forward and backward; on CPU with the
     reference path and the cheap aot_eager backend, on CUDA with inductor and the kernels."""
-    if device == "cpu":
-        monkeypatch.setenv("EMLOC_FORCE_REFERENCE", "1")
     backend = "aot_eager" if device == "cpu" else "inductor"
     x, u, v, a, b, bias = _small(device)
     w = (u @ v).contiguous()
@@ -55,13 +52,14 @@ def test_torch_compile_fullgraph(device, monkeypatch):
 
     torch._dynamo.reset()
     try:
-        loss = torch.compile(f, fullgraph=True, backend=backend)(x, a, b, bias)
-        got = torch.autograd.grad(loss, (x, a, b, bias))
+        with ops.force_reference(device == "cpu"):
+            loss = torch.compile(f, fullgraph=True, backend=backend)(x, a, b, bias)
+            got = torch.autograd.grad(loss, (x, a, b, bias))
     finally:
         torch._dynamo.reset()
-    monkeypatch.setenv("EMLOC_FORCE_REFERENCE", "1")
-    want_loss = f(x, a, b, bias)
-    want = torch.autograd.grad(want_loss, (x, a, b, bias))
+    with ops.force_reference():
+        want_loss = f(x, a, b, bias)
+        want = torch.autograd.grad(want_loss, (x, a, b, bias))
     assert rel_err(loss, want_loss) < tol(torch.float32, device)
     for gv, wv in zip(got, want):
         assert rel_err(gv, wv) < tol(torch.float32, device)

@@ -157,12 +157,15 @@ def test_autocast_casts_like_f_linear(device):
 
 
 def test_dispatch(monkeypatch):
-    """CPU tensors run the kernels only under the interpreter; EMLOC_FORCE_REFERENCE wins."""
-    monkeypatch.delenv("EMLOC_FORCE_REFERENCE", raising=False)
+    """CPU tensors run the kernels only under the interpreter; force_reference wins, and
+    restores what was before."""
     assert kernels_ran("cpu") == INTERPRET
-    monkeypatch.setenv("EMLOC_FORCE_REFERENCE", "1")
-    assert not kernels_ran("cpu")
-    monkeypatch.delenv("EMLOC_FORCE_REFERENCE")
+    with ops.force_reference():
+        assert not kernels_ran("cpu")
+        with ops.force_reference(False):
+            assert kernels_ran("cpu") == INTERPRET
+        assert not kernels_ran("cpu")
+    assert kernels_ran("cpu") == INTERPRET
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     gemm._interpreter.cache_clear()  # read once per process
     try:
@@ -231,6 +234,24 @@ def test_gpu_launch_classes(m, lora_dtype):
     dense = {k: v for k, v in t.items() if k not in ("u", "v")}
     dense["weight"] = (t["u"].float() @ t["v"].float()).bfloat16()
     _check_against_fp64(ops.dense_lora, dense_lora_reference, dense, grads, torch.bfloat16, "cuda", scaling=2.0)
+
+
+def test_force_reference_from_the_environment():
+    """A process started with EMLOC_FORCE_REFERENCE=1 runs every op on the reference, also
+    under the interpreter."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from emloc_kernels import ops; from emloc_kernels.ops.gemm import use_triton\n"
+        "assert not use_triton(torch.empty(1))\n"
+        "with ops.force_reference(False):\n"
+        "    assert use_triton(torch.empty(1))\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1", "EMLOC_FORCE_REFERENCE": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
 
 
 def test_imports_and_falls_back_without_triton():

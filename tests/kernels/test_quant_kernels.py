@@ -74,10 +74,20 @@ def test_packed_factors_match_dequantised_reference(device, case):
         assert rel_err(gv, wv) < tol(dt, device), name
 
 
+def _decode_x(layout: str, n: int, g: torch.Generator) -> torch.Tensor:
+    if layout == "x2d":
+        return torch.randn(1, n, generator=g)
+    if layout == "x3d":
+        return torch.randn(2, 1, n, generator=g)
+    if layout == "x3d-strided":  # rows a view makes a matrix of
+        return torch.randn(2, 1, 2 * n, generator=g)[..., ::2]
+    return torch.randn(3, 2, n, generator=g).transpose(0, 1)  # rows only a copy makes a matrix of
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fmt, group", [(None, 0), ("int8", 0), ("int4", 64)], ids=["float", "int8", "int4-g64"])
-@pytest.mark.parametrize("lead", [(1,), (2, 1)], ids=["x2d", "x3d"])
-def test_decode_calls_replay_exactly(device, fmt, group, lead, launches, monkeypatch):
+@pytest.mark.parametrize("layout", ["x2d", "x3d", "x3d-strided", "x3d-transposed"])
+def test_decode_calls_replay_exactly(device, fmt, group, layout, launches, monkeypatch):
     """A layer's inference calls after the first replay its launches (nothing planned, no views
     of the factors made); each replayed call on a fresh x matches the fp64 reference."""
     import importlib
@@ -102,13 +112,13 @@ def test_decode_calls_replay_exactly(device, fmt, group, lead, launches, monkeyp
     f64 = (lambda f: dequantize_reference(f).double()) if fmt else (lambda f: f.double())
     counts = []
     for _ in range(3):
-        x = torch.randn(*lead, n_in, generator=g).to(device, dt)
+        x = _decode_x(layout, n_in, g).to(device, dt)
         before = len(prepared)
         with torch.no_grad():
             y = ops.lowrank_lora(x, u, v, a, b, 0.5, bias)
         counts.append(len(prepared) - before)
         want = ops.lowrank_lora_reference(x.double(), f64(u), f64(v), a.double(), b.double(), 0.5, bias.double())
-        assert y.shape == (*lead, n_out) and rel_err(y, want) < tol(dt, device)
+        assert y.shape == (*x.shape[:-1], n_out) and rel_err(y, want) < tol(dt, device)
     assert counts == [2, 0, 0]
 
 
