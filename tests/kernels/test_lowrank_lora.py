@@ -379,6 +379,30 @@ def test_repeated_calls_replay_their_launches(device, launches, monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_a_replay_leaves_the_table_with_its_layer(device, launches, monkeypatch):
+    """When a tensor of a layer dies, the layer's replays go (a new object may take its id);
+    the other layers' stay."""
+    import gc
+    import importlib
+
+    mod = importlib.import_module("emloc_kernels.ops.lowrank_lora")
+    monkeypatch.setattr(mod, "_REPLAYS", {})
+    layers = [_inputs(device, torch.float32, torch.float32, True, False, "decode", seed=s)[0] for s in (1, 2)]
+    with torch.no_grad():
+        for t in layers:
+            ops.lowrank_lora(**t)
+            ops.lowrank_lora(**{**t, "x": t["x"][:1]})  # a second input layout of the layer
+    assert len(mod._REPLAYS) == 4
+    survivor = layers[1]
+    del layers[0]["lora_b"], layers[0], t
+    gc.collect()
+    assert len(mod._REPLAYS) == 2
+    with torch.no_grad():
+        ops.lowrank_lora(**survivor)
+    assert len(mod._REPLAYS) == 2
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_dense_lora_replays_its_launches(device, launches, monkeypatch):
     """dense_lora replays like lowrank_lora: a second fwd+bwd prepares nothing and stays exact."""
     import importlib
