@@ -198,9 +198,12 @@ class _Replay:
             self.fwd = launches
         return out
 
-    def x_as_is(self) -> bool:
-        """Whether a replayed forward takes x in any leading shape (see ``flat_view``)."""
-        return self.flat_view and self.fwd is not None
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x as the M×in matrix the launches take: x itself when it is one, or when a replayed
+        forward that records no gradient may take it in any leading shape (``flat_view``)."""
+        if x.ndim == 2 or (not self.records_grad and self.flat_view and self.fwd is not None):
+            return x
+        return x.reshape(-1, self.in_f)
 
     def backward(self, dy: torch.Tensor, *rest) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = rest[0]  # saved; a saved-tensor hook may hand it back in another layout
@@ -482,12 +485,10 @@ def lowrank_lora(
     if replay is not None:  # checked when the replay was made
         if replay.records_grad:
             (ut, us, uo, um, ug), (vt, vs, vo, vm, vg) = _flat(u), _flat(v)
-            x2 = x if x.ndim == 2 else x.reshape(-1, replay.in_f)
-            args = (x2, ut, us, uo, vt, vs, vo, lora_a, lora_b, float(scaling), bias, [um, ug, vm, vg])
+            args = (replay.rows(x), ut, us, uo, vt, vs, vo, lora_a, lora_b, float(scaling), bias, [um, ug, vm, vg])
             y = _LowRankLora.apply(replay, *args)
         else:  # inference, decode
-            x2 = x if replay.x_as_is() else x.reshape(-1, replay.in_f)
-            y, _ = replay.forward(x2, u, v, lora_a, lora_b, scaling, bias)
+            y, _ = replay.forward(replay.rows(x), u, v, lora_a, lora_b, scaling, bias)
         return y if x.ndim == 2 else y.view(*x.shape[:-1], replay.out_f)
 
     x, u, v, lora_a, lora_b, bias = _autocast(x, u, v, lora_a, lora_b, bias)
@@ -650,8 +651,7 @@ def dense_lora(
     objects = (weight, lora_a, lora_b, bias)
     replay = _replay_for("dense", x, objects, scaling, lambda: _new_dense_replay(x, weight, lora_a, lora_b, bias))
     if replay is not None:  # checked when the replay was made
-        x2 = x if x.ndim == 2 or (not replay.records_grad and replay.x_as_is()) else x.reshape(-1, replay.in_f)
-        args = (x2, weight, lora_a, lora_b, float(scaling), bias)
+        args = (replay.rows(x), weight, lora_a, lora_b, float(scaling), bias)
         y = _DenseLora.apply(replay, *args) if replay.records_grad else replay.forward(*args)[0]
         return y if x.ndim == 2 else y.view(*x.shape[:-1], replay.out_f)
 
