@@ -92,6 +92,13 @@ PRESETS = {
             group_size=64,
             anchor=True,
         ),
+        # the default with the whitening on 256 texts, or the distillation on 1024 (same steps)
+        "calibration 256 + distill 300 on 256 + anchor, 0.4": dict(
+            ratio=0.4, allocate="uniform", calibration_samples=256, distill_steps=300, distill_samples=256, anchor=True
+        ),
+        "distill 300 on 1024 + anchor, 0.4": dict(
+            ratio=0.4, allocate="uniform", distill_steps=300, distill_samples=1024, anchor=True
+        ),
         # the last two blocks kept dense, the 28 below at the ratio that spends 0.4's budget (0.357)
         "distill 300 on 256 + anchor + 2 dense top blocks, 0.4": dict(
             ratio=0.4, allocate="uniform", distill_steps=300, distill_samples=256, anchor=True, dense_top_blocks=2
