@@ -106,6 +106,9 @@ def _autocast_off(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+_UNPLANNED = object()  # Gemms._replayed(): no prepared launch for this call
+
+
 class Gemms:
     """The two GEMMs as an op's body calls them, in a fixed order.
 
@@ -134,15 +137,21 @@ class Gemms:
             return t
         return t.t()
 
-    def _launch(self, prepare, *args):
-        """The call's prepared launch (None: nothing to launch): planned now, or the replay's."""
-        launches = self.launches
-        if launches is None:
-            return prepare(*args)
-        i, self.i = self.i, self.i + 1
-        if i == len(launches):
-            launches.append(prepare(*args))
+    def _replayed(self):
+        """The replay's prepared launch for this call (None: nothing to launch), or
+        :data:`_UNPLANNED` when the call is planned now (no replay, or its first pass)."""
+        launches, i = self.launches, self.i
+        if launches is None or i == len(launches):
+            return _UNPLANNED
+        self.i = i + 1
         return launches[i]
+
+    def _record(self, launch):
+        """A launch planned now, kept for the replay's later passes."""
+        if self.launches is not None:
+            self.launches.append(launch)
+            self.i += 1
+        return launch
 
     def two_k(
         self,
@@ -156,11 +165,13 @@ class Gemms:
         bias: torch.Tensor | None = None,
         out_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        launch = (
-            self._launch(_kernels().prepare_2k, a1, b1, a2, b2, alpha1, alpha2, bias, out_dtype or a1.dtype)
-            if self.triton
-            else None
-        )
+        launch = self._replayed()
+        if launch is _UNPLANNED:
+            launch = self._record(
+                _kernels().prepare_2k(a1, b1, a2, b2, alpha1, alpha2, bias, out_dtype or a1.dtype)
+                if self.triton
+                else None
+            )
         if launch is None:
             with _autocast_off(a1):
                 return gemm_2k_reference(a1, b1, a2, b2, alpha1, alpha2, bias, out_dtype)
@@ -175,11 +186,11 @@ class Gemms:
         alpha2: float = 1.0,
         out_dtypes: tuple[torch.dtype, torch.dtype] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        launch = (
-            self._launch(_kernels().prepare_2n, a, b1, b2, alpha2, out_dtypes or (a.dtype, a.dtype))
-            if self.triton
-            else None
-        )
+        launch = self._replayed()
+        if launch is _UNPLANNED:
+            launch = self._record(
+                _kernels().prepare_2n(a, b1, b2, alpha2, out_dtypes or (a.dtype, a.dtype)) if self.triton else None
+            )
         if launch is None:
             with _autocast_off(a):
                 return gemm_2n_reference(a, b1, b2, alpha2, out_dtypes)

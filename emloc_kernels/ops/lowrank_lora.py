@@ -132,7 +132,9 @@ def _records_grad(*tensors) -> bool:
 
 def _lora_dtype(x: torch.Tensor, lora: Optional[torch.Tensor]) -> torch.dtype:
     """dtype of ``t_A = x Aᵀ``: the LoRA branch runs in the adapter's dtype (as the reference)."""
-    return x.dtype if lora is None else torch.promote_types(x.dtype, lora.dtype)
+    if lora is None or lora.dtype == x.dtype:  # (promote_types costs a microsecond per call)
+        return x.dtype
+    return torch.promote_types(x.dtype, lora.dtype)
 
 
 # ----------------------------------------------------------------------------- replays
@@ -257,15 +259,17 @@ def _replay_for(op: str, x, objects: tuple, scaling: float, make: Callable[[], O
             if len(_REPLAYS) >= _MAX_REPLAYS:
                 _REPLAYS.clear()
             _REPLAYS[key] = replay
-            replay.refs = tuple(weakref.ref(t, functools.partial(_evict, key)) for t in objects if t is not None)
+            evict = functools.partial(_evict, _REPLAYS, key)
+            replay.refs = tuple(weakref.ref(t, evict) for t in objects if t is not None)
     return replay
 
 
-def _evict(key: tuple, dead: weakref.ref) -> None:
-    """An object of the replay under ``key`` died (its id may now be another object's)."""
-    replay = _REPLAYS.get(key)
+def _evict(table: dict, key: tuple, dead: weakref.ref) -> None:
+    """An object of the replay under ``key`` died (its id may now be another object's).  The
+    table comes bound: objects that die at interpreter exit find the module's globals gone."""
+    replay = table.get(key)
     if replay is not None and dead in replay.refs:
-        del _REPLAYS[key]
+        del table[key]
 
 
 # ----------------------------------------------------------------------------- low-rank + LoRA op

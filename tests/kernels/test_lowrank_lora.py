@@ -254,6 +254,29 @@ def test_force_reference_from_the_environment():
     assert res.returncode == 0, res.stderr
 
 
+def test_replayed_layers_exit_quietly():
+    """A process exits without "Exception ignored" noise when a replay outlives the op
+    module's globals (cleared before ``__main__``'s): here the autograd graph of an output
+    kept to the end holds it, and the bias, which the graph does not keep, dies first."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib, torch; from emloc_kernels import ops\n"
+        "module = importlib.import_module('emloc_kernels.ops.lowrank_lora')  # kept to the end too\n"
+        "x, u, v, bias = torch.randn(2, 8), torch.randn(5, 3), torch.randn(3, 8), torch.randn(5)\n"
+        "a, b = torch.nn.Parameter(torch.randn(2, 8)), torch.nn.Parameter(torch.randn(5, 2))\n"
+        "# the second call replays the first; the graphs keep the replay, not the bias\n"
+        "ys = [ops.lowrank_lora(x, u, v, a, b, bias=bias) for _ in range(2)]\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("EMLOC_FORCE_REFERENCE", None)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "Exception ignored" not in res.stderr, res.stderr
+
+
 def test_imports_and_falls_back_without_triton():
     """With triton missing the package imports and every device takes the torch reference."""
     import os
