@@ -390,6 +390,15 @@ def parser(task: str | None = None) -> argparse.ArgumentParser:
         "baseline that fits in about the original's inference memory; reports lora_top_blocks and its peak memory",
     )
     f.add_argument(
+        "--refine-top-blocks",
+        type=int,
+        default=0,
+        metavar="N",
+        help="transfer by training: the adapter chosen on validation trains further on the original's last N "
+        "blocks (the rest frozen, no autograd below them: about the original's inference memory), a variant "
+        "delivered only if it scores best on validation (default 0: none)",
+    )
+    f.add_argument(
         "--anchor",
         action=argparse.BooleanOptionalAction,
         default=None,

@@ -123,6 +123,8 @@ def test_same_seed_same_numbers(material, tmp_path):
         ),
         (["--baseline-top-blocks", "3"], "--baseline-top-blocks must be at most the model's 2 blocks, got 3"),
         (["--baseline-top-blocks", "0"], "--baseline-top-blocks must be an integer from 1"),
+        (["--refine-top-blocks", "3"], "--refine-top-blocks must be at most the model's 2 blocks, got 3"),
+        (["--refine-top-blocks", "-1"], "--refine-top-blocks must be an integer from 0"),
     ],
 )
 def test_bad_options_exit_with_a_clear_message(material, tmp_path, extra, message):
@@ -194,6 +196,31 @@ def test_upper_bound_and_build_options_reach_the_report(material, tmp_path):
     assert states.shape == (len(rows_of(anchor_rounds(batch_schedule(36, 3, 4, 0), 2)[0])), 64)
     with pytest.raises(SystemExit, match="--anchor-rounds 2: rounds of anchored training need --anchor"):
         run(material, tmp_path / "no", "--anchor-rounds", "2", "--no-anchor")
+
+
+def test_refinement_on_the_top_blocks_trains_only_them(material, tmp_path):
+    """--refine-top-blocks 1: the chosen adapter trains further on the original's last block
+    only (the block below keeps its LoRA as transferred); a variant chosen on validation like
+    the others, with its own peak memory, which the fine-tuning peak covers."""
+    report = run(material, tmp_path / "rf", "--clamp", "uncorrected", "--refine-top-blocks", "1")
+    name = "refined on the last 1 block"
+    assert set(report["variants"]) == {"uncorrected", name}
+    assert report["variants"][name]["dir"] == "refined-top1"
+    best = max(report["variants"], key=lambda n: report["variants"][n]["validation"])
+    assert report["variants"][report["chosen"]]["validation"] == report["variants"][best]["validation"]
+    refined = load_file(tmp_path / "rf" / "refined-top1" / "adapter_model.safetensors")
+    trained = load_file(tmp_path / "rf" / "adapter" / "adapter_model.safetensors")
+    assert set(refined) == set(trained)
+    below, top = [k for k in trained if ".layers.0." in k], [k for k in trained if ".layers.1." in k]
+    assert below and top
+    assert all(torch.equal(refined[k], trained[k]) for k in below)
+    assert any(not torch.equal(refined[k], trained[k]) for k in top)
+    assert 0 < report["memory"]["finetune_refine"] <= report["peak_mem_finetune"]
+    assert report["peak_mem_finetune"] == max(report["memory"]["finetune"], report["memory"]["finetune_refine"])
+    assert "refine_top_blocks" in report["timings_s"]
+    table = (tmp_path / "rf" / "table.md").read_text()
+    assert "original + adapter refined on the last 1 block" in table
+    assert "| original + adapter, refined on its last 1 block |" in table
 
 
 def test_distilled_quantised_emulator_keeps_the_ranks_of_the_plain_build(material, tmp_path):

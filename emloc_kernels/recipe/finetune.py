@@ -44,7 +44,7 @@ from ..transfer import correct_adapter_aware, transfer_adapter
 from . import demo
 from .data import IGNORE, LABEL, GenerativeTask, lm_loss, perplexity, read_rows, shifted_nll
 from .memory import peak_in_fresh_process
-from .models import attach_lora, check_model_source, load_model, load_tokenizer
+from .models import attach_adapter_top_blocks, attach_lora, check_model_source, load_model, load_tokenizer
 from .task import NO_PLAIN_HEAD, LabelTask, accuracy, fill_prompt, last_hidden_states, loss_on
 
 logger = logging.getLogger(__name__)
@@ -101,6 +101,7 @@ COUNTS = {
     "anchor_rounds": (1, 10**6),
     "baseline_top_blocks": (1, 10**6),
     "dense_top_blocks": (0, 10**6),
+    "refine_top_blocks": (0, 10**6),
 }
 
 
@@ -167,6 +168,10 @@ class FinetuneSettings:
     # also train LoRA on the original's last N blocks only (no autograd below them): a baseline
     # that fits in about the original's inference memory; report lora_top_blocks and its peak
     baseline_top_blocks: int | None = None
+    # transfer by training: the adapter chosen on validation, trained further on the original's
+    # last N blocks (the rest frozen, no autograd below them: about inference memory); a variant
+    # of its own, delivered only if it scores best on validation (0: none)
+    refine_top_blocks: int = 0
     emulator: str | None = None  # a built emulator directory to use instead of building one
     task: str | None = None  # an embedded task (demo.TASKS); None: Rotten Tomatoes
     # generative data (transformers' Trainer) only
@@ -433,6 +438,14 @@ def last_blocks(n: int) -> str:
     return f"last {n} block{'s' * (n > 1)}"
 
 
+def _variant_label(name: str) -> str:
+    if name == "uncorrected":
+        return "original + adapter, uncorrected"
+    if name.startswith("refined"):
+        return f"original + adapter {name}"
+    return f"original + corrected adapter ({name})"
+
+
 def format_table(report: dict) -> str:
     """The one table the job prints (markdown): accuracies for label data, held-out loss per
     token and perplexity for generative data."""
@@ -440,7 +453,7 @@ def format_table(report: dict) -> str:
     acc = report[metric]
     rows = [("original, zero-shot", acc["zero_shot"], ""), ("emulator, zero-shot", acc["emulator"], "")]
     for name, v in report["variants"].items():
-        label = "original + adapter, uncorrected" if name == "uncorrected" else f"original + corrected adapter ({name})"
+        label = _variant_label(name)
         mark = " ← delivered" if name == report["chosen"] else ""
         val = f"{v['validation']:.3f}" if v.get("validation") is not None else "–"
         rows.append((label + mark, v["test"], val))
@@ -467,6 +480,9 @@ def format_table(report: dict) -> str:
     ]
     if "finetune_original" in mem:  # --upper-bound
         lines.append(f"| original, LoRA fine-tuning | {_mib(mem['finetune_original'])} |")
+    if "finetune_refine" in mem:  # --refine-top-blocks
+        blocks = report["settings"]["refine_top_blocks"]
+        lines.append(f"| original + adapter, refined on its {last_blocks(blocks)} | {_mib(mem['finetune_refine'])} |")
     if "finetune_top_blocks" in mem:  # --baseline-top-blocks
         blocks = report["settings"]["baseline_top_blocks"]
         lines.append(f"| original, LoRA on its {last_blocks(blocks)} | {_mib(mem['finetune_top_blocks'])} |")
@@ -591,14 +607,16 @@ class Run:
         _check_vocabulary(model_path, task)
         if s.emulator is not None:
             read_metadata(s.emulator)  # an emulator directory, or refused before any work
-        if s.baseline_top_blocks is not None or s.dense_top_blocks:
+        if s.baseline_top_blocks is not None or s.dense_top_blocks or s.refine_top_blocks:
             from transformers import AutoConfig
 
             blocks = AutoConfig.from_pretrained(model_path).num_hidden_layers
-            if s.baseline_top_blocks is not None and s.baseline_top_blocks > blocks:
-                raise ValueError(
-                    f"--baseline-top-blocks must be at most the model's {blocks} blocks, got {s.baseline_top_blocks}"
-                )
+            for option, value in (
+                ("--baseline-top-blocks", s.baseline_top_blocks),
+                ("--refine-top-blocks", s.refine_top_blocks),
+            ):
+                if value is not None and value > blocks:
+                    raise ValueError(f"{option} must be at most the model's {blocks} blocks, got {value}")
             if s.dense_top_blocks >= s.ratio * blocks:  # the blocks below would get no parameters
                 raise ValueError(
                     f"--dense-top-blocks must be less than --ratio × the model's blocks "
@@ -864,10 +882,22 @@ def _run(r: Run, out: Path) -> dict:
                 device=device,
                 progress=False,
             )
-    evaluated = stages.run("evaluate_variants", _evaluate_variants, original, dirs, out / "adapter", r.evaluate)
+    # validation scores where there is a choice: among the variants, or with the refinement to come
+    validate = len(dirs) > 1 or s.refine_top_blocks > 0
+    evaluated = stages.run(
+        "evaluate_variants", _evaluate_variants, original, dirs, out / "adapter", r.evaluate, validate
+    )
     del original
     results = evaluated["variants"]
     chosen = choose(results, r.higher_is_better)
+    if s.refine_top_blocks:
+        name = refined_variant(s.refine_top_blocks)
+        refined = stages.run(
+            "refine_top_blocks", refine_on_original, r, out / results[chosen]["dir"], out / CHECKPOINTS_ORIGINAL
+        )
+        shutil.rmtree(out / CHECKPOINTS_ORIGINAL, ignore_errors=True)
+        results[name] = {k: refined[k] for k in ("validation", "test", "dir")}
+        chosen = choose(results, r.higher_is_better)
     acc["uncorrected"] = evaluated["uncorrected"]
     acc["corrected"] = results[chosen]["test"]
     if s.upper_bound:
@@ -894,6 +924,17 @@ def _run(r: Run, out: Path) -> dict:
         mem["finetune_original"] = stages.run(
             "peak_mem_finetune_original", peak_in_fresh_process, "finetune", model_path, spec, **training_args
         )
+    if s.refine_top_blocks:
+        mem["finetune_refine"] = stages.run(
+            "peak_mem_finetune_refine",
+            peak_in_fresh_process,
+            "finetune",
+            model_path,
+            spec,
+            top_blocks=s.refine_top_blocks,
+            adapter=out / results[refined_variant(s.refine_top_blocks)]["dir"],
+            **training_args,
+        )
     if s.baseline_top_blocks is not None:
         mem["finetune_top_blocks"] = stages.run(
             "peak_mem_finetune_top_blocks",
@@ -909,7 +950,8 @@ def _run(r: Run, out: Path) -> dict:
     report = {
         **acc,
         "peak_mem_inference": mem["inference"],
-        "peak_mem_finetune": mem["finetune"],
+        # every training the delivered adapter may have had: on the emulator, on the original's top blocks
+        "peak_mem_finetune": max(mem["finetune"], mem.get("finetune_refine", 0)),
         "format": task.format if isinstance(task, GenerativeTask) else LABEL,
         "metric": metric,
         metric: acc,
@@ -973,9 +1015,10 @@ def _evaluate_variants(
     dirs: dict[str, Path],
     trained: Path,
     evaluate: Callable[[nn.Module, str], float],
+    validate: bool,
 ) -> dict[str, Any]:
-    """Validation and test scores (``evaluate(model, split)``) of the original with each adapter
-    in ``dirs`` (validation only when there is a choice), and the test score with the
+    """Test scores (``evaluate(model, split)``) of the original with each adapter in ``dirs``,
+    and validation scores with ``validate`` (when there is a choice); the test score with the
     ``trained`` one as it is."""
     from peft import PeftModel
 
@@ -988,7 +1031,7 @@ def _evaluate_variants(
             peft_model.load_adapter(d, adapter_name=_key(name))
         peft_model.set_adapter(_key(name))
         results[name] = {
-            "validation": evaluate(peft_model, "validation") if len(dirs) > 1 else None,
+            "validation": evaluate(peft_model, "validation") if validate else None,
             "test": evaluate(peft_model, "test"),
             "dir": d.name,
         }
@@ -1081,6 +1124,31 @@ def lora_on_original(r: Run, checkpoints: Path, top_blocks: int | None = None) -
     peft_model = attach_lora(model, r.settings.lora_rank, r.alpha, r.settings.seed, top_blocks=top_blocks)
     r.train(peft_model, checkpoints)
     return r.evaluate(peft_model, "test")
+
+
+def refined_variant(blocks: int) -> str:
+    return f"refined on the {last_blocks(blocks)}"
+
+
+def refine_on_original(r: Run, adapter: Path, checkpoints: Path) -> dict[str, Any]:
+    """Transfer by training, at about the original's inference memory: the original with
+    ``adapter``, whose LoRA on the last ``refine_top_blocks`` blocks trains further on the task
+    (the same steps as on the emulator); the refined adapter is written next to ``adapter``.
+    Its validation and test scores, and the training losses."""
+    blocks = r.settings.refine_top_blocks
+    model, _ = load_model(r.model_path, r.device, r.dtype)
+    peft_model = attach_adapter_top_blocks(model, adapter, blocks)
+    logged = r.train(peft_model, checkpoints)
+    peft_model.eval()
+
+    def write(directory: Path) -> None:
+        peft_model.save_pretrained(str(directory))
+        copy_tokenizer(r.model_path, directory)
+
+    out_dir = adapter.parent / f"refined-top{blocks}"
+    write_dir_atomically(out_dir, write, overwrite=True)
+    scores = {split: r.evaluate(peft_model, split) for split in ("validation", "test")}
+    return {**scores, "dir": out_dir.name, "from": adapter.name, "losses": logged["losses"]}
 
 
 def recovery(delivered: float, zero_shot: float, upper: float) -> float | None:

@@ -64,11 +64,12 @@ def measure(
     alpha: float,
     lr: float,
     top_blocks: int | None = None,
+    adapter: str | None = None,
 ) -> int:
     from ..conventions import is_emulator_dir
     from ..emulator.io import load_emulator
     from .data import GenerativeTask, lm_nll
-    from .models import attach_lora, load_model, load_tokenizer
+    from .models import attach_adapter_top_blocks, attach_lora, load_model, load_tokenizer
     from .task import LabelTask, lm_loss_on, loss_on, next_token_logits
 
     dev = torch.device(device)
@@ -104,7 +105,10 @@ def measure(
         with torch.no_grad():
             forward(model)
     else:
-        peft_model = attach_lora(model, rank, alpha, seed=0, top_blocks=top_blocks)
+        if adapter is not None and top_blocks is not None:  # the refinement of an adapter on the top blocks
+            peft_model = attach_adapter_top_blocks(model, adapter, top_blocks)
+        else:
+            peft_model = attach_lora(model, rank, alpha, seed=0, top_blocks=top_blocks)
         peft_model.train()  # gradient checkpointing acts in training mode only, as in finetune.train
         opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
         for _ in range(2):  # the second step runs with the optimiser state allocated
@@ -193,9 +197,11 @@ def peak_in_fresh_process(
     alpha: float = 8.0,
     lr: float = 1e-3,
     top_blocks: int | None = None,
+    adapter: str | Path | None = None,
 ) -> int:
     """Run :func:`measure` in a new Python process and return its peak bytes (``top_blocks``:
-    LoRA on the last N blocks only, see :func:`attach_lora`)."""
+    LoRA on the last N blocks only, see :func:`attach_lora`; with ``adapter``, that adapter
+    trained on them, see :func:`attach_adapter_top_blocks`)."""
     cmd = [
         sys.executable,
         "-m",
@@ -214,6 +220,7 @@ def peak_in_fresh_process(
         "--lr",
         str(lr),
         *(["--top-blocks", str(top_blocks)] if top_blocks is not None else []),
+        *(["--adapter", str(adapter)] if adapter is not None else []),
     ]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -233,8 +240,9 @@ def main() -> None:
     p.add_argument("--alpha", type=float, default=8.0)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--top-blocks", type=int, default=None, help="finetune: LoRA on the last N blocks only")
+    p.add_argument("--adapter", default=None, help="finetune with --top-blocks: this adapter, trained on them")
     a = p.parse_args()
-    peak = measure(a.kind, a.model_dir, a.batch_file, a.device, a.dtype, a.rank, a.alpha, a.lr, a.top_blocks)
+    peak = measure(a.kind, a.model_dir, a.batch_file, a.device, a.dtype, a.rank, a.alpha, a.lr, a.top_blocks, a.adapter)
     print(json.dumps({"peak_bytes": peak}))
 
 

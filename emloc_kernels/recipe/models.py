@@ -102,3 +102,28 @@ def attach_lora(model: nn.Module, rank: int, alpha: float, seed: int, top_blocks
     if hasattr(m, "disable_input_require_grads"):
         m.disable_input_require_grads()
     return peft_model
+
+
+def attach_adapter_top_blocks(model: nn.Module, adapter: str | Path, top_blocks: int) -> PeftModel:
+    """``model`` with the LoRA adapter ``adapter`` loaded for training on its last
+    ``top_blocks`` decoder blocks only: the adapter's layers below stay frozen and, as with
+    ``attach_lora(top_blocks=N)``, those blocks run without autograd (about inference memory)."""
+    from peft import PeftModel
+
+    from ..emulator.calibration import find_blocks
+
+    m = cast(Any, model)
+    n = int(m.config.num_hidden_layers)
+    if not 1 <= top_blocks <= n:
+        raise ValueError(f"top_blocks must be between 1 and the model's {n} blocks, got {top_blocks}")
+    m.config.use_cache = False
+    peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+    _, blocks = find_blocks(model)
+    trained = {id(p) for block in list(blocks)[len(blocks) - top_blocks :] for p in block.parameters()}
+    for p in peft_model.parameters():
+        if id(p) not in trained:
+            p.requires_grad_(False)
+    set_checkpointing(model, True)  # after PEFT, as in attach_lora
+    if hasattr(m, "disable_input_require_grads"):
+        m.disable_input_require_grads()
+    return peft_model
