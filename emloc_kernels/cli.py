@@ -395,7 +395,7 @@ def parser(task: str | None = None) -> argparse.ArgumentParser:
         default=0,
         metavar="N",
         help="transfer by training: the adapter chosen on validation trains further on the original's last N "
-        "blocks (the rest frozen, no autograd below them: about the original's inference memory), a variant "
+        "blocks (the rest frozen, no autograd below them; measured 6-9%% above the original's inference peak), a variant "
         "delivered only if it scores best on validation (default 0: none)",
     )
     f.add_argument(

@@ -169,7 +169,7 @@ class FinetuneSettings:
     # that fits in about the original's inference memory; report lora_top_blocks and its peak
     baseline_top_blocks: int | None = None
     # transfer by training: the adapter chosen on validation, trained further on the original's
-    # last N blocks (the rest frozen, no autograd below them: about inference memory); a variant
+    # last N blocks (the rest frozen, no autograd below them; a little above inference memory); a variant
     # of its own, delivered only if it scores best on validation (0: none)
     refine_top_blocks: int = 0
     emulator: str | None = None  # a built emulator directory to use instead of building one
@@ -1131,7 +1131,7 @@ def refined_variant(blocks: int) -> str:
 
 
 def refine_on_original(r: Run, adapter: Path, checkpoints: Path) -> dict[str, Any]:
-    """Transfer by training, at about the original's inference memory: the original with
+    """Transfer by training, a little above the original's inference memory: the original with
     ``adapter``, whose LoRA on the last ``refine_top_blocks`` blocks trains further on the task
     (the same steps as on the emulator); the refined adapter is written next to ``adapter``.
     Its validation and test scores, and the training losses."""

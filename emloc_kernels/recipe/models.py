@@ -107,7 +107,7 @@ def attach_lora(model: nn.Module, rank: int, alpha: float, seed: int, top_blocks
 def attach_adapter_top_blocks(model: nn.Module, adapter: str | Path, top_blocks: int) -> PeftModel:
     """``model`` with the LoRA adapter ``adapter`` loaded for training on its last
     ``top_blocks`` decoder blocks only: the adapter's layers below stay frozen and, as with
-    ``attach_lora(top_blocks=N)``, those blocks run without autograd (about inference memory)."""
+    ``attach_lora(top_blocks=N)``, those blocks run without autograd."""
     from peft import PeftModel
 
     from ..emulator.calibration import find_blocks
