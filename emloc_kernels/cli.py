@@ -395,8 +395,8 @@ def parser(task: str | None = None) -> argparse.ArgumentParser:
         default=0,
         metavar="N",
         help="transfer by training: the adapter chosen on validation trains further on the original's last N "
-        "blocks (the rest frozen, no autograd below them; measured 6-9%% above the original's inference peak), a variant "
-        "delivered only if it scores best on validation (default 0: none)",
+        "blocks, whose inputs one inference pass writes to a file (the blocks below are then not held), a variant "
+        "delivered only if it scores best on validation; label data (default 0: none)",
     )
     f.add_argument(
         "--anchor",

@@ -460,3 +460,18 @@ def test_jsonl_round_trip_with_any_characters(scratch, rows, end):
     (scratch / "rows.jsonl").write_bytes(body.encode("utf-8", "surrogatepass"))
     assert read_jsonl(scratch / "rows.jsonl", "--data") == rows
     assert cli._texts(str(scratch / "rows.jsonl"), len(rows)) == [r["text"] for r in rows]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--adapter", "a"], "--adapter needs --top-blocks"),
+    ],
+)
+def test_memory_measurement_refuses_options_it_would_ignore(extra, message):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "emloc_kernels.recipe.memory", "finetune", "model", "batch.json", *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 2 and message in done.stderr

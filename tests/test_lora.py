@@ -305,3 +305,76 @@ def test_top_blocks_lora_trains_the_last_blocks_without_autograd_below(arch, tin
     for bad in (0, 4):
         with pytest.raises(ValueError, match="top_blocks must be between 1 and the model's 3 blocks"):
             attach_lora(three_blocks(), 4, 4.0, seed=0, top_blocks=bad)
+
+
+def test_adapter_on_the_top_blocks_replays_the_blocks_below_and_is_written_back_whole(arch, tiny_model, tmp_path):
+    """The refinement's model: the blocks below the top one hold no weights (the adapter's
+    layers there merged, their outputs replayed from one inference pass), yet it is the same
+    function as the adapter on the original, batch by batch in the stored order; the adapter
+    written back has the input's tensors below and the trained ones on top."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from emloc_kernels.conventions import ADAPTER_WEIGHTS
+    from emloc_kernels.emulator.calibration import find_blocks
+    from emloc_kernels.recipe.models import attach_lora
+    from emloc_kernels.recipe.task import next_token_logits
+    from emloc_kernels.recipe.top_blocks import attach_adapter_top_blocks, write_refined_adapter
+
+    if arch == "bert":
+        pytest.skip("the recipe's LoRA (task_type CAUSAL_LM) is for causal LMs")
+
+    def three_blocks():
+        return tiny_model(arch, **({"n_layer": 3} if arch == "gpt2" else {"num_hidden_layers": 3}))
+
+    trained = attach_lora(three_blocks(), 4, 4.0, seed=0)
+    with torch.no_grad():
+        for n, p in trained.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)  # as after training: B is no longer zero
+    trained.save_pretrained(str(tmp_path / "adapter"))
+
+    def batch(size, length):
+        mask = torch.ones(size, length, dtype=torch.long)
+        mask[0, : length // 2] = 0  # a left-padded row
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        return {
+            "input_ids": torch.randint(3, 100, (size, length)),
+            "attention_mask": mask,
+            "position_ids": position_ids,
+        }
+
+    def logits(m, b):
+        with torch.no_grad():
+            return next_token_logits(m, b)
+
+    first, second = batch(2, 7), batch(3, 5)
+    cpu = torch.device("cpu")
+    model = attach_adapter_top_blocks(
+        three_blocks, tmp_path / "adapter", 1, [first, second, first], tmp_path / "in", cpu
+    )
+    blocks = model.get_base_model().get_submodule(find_blocks(three_blocks())[0])
+    assert [sum(p.numel() for p in b.parameters()) == 0 for b in blocks] == [True, True, False]
+    top = {id(p) for n, p in blocks[2].named_parameters() if "lora_" in n}
+    assert top and {id(p) for p in model.parameters() if p.requires_grad} == top
+    reference = PeftModel.from_pretrained(three_blocks(), str(tmp_path / "adapter"))
+    for b in (first, second):
+        torch.testing.assert_close(logits(model, b), logits(reference, b), rtol=1e-5, atol=1e-5)
+
+    with torch.no_grad():  # a refinement of the top block
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    write_refined_adapter(model, tmp_path / "adapter", tmp_path / "refined")
+    refined = PeftModel.from_pretrained(three_blocks(), str(tmp_path / "refined"))
+    torch.testing.assert_close(logits(refined, first), logits(model, first), rtol=1e-5, atol=1e-5)
+    before, after = load_file(tmp_path / "adapter" / ADAPTER_WEIGHTS), load_file(tmp_path / "refined" / ADAPTER_WEIGHTS)
+    assert set(before) == set(after)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".2." in k for k in changed)
+
+    with pytest.raises(RuntimeError, match="a batch too many"):
+        logits(model, first)
+    model = attach_adapter_top_blocks(three_blocks, tmp_path / "adapter", 1, [first, second], tmp_path / "in", cpu)
+    with pytest.raises(RuntimeError, match="in the order they were stored"):
+        logits(model, second)

@@ -13,6 +13,7 @@ directory let a killed run resume its training.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import logging
@@ -20,6 +21,7 @@ import math
 import os
 import random
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -32,6 +34,7 @@ from tqdm.auto import tqdm
 
 from .._version import __version__
 from ..conventions import LINEAR_TYPES, check_built_from, check_device, hidden_states_as_logits, out_in_weight
+from ..conventions import load_model as load_checkpoint
 from ..correction import correct_adapter
 from ..emulator import build_emulator, load_emulator, save_emulator
 from ..emulator.build import dense_top_blocks
@@ -44,8 +47,9 @@ from ..transfer import correct_adapter_aware, transfer_adapter
 from . import demo
 from .data import IGNORE, LABEL, GenerativeTask, lm_loss, perplexity, read_rows, shifted_nll
 from .memory import peak_in_fresh_process
-from .models import attach_adapter_top_blocks, attach_lora, check_model_source, load_model, load_tokenizer
+from .models import attach_lora, check_model_source, load_model, load_tokenizer
 from .task import NO_PLAIN_HEAD, LabelTask, accuracy, fill_prompt, last_hidden_states, loss_on
+from .top_blocks import attach_adapter_top_blocks, write_refined_adapter
 
 logger = logging.getLogger(__name__)
 # how a LoRA trained on the emulator becomes one for the original: (method, parameter)
@@ -169,7 +173,7 @@ class FinetuneSettings:
     # that fits in about the original's inference memory; report lora_top_blocks and its peak
     baseline_top_blocks: int | None = None
     # transfer by training: the adapter chosen on validation, trained further on the original's
-    # last N blocks (the rest frozen, no autograd below them; a little above inference memory); a variant
+    # last N blocks, the blocks below replayed from their outputs (refine_on_original); a variant
     # of its own, delivered only if it scores best on validation (0: none)
     refine_top_blocks: int = 0
     emulator: str | None = None  # a built emulator directory to use instead of building one
@@ -287,7 +291,7 @@ def train_steps(
     """The steps of :func:`train` for the batches of ``schedule`` (row indices), with ``opt``."""
     model.train()
     losses: list[float] = []
-    bar = tqdm(schedule, desc="LoRA on emulator", unit="step", disable=not progress)
+    bar = tqdm(schedule, desc="LoRA training", unit="step", disable=not progress)
     with hidden_states_as_logits(model) if offsets is not None else contextlib.nullcontext() as head:
         if offsets is not None and head is None:
             raise ValueError(NO_PLAIN_HEAD)
@@ -629,6 +633,11 @@ class Run:
             )
         if s.anchor_rounds > 1 and not anchor:
             raise ValueError(f"--anchor-rounds {s.anchor_rounds}: rounds of anchored training need --anchor")
+        if s.refine_top_blocks and not isinstance(task, LabelTask):
+            raise ValueError(
+                "--refine-top-blocks: for label classification data only (it replays the inputs of the top "
+                "blocks batch by batch, which transformers' Trainer for generative data does not let it do)"
+            )
         if isinstance(task, LabelTask):
             changed = [k for k, v in TRAINER_DEFAULTS.items() if getattr(s, k) != v]
             if changed:
@@ -890,13 +899,9 @@ def _run(r: Run, out: Path) -> dict:
     del original
     results = evaluated["variants"]
     chosen = choose(results, r.higher_is_better)
-    if s.refine_top_blocks:
-        name = refined_variant(s.refine_top_blocks)
-        refined = stages.run(
-            "refine_top_blocks", refine_on_original, r, out / results[chosen]["dir"], out / CHECKPOINTS_ORIGINAL
-        )
-        shutil.rmtree(out / CHECKPOINTS_ORIGINAL, ignore_errors=True)
-        results[name] = {k: refined[k] for k in ("validation", "test", "dir")}
+    refined = refined_variant(s.refine_top_blocks) if s.refine_top_blocks else None
+    if refined is not None:
+        results[refined] = stages.run("refine_top_blocks", refine_on_original, r, out / results[chosen]["dir"])
         chosen = choose(results, r.higher_is_better)
     acc["uncorrected"] = evaluated["uncorrected"]
     acc["corrected"] = results[chosen]["test"]
@@ -924,7 +929,7 @@ def _run(r: Run, out: Path) -> dict:
         mem["finetune_original"] = stages.run(
             "peak_mem_finetune_original", peak_in_fresh_process, "finetune", model_path, spec, **training_args
         )
-    if s.refine_top_blocks:
+    if refined is not None:
         mem["finetune_refine"] = stages.run(
             "peak_mem_finetune_refine",
             peak_in_fresh_process,
@@ -932,7 +937,7 @@ def _run(r: Run, out: Path) -> dict:
             model_path,
             spec,
             top_blocks=s.refine_top_blocks,
-            adapter=out / results[refined_variant(s.refine_top_blocks)]["dir"],
+            adapter=out / results[refined]["dir"],
             **training_args,
         )
     if s.baseline_top_blocks is not None:
@@ -1130,25 +1135,35 @@ def refined_variant(blocks: int) -> str:
     return f"refined on the {last_blocks(blocks)}"
 
 
-def refine_on_original(r: Run, adapter: Path, checkpoints: Path) -> dict[str, Any]:
-    """Transfer by training, a little above the original's inference memory: the original with
+def refine_on_original(r: Run, adapter: Path) -> dict[str, Any]:
+    """Transfer by training, within the original's inference memory: the original with
     ``adapter``, whose LoRA on the last ``refine_top_blocks`` blocks trains further on the task
-    (the same steps as on the emulator); the refined adapter is written next to ``adapter``.
-    Its validation and test scores, and the training losses."""
-    blocks = r.settings.refine_top_blocks
-    model, _ = load_model(r.model_path, r.device, r.dtype)
-    peft_model = attach_adapter_top_blocks(model, adapter, blocks)
-    logged = r.train(peft_model, checkpoints)
-    peft_model.eval()
+    (the same steps as on the emulator) with the blocks below frozen and replayed from their
+    outputs (:func:`attach_adapter_top_blocks`). The refined adapter is written next to
+    ``adapter``; its validation and test scores, on the original with it."""
+    from peft import PeftModel
 
-    def write(directory: Path) -> None:
-        peft_model.save_pretrained(str(directory))
-        copy_tokenizer(r.model_path, directory)
+    out_dir = adapter.parent / f"refined-top{r.settings.refine_top_blocks}"
+    write_dir_atomically(out_dir, lambda directory: _refine(r, adapter, directory), overwrite=True)
+    original, _ = load_model(r.model_path, r.device, r.dtype)
+    refined = PeftModel.from_pretrained(original, str(out_dir))
+    scores = {split: r.evaluate(refined, split) for split in ("validation", "test")}
+    return {**scores, "dir": out_dir.name, "from": adapter.name}
 
-    out_dir = adapter.parent / f"refined-top{blocks}"
-    write_dir_atomically(out_dir, write, overwrite=True)
-    scores = {split: r.evaluate(peft_model, split) for split in ("validation", "test")}
-    return {**scores, "dir": out_dir.name, "from": adapter.name, "losses": logged["losses"]}
+
+def _refine(r: Run, adapter: Path, directory: Path) -> None:
+    """:func:`refine_on_original`'s training; the refined adapter written to ``directory``."""
+    s, task = r.settings, cast(LabelTask, r.task)
+    schedule = batch_schedule(len(r.train_rows), s.steps, s.batch_size, s.seed)
+    batches = (task.encode([r.train_rows[i] for i in picked], r.device) for picked in schedule)
+    original = functools.partial(load_checkpoint, r.model_path, dtype=r.dtype)
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        store = Path(tmp) / "top_block_inputs.bin"
+        peft_model = attach_adapter_top_blocks(original, adapter, s.refine_top_blocks, batches, store, r.device)
+        opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=s.lr)
+        train_steps(peft_model, task, r.train_rows, schedule, opt, r.device, s.progress)
+    write_refined_adapter(peft_model, adapter, directory)
+    copy_tokenizer(r.model_path, directory)
 
 
 def recovery(delivered: float, zero_shot: float, upper: float) -> float | None:

@@ -14,11 +14,13 @@ position instead of the label task's last position (``"last"``, the default).
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -67,19 +69,27 @@ def measure(
     adapter: str | None = None,
 ) -> int:
     from ..conventions import is_emulator_dir
+    from ..conventions import load_model as load_checkpoint
     from ..emulator.io import load_emulator
     from .data import GenerativeTask, lm_nll
-    from .models import attach_adapter_top_blocks, attach_lora, load_model, load_tokenizer
+    from .models import attach_lora, load_model, load_tokenizer
     from .task import LabelTask, lm_loss_on, loss_on, next_token_logits
+    from .top_blocks import attach_adapter_top_blocks
 
+    if adapter is not None and (top_blocks is None or kind != "finetune"):
+        raise ValueError("adapter: measured only for its refinement on the top blocks (finetune, with top_blocks)")
     dev = torch.device(device)
     spec = json.loads(Path(batch_file).read_text())
     meter = PeakMeter(dev)
     if is_emulator_dir(model_dir):
         model, tokenizer = load_emulator(model_dir, device=dev), load_tokenizer(spec["tokenizer"])
-    else:
+    elif adapter is None:
         model, tokenizer = load_model(model_dir, dev, getattr(torch, dtype))
+    else:  # the refinement loads the original itself (twice)
+        tokenizer = load_tokenizer(model_dir)
     if "features" in spec:  # generative data: the loss of every position, as emloc finetune evaluates and trains
+        if adapter is not None:
+            raise ValueError("adapter: its refinement on the top blocks trains on label data only")
         generative = GenerativeTask(tokenizer, spec["format"], spec["max_length"])
         batch = {k: v.to(dev) for k, v in generative.collate(spec["features"]).items()}
 
@@ -105,16 +115,20 @@ def measure(
         with torch.no_grad():
             forward(model)
     else:
-        if adapter is not None and top_blocks is not None:  # the refinement of an adapter on the top blocks
-            peft_model = attach_adapter_top_blocks(model, adapter, top_blocks)
-        else:
-            peft_model = attach_lora(model, rank, alpha, seed=0, top_blocks=top_blocks)
-        peft_model.train()  # gradient checkpointing acts in training mode only, as in finetune.train
-        opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
-        for _ in range(2):  # the second step runs with the optimiser state allocated
-            loss_of(peft_model).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        steps = 2  # the second step runs with the optimiser state allocated
+        with tempfile.TemporaryDirectory() as tmp:
+            if adapter is not None and top_blocks is not None:  # the refinement of an adapter on the top blocks
+                original = functools.partial(load_checkpoint, model_dir, dtype=getattr(torch, dtype))
+                store = Path(tmp) / "top_block_inputs.bin"
+                peft_model = attach_adapter_top_blocks(original, adapter, top_blocks, [batch] * steps, store, dev)
+            else:
+                peft_model = attach_lora(model, rank, alpha, seed=0, top_blocks=top_blocks)
+            peft_model.train()  # gradient checkpointing acts in training mode only, as in finetune.train
+            opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
+            for _ in range(steps):
+                loss_of(peft_model).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
     return meter.peak()
 
 
@@ -135,8 +149,6 @@ def measure_build(model_dir: str, texts_file: str, ratio: float, how: str) -> di
     (:func:`build_emulator_from_pretrained`) or ``"whole"`` from the loaded model. The baseline
     is taken with the texts and the tokenizer ready; also returns the emulator's own bytes
     (its tensors in memory, or its files)."""
-    import tempfile
-
     from transformers import AutoTokenizer
 
     from ..conventions import load_model
@@ -167,8 +179,6 @@ def measure_build(model_dir: str, texts_file: str, ratio: float, how: str) -> di
 def build_peak_in_fresh_process(model_dir: str | Path, *, texts: list[str], ratio: float, how: str) -> dict[str, int]:
     """Run :func:`measure_build` on ``texts`` in a new Python process (glibc mmap threshold as
     for :func:`peak_in_fresh_process`)."""
-    import tempfile
-
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(texts, f)
     code = (
@@ -242,6 +252,8 @@ def main() -> None:
     p.add_argument("--top-blocks", type=int, default=None, help="finetune: LoRA on the last N blocks only")
     p.add_argument("--adapter", default=None, help="finetune with --top-blocks: this adapter, trained on them")
     a = p.parse_args()
+    if a.adapter is not None and a.top_blocks is None:
+        p.error("--adapter needs --top-blocks: an adapter is measured only for its refinement on the top blocks")
     peak = measure(a.kind, a.model_dir, a.batch_file, a.device, a.dtype, a.rank, a.alpha, a.lr, a.top_blocks, a.adapter)
     print(json.dumps({"peak_bytes": peak}))
 

@@ -74,9 +74,7 @@ def attach_lora(model: nn.Module, rank: int, alpha: float, seed: int, top_blocks
     layers: list[int] | None = None
     targets: str | list[str] = "all-linear"
     if top_blocks is not None:
-        n = int(m.config.num_hidden_layers)
-        if not 1 <= top_blocks <= n:
-            raise ValueError(f"top_blocks must be between 1 and the model's {n} blocks, got {top_blocks}")
+        n = check_top_blocks(model, top_blocks)
         layers = list(range(n - top_blocks, n))
         # PEFT takes layers_to_transform with a list of module names only: those "all-linear" means
         head = m.get_output_embeddings()
@@ -94,36 +92,24 @@ def attach_lora(model: nn.Module, rank: int, alpha: float, seed: int, top_blocks
     if layers is None:
         set_checkpointing(model, True)
         return get_peft_model(model, config)
-    # checkpointing switched on after PEFT, whose input-grad hook would not be removable: the
-    # embeddings' output then needs no gradient (non-reentrant checkpointing works without), so
-    # autograd neither runs nor recomputes through the blocks below the trained ones
     peft_model = get_peft_model(model, config)
-    set_checkpointing(model, True)
-    if hasattr(m, "disable_input_require_grads"):
-        m.disable_input_require_grads()
+    train_top_blocks_only(model)
     return peft_model
 
 
-def attach_adapter_top_blocks(model: nn.Module, adapter: str | Path, top_blocks: int) -> PeftModel:
-    """``model`` with the LoRA adapter ``adapter`` loaded for training on its last
-    ``top_blocks`` decoder blocks only: the adapter's layers below stay frozen and, as with
-    ``attach_lora(top_blocks=N)``, those blocks run without autograd."""
-    from peft import PeftModel
-
-    from ..emulator.calibration import find_blocks
-
-    m = cast(Any, model)
-    n = int(m.config.num_hidden_layers)
+def check_top_blocks(model: nn.Module, top_blocks: int) -> int:
+    """The model's number of decoder blocks; a ValueError unless ``top_blocks`` is 1 to it."""
+    n = int(cast(Any, model).config.num_hidden_layers)
     if not 1 <= top_blocks <= n:
         raise ValueError(f"top_blocks must be between 1 and the model's {n} blocks, got {top_blocks}")
-    m.config.use_cache = False
-    peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
-    _, blocks = find_blocks(model)
-    trained = {id(p) for block in list(blocks)[len(blocks) - top_blocks :] for p in block.parameters()}
-    for p in peft_model.parameters():
-        if id(p) not in trained:
-            p.requires_grad_(False)
-    set_checkpointing(model, True)  # after PEFT, as in attach_lora
-    if hasattr(m, "disable_input_require_grads"):
-        m.disable_input_require_grads()
-    return peft_model
+    return n
+
+
+def train_top_blocks_only(model: nn.Module) -> None:
+    """Checkpointing for a PEFT model whose LoRA sits on its top blocks: switched on after PEFT,
+    whose input-grad hook would not be removable, the embeddings' output then needs no gradient
+    (non-reentrant checkpointing works without), so autograd neither runs nor recomputes
+    through the blocks below the trained ones."""
+    set_checkpointing(model, True)
+    if hasattr(model, "disable_input_require_grads"):
+        cast(Any, model).disable_input_require_grads()
