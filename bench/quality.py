@@ -100,10 +100,12 @@ PRESETS = {
             ratio=0.4, allocate="uniform", distill_steps=300, distill_samples=1024, anchor=True
         ),
         # the default, its adapter then trained further on the original's last 4 blocks (a variant
-        # chosen on validation; the refinement's peak is that of LoRA on those blocks)
+        # chosen on validation; the blocks below replayed from one inference pass)
         "distill 300 on 256 + anchor + refine top 4, 0.4": dict(
             ratio=0.4, allocate="uniform", distill_steps=300, distill_samples=256, anchor=True, refine_top_blocks=4
         ),
+        # the same refinement on top of the paper's build (no distillation: its build time)
+        "paper build + anchor + refine top 4, 0.4": dict(ratio=0.4, anchor=True, refine_top_blocks=4, **PAPER),
         # the last two blocks kept dense, the 28 below at the ratio that spends 0.4's budget (0.357)
         "distill 300 on 256 + anchor + 2 dense top blocks, 0.4": dict(
             ratio=0.4, allocate="uniform", distill_steps=300, distill_samples=256, anchor=True, dense_top_blocks=2
