@@ -217,8 +217,10 @@ def main() -> None:
     results = Path(a.results)
     results.mkdir(parents=True, exist_ok=True)
     task_kw = {"task": a.task} if a.task else {}
-    # a setting trains anchored only where it says so (the rows name what they measure)
-    base = ft.FinetuneSettings(steps=a.steps, progress=False, overwrite=True, anchor=False, **task_kw)
+    # a setting trains anchored, and refines, only where it says so (the rows name what they measure)
+    base = ft.FinetuneSettings(
+        steps=a.steps, progress=False, overwrite=True, anchor=False, refine_top_blocks=0, **task_kw
+    )
     task = base.task or "rt"
     csv_path = results / "quality.csv"
     for seed in a.seeds:

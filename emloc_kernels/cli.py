@@ -392,11 +392,11 @@ def parser(task: str | None = None) -> argparse.ArgumentParser:
     f.add_argument(
         "--refine-top-blocks",
         type=int,
-        default=0,
+        default=None,
         metavar="N",
         help="transfer by training: the adapter chosen on validation trains further on the original's last N "
         "blocks, whose inputs one inference pass writes to a file (the blocks below are then not held), a variant "
-        "delivered only if it scores best on validation; label data (default 0: none)",
+        "delivered only if it scores best on validation; label data (default: the last 4 blocks; 0: none)",
     )
     f.add_argument(
         "--anchor",

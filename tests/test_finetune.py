@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from emloc_kernels import cli
 from emloc_kernels.recipe import demo
-from emloc_kernels.recipe.finetune import TRANSFERS, anchor_rounds, batch_schedule, rows_of
+from emloc_kernels.recipe.finetune import TRANSFERS, anchor_rounds, batch_schedule, refined_variant, rows_of
 from emloc_kernels.recipe.task import LabelTask, accuracy, read_jsonl
 
 
@@ -66,7 +66,7 @@ def test_finetune_smoke_writes_report_and_adapters(material, tmp_path, capsys, r
     # the peaks hold at least the weights that were loaded after the baseline
     assert report["peak_mem_inference"] >= report["bytes"]["original_total"]
     assert report["peak_mem_finetune"] >= report["bytes"]["emulator_total"]
-    assert set(report["variants"]) == set(TRANSFERS)
+    assert set(report["variants"]) == set(TRANSFERS) | {refined_variant(1)}  # refined by default: label data
     assert report["corrected"] == report["variants"][report["chosen"]]["test"]
     best = max(v["validation"] for v in report["variants"].values())
     assert report["variants"][report["chosen"]]["validation"] == best
@@ -79,6 +79,7 @@ def test_finetune_smoke_writes_report_and_adapters(material, tmp_path, capsys, r
         "aware-1",
         "stream-0",
         "stream-0.5",
+        "refined-top1",
     ):
         assert (tmp_path / "run" / d).is_dir()
         # every model and adapter directory carries the original's tokenizer
@@ -103,8 +104,9 @@ def test_same_seed_same_numbers(material, tmp_path):
     assert [a[k] for k in ("zero_shot", "emulator", "uncorrected", "corrected")] == [
         b[k] for k in ("zero_shot", "emulator", "uncorrected", "corrected")
     ]
-    assert set(a["variants"]) == {"L=3"}
-    assert a["delivered_adapter"] == "corrected-L3"
+    assert a["variants"] == b["variants"]
+    assert set(a["variants"]) == {"L=3", refined_variant(1)}
+    assert a["delivered_adapter"] == a["variants"][a["chosen"]]["dir"]
     corrected = load_file(tmp_path / "a" / "corrected-L3" / "adapter_model.safetensors")
     trained = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
     assert any(not torch.equal(corrected[k], trained[k]) for k in trained if "lora_B" in k)

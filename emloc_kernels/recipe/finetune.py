@@ -109,6 +109,11 @@ COUNTS = {
 }
 
 
+# the blocks the adapter trains further on by default (label data): SmolLM2's recovery 0.92 → 1.00
+# (Rotten Tomatoes) and 0.83 → 0.98 (20 Newsgroups) at seed 0, below the original's inference peak
+REFINE_TOP_BLOCKS = 4
+
+
 def check_count(name: str, value: Any, option: str | None = None) -> None:
     """A ValueError naming the option (``--name``, or ``option``) unless ``value`` is an integer
     in the range :data:`COUNTS` gives ``name``."""
@@ -174,8 +179,9 @@ class FinetuneSettings:
     baseline_top_blocks: int | None = None
     # transfer by training: the adapter chosen on validation, trained further on the original's
     # last N blocks, the blocks below replayed from their outputs (refine_on_original); a variant
-    # of its own, delivered only if it scores best on validation (0: none)
-    refine_top_blocks: int = 0
+    # of its own, delivered only if it scores best on validation (0: none). None: the last
+    # REFINE_TOP_BLOCKS for label data (on a smaller model all but the first), none for generative
+    refine_top_blocks: int | None = None
     emulator: str | None = None  # a built emulator directory to use instead of building one
     task: str | None = None  # an embedded task (demo.TASKS); None: Rotten Tomatoes
     # generative data (transformers' Trainer) only
@@ -229,7 +235,7 @@ class FinetuneSettings:
         """Counts, learning rate and device in range, before any work (the CLI's options by name)."""
         for name in COUNTS:
             value = getattr(self, name)
-            if value is None and name in ("eval_samples", "baseline_top_blocks"):
+            if value is None and name in ("eval_samples", "baseline_top_blocks", "refine_top_blocks"):
                 continue
             check_count(name, value)
         for name in ("lr", "lora_alpha", "distill_lr"):
@@ -599,6 +605,7 @@ class Run:
     alpha: float
     variants: dict[str, tuple[str, float | None]]
     anchor: bool  # the settings' anchor, resolved for the data
+    refine_top_blocks: int  # the settings' refine_top_blocks, resolved for the data and the model
 
     @classmethod
     def create(cls, s: FinetuneSettings) -> "Run":
@@ -611,10 +618,10 @@ class Run:
         _check_vocabulary(model_path, task)
         if s.emulator is not None:
             read_metadata(s.emulator)  # an emulator directory, or refused before any work
-        if s.baseline_top_blocks is not None or s.dense_top_blocks or s.refine_top_blocks:
-            from transformers import AutoConfig
+        from transformers import AutoConfig
 
-            blocks = AutoConfig.from_pretrained(model_path).num_hidden_layers
+        blocks = AutoConfig.from_pretrained(model_path).num_hidden_layers
+        if s.baseline_top_blocks is not None or s.dense_top_blocks or s.refine_top_blocks:
             for option, value in (
                 ("--baseline-top-blocks", s.baseline_top_blocks),
                 ("--refine-top-blocks", s.refine_top_blocks),
@@ -633,7 +640,10 @@ class Run:
             )
         if s.anchor_rounds > 1 and not anchor:
             raise ValueError(f"--anchor-rounds {s.anchor_rounds}: rounds of anchored training need --anchor")
-        if s.refine_top_blocks and not isinstance(task, LabelTask):
+        refine = s.refine_top_blocks
+        if refine is None:
+            refine = min(REFINE_TOP_BLOCKS, blocks - 1) if isinstance(task, LabelTask) else 0
+        elif refine and not isinstance(task, LabelTask):
             raise ValueError(
                 "--refine-top-blocks: for label classification data only (it replays the inputs of the top "
                 "blocks batch by batch, which transformers' Trainer for generative data does not let it do)"
@@ -646,7 +656,7 @@ class Run:
                     f"{options}: for generative data (messages, prompt-completion, text) only; "
                     "label classification trains with its plain AdamW loop"
                 )
-        return cls(s, model_path, task, train_rows, val_rows, test_rows, device, dtype, alpha, variants, anchor)
+        return cls(s, model_path, task, train_rows, val_rows, test_rows, device, dtype, alpha, variants, anchor, refine)
 
     @property
     def generative(self) -> bool:
@@ -892,14 +902,14 @@ def _run(r: Run, out: Path) -> dict:
                 progress=False,
             )
     # validation scores where there is a choice: among the variants, or with the refinement to come
-    validate = len(dirs) > 1 or s.refine_top_blocks > 0
+    validate = len(dirs) > 1 or r.refine_top_blocks > 0
     evaluated = stages.run(
         "evaluate_variants", _evaluate_variants, original, dirs, out / "adapter", r.evaluate, validate
     )
     del original
     results = evaluated["variants"]
     chosen = choose(results, r.higher_is_better)
-    refined = refined_variant(s.refine_top_blocks) if s.refine_top_blocks else None
+    refined = refined_variant(r.refine_top_blocks) if r.refine_top_blocks else None
     if refined is not None:
         results[refined] = stages.run("refine_top_blocks", refine_on_original, r, out / results[chosen]["dir"])
         chosen = choose(results, r.higher_is_better)
@@ -936,7 +946,7 @@ def _run(r: Run, out: Path) -> dict:
             "finetune",
             model_path,
             spec,
-            top_blocks=s.refine_top_blocks,
+            top_blocks=r.refine_top_blocks,
             adapter=out / results[refined]["dir"],
             **training_args,
         )
@@ -971,7 +981,7 @@ def _run(r: Run, out: Path) -> dict:
         "timings_s": timings,
         "device": str(device),
         "settings": asdict(s)
-        | {"model": str(model_path), "anchor": r.anchor}
+        | {"model": str(model_path), "anchor": r.anchor, "refine_top_blocks": r.refine_top_blocks}
         # with --emulator the build options were not used: its build is under "emulator_build"
         | ({k: None for k in BUILD_OPTIONS} if s.emulator is not None else {}),
         "sizes": {"train": len(train_rows), "validation": len(val_rows), "test": len(test_rows)},
@@ -1137,13 +1147,13 @@ def refined_variant(blocks: int) -> str:
 
 def refine_on_original(r: Run, adapter: Path) -> dict[str, Any]:
     """Transfer by training, within the original's inference memory: the original with
-    ``adapter``, whose LoRA on the last ``refine_top_blocks`` blocks trains further on the task
+    ``adapter``, whose LoRA on the last ``r.refine_top_blocks`` blocks trains further on the task
     (the same steps as on the emulator) with the blocks below frozen and replayed from their
     outputs (:func:`attach_adapter_top_blocks`). The refined adapter is written next to
     ``adapter``; its validation and test scores, on the original with it."""
     from peft import PeftModel
 
-    out_dir = adapter.parent / f"refined-top{r.settings.refine_top_blocks}"
+    out_dir = adapter.parent / f"refined-top{r.refine_top_blocks}"
     write_dir_atomically(out_dir, lambda directory: _refine(r, adapter, directory), overwrite=True)
     original, _ = load_model(r.model_path, r.device, r.dtype)
     refined = PeftModel.from_pretrained(original, str(out_dir))
@@ -1159,7 +1169,7 @@ def _refine(r: Run, adapter: Path, directory: Path) -> None:
     original = functools.partial(load_checkpoint, r.model_path, dtype=r.dtype)
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         store = Path(tmp) / "top_block_inputs.bin"
-        peft_model = attach_adapter_top_blocks(original, adapter, s.refine_top_blocks, batches, store, r.device)
+        peft_model = attach_adapter_top_blocks(original, adapter, r.refine_top_blocks, batches, store, r.device)
         opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=s.lr)
         train_steps(peft_model, task, r.train_rows, schedule, opt, r.device, s.progress)
     write_refined_adapter(peft_model, adapter, directory)
