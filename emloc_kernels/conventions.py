@@ -23,6 +23,7 @@ from transformers.pytorch_utils import Conv1D
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_KEY_PREFIX = "base_model.model."
+LORA_A_KEY, LORA_B_KEY = ".lora_A.weight", ".lora_B.weight"  # a LoRA pair's keys end so
 # the emulator's own metadata beside its safetensors and config.json
 EMULATOR_METADATA = "emloc.json"
 # the transformers quantization method of an emulator (the quant_method in its config.json)

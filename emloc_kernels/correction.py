@@ -40,6 +40,8 @@ from .conventions import (
     ADAPTER_WEIGHTS,
     EMULATOR_METADATA,
     LINEAR_TYPES,
+    LORA_A_KEY,
+    LORA_B_KEY,
     PEFT_KEY_PREFIX,
     check_probe,
     load_model,
@@ -50,11 +52,11 @@ from .modules import LowRankLinear
 if TYPE_CHECKING:
     from typing_extensions import TypeIs
 
-__all__ = ["correct_adapter", "merge_adapter", "correct_lora", "lora_scaling", "emulated_weight"]
+__all__ = ["correct_adapter", "merge_adapter", "correct_lora", "lora_scaling", "check_plain_lora", "emulated_weight"]
 
 REPORT = "correction_report.json"
 _KEY_PREFIX = PEFT_KEY_PREFIX
-_LORA_A, _LORA_B = ".lora_A.weight", ".lora_B.weight"
+_LORA_A, _LORA_B = LORA_A_KEY, LORA_B_KEY
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -343,12 +345,18 @@ def _load_adapter(adapter: PeftModel | PathLike) -> tuple[dict[str, Any], dict[s
         state = load_file(str(directory / ADAPTER_WEIGHTS))
     else:
         raise TypeError(f"adapter must be a PeftModel or a PEFT LoRA directory, got {type(adapter).__name__}")
+    check_plain_lora(config, "corrected")
+    return config, state
+
+
+def check_plain_lora(config: Mapping[str, Any], use: str) -> None:
+    """A ValueError unless the adapter config is a plain LoRA's (no DoRA, no lora_bias): what
+    can be ``use`` (corrected, merged) from its A and B alone."""
     if config.get("peft_type") != "LORA":
         raise ValueError(f"adapter must be a LoRA adapter, got peft_type={config.get('peft_type')!r}")
     for flag in ("use_dora", "lora_bias"):
         if config.get(flag):
-            raise ValueError(f"adapter uses {flag}=True; only plain LoRA adapters can be corrected")
-    return config, state
+            raise ValueError(f"adapter uses {flag}=True; only plain LoRA adapters can be {use}")
 
 
 def _lora_paths(state: Mapping[str, torch.Tensor]) -> list[str]:

@@ -18,16 +18,14 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, cast
 import torch
 from torch import nn
 
-from ..conventions import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_KEY_PREFIX, out_in_weight
-from ..correction import lora_scaling
+from ..conventions import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_A_KEY, LORA_B_KEY, PEFT_KEY_PREFIX, out_in_weight
+from ..correction import check_plain_lora, lora_scaling
 from ..emulator.calibration import find_blocks
 from .models import check_top_blocks, train_top_blocks_only
 from .task import next_token_logits
 
 if TYPE_CHECKING:
     from peft import PeftModel
-
-_LORA_A, _LORA_B = ".lora_A.weight", ".lora_B.weight"
 
 
 class BlockInputs:
@@ -41,8 +39,8 @@ class BlockInputs:
         path.write_bytes(b"")
 
     def append(self, tensor: torch.Tensor) -> None:
-        offset = self.entries[-1][0] + _nbytes(*self.entries[-1][1:]) if self.entries else 0
         with self.path.open("ab") as f:
+            offset = f.tell()  # the file's end
             f.write(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().data)
         self.entries.append((offset, tensor.shape, tensor.dtype))
 
@@ -57,10 +55,6 @@ class BlockInputs:
             f.readinto(out.view(torch.uint8).numpy().data)
         self.served += 1
         return out
-
-
-def _nbytes(shape: torch.Size, dtype: torch.dtype) -> int:
-    return shape.numel() * torch.empty((), dtype=dtype).element_size()
 
 
 class _Replay(nn.Module):
@@ -109,18 +103,17 @@ def merge_lora_below(model: nn.Module, adapter: str | Path, below: int) -> None:
 
     adapter = Path(adapter)
     config = json.loads((adapter / ADAPTER_CONFIG).read_text())
-    if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("lora_bias"):
-        raise ValueError(f"adapter {adapter} must be a plain LoRA adapter (no DoRA, no lora_bias)")
+    check_plain_lora(config, "merged")
     name, _ = find_blocks(model)
     lower = tuple(f"{name}.{i}." for i in range(below))
     with safe_open(str(adapter / ADAPTER_WEIGHTS), framework="pt") as f, torch.no_grad():
         for key in f.keys():
-            path = key[len(PEFT_KEY_PREFIX) : -len(_LORA_A)]
-            if not (key.startswith(PEFT_KEY_PREFIX) and key.endswith(_LORA_A) and path.startswith(lower)):
+            path = key[len(PEFT_KEY_PREFIX) : -len(LORA_A_KEY)]
+            if not (key.startswith(PEFT_KEY_PREFIX) and key.endswith(LORA_A_KEY) and path.startswith(lower)):
                 continue
             weight = out_in_weight(model.get_submodule(path))
             lora_a = f.get_tensor(key).to(weight)
-            lora_b = f.get_tensor(PEFT_KEY_PREFIX + path + _LORA_B).to(weight)
+            lora_b = f.get_tensor(PEFT_KEY_PREFIX + path + LORA_B_KEY).to(weight)
             weight.addmm_(lora_b, lora_a, alpha=lora_scaling(config, path)[1])
 
 
