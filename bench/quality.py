@@ -104,6 +104,20 @@ PRESETS = {
         "distill 300 on 256 + anchor + refine top 4, 0.4": dict(
             ratio=0.4, allocate="uniform", distill_steps=300, distill_samples=256, anchor=True, refine_top_blocks=4
         ),
+        # the default (with its refinement) at the issue's other two points
+        "distill 300 on 256 + anchor + refine top 4, 0.4 int4-g64": dict(
+            ratio=0.4,
+            allocate="uniform",
+            distill_steps=300,
+            distill_samples=256,
+            quant="int4",
+            group_size=64,
+            anchor=True,
+            refine_top_blocks=4,
+        ),
+        "distill 300 on 256 + anchor + refine top 4, 0.3": dict(
+            ratio=0.3, allocate="uniform", distill_steps=300, distill_samples=256, anchor=True, refine_top_blocks=4
+        ),
         # the same refinement on top of the paper's build (no distillation: its build time)
         "paper build + anchor + refine top 4, 0.4": dict(ratio=0.4, anchor=True, refine_top_blocks=4, **PAPER),
         # the last two blocks kept dense, the 28 below at the ratio that spends 0.4's budget (0.357)
