@@ -2,10 +2,11 @@
 torch composition at the same (tiny) shapes: what a GPU step pays on the CPU before any kernel
 runs.  Runs on the CPU in seconds; no GPU involved.
 
-    python bench/host_overhead.py [--repeats 7] [--iterations 300]
+    python bench/host_overhead.py [--repeats 21] [--iterations 200]
 
 Providers, per call (µs of this thread's CPU time, so that other processes on the machine do
-not count; median of ``--repeats`` timings of ``--iterations`` calls):
+not count; median of ``--repeats`` timings of ``--iterations`` calls, the providers taking
+turns; the ratio is the median of each repeat's own ratio):
 * fused, eager: ``ops.lowrank_lora`` as a training step or a decode call of a layer uses it
   (the LoRA factors are Parameters; calls after the first replay the first call's launches);
 * fused, registered op: the same through the ``emloc::`` custom op (torch.compile's path);
@@ -14,7 +15,7 @@ not count; median of ``--repeats`` timings of ``--iterations`` calls):
   the dequantised factors (torch has no such GEMM: the fused op must not cost more host time
   for reading fewer bytes).
 The Triton launcher's own host time (a few µs per launch on a GPU host) is not included; the
-context managers that stub the launches cost the fused rows about 1 µs.
+stubs are put in place once per timed loop, not per call.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import importlib  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
+from contextlib import AbstractContextManager, contextmanager, nullcontext  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Callable, Iterator  # noqa: E402
 
@@ -72,34 +73,36 @@ def registered_op_only() -> Iterator[None]:
         op_module._eager, op_module._replayable = saved
 
 
-def per_call_us(fns: dict[str, Callable[[], object]], repeats: int, iterations: int) -> dict[str, float]:
-    """Median µs per call of each function; the functions take turns in every repeat, so that
-    a change of the machine's load hits all of them alike."""
-    for fn in fns.values():
-        for _ in range(max(10, iterations // 10)):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t = time.thread_time()
-            for _ in range(iterations):
+@contextmanager
+def stubbed_registered_op() -> Iterator[None]:
+    with stubbed_launches(), registered_op_only():
+        yield
+
+
+# a provider: the call timed, and the context its timed loops run in (the stubs: entered once
+# per loop, so that their own cost stays out of the per-call figure)
+Provider = tuple[Callable[[], object], Callable[[], AbstractContextManager]]
+
+
+def per_call_us(
+    providers: dict[str, Provider], repeats: int, iterations: int
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Median µs per call of each provider, and every repeat's timing; the providers take
+    turns in every repeat, so that a change of the machine's load hits all of them alike (and
+    a ratio of two providers' timings in one repeat compares like with like)."""
+    for fn, context in providers.values():
+        with context():
+            for _ in range(max(10, iterations // 10)):
                 fn()
-            times[name].append((time.thread_time() - t) / iterations * 1e6)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-class _Stubbed:
-    """A provider run with the kernels stubbed (and optionally only through the registered op)."""
-
-    def __init__(self, fn: Callable[[], object], registered: bool = False) -> None:
-        self.fn, self.registered = fn, registered
-
-    def __call__(self) -> object:
-        with stubbed_launches():
-            if not self.registered:
-                return self.fn()
-            with registered_op_only():
-                return self.fn()
+    times: dict[str, list[float]] = {name: [] for name in providers}
+    for _ in range(repeats):
+        for name, (fn, context) in providers.items():
+            with context():
+                t = time.thread_time()
+                for _ in range(iterations):
+                    fn()
+                times[name].append((time.thread_time() - t) / iterations * 1e6)
+    return {name: statistics.median(ts) for name, ts in times.items()}, times
 
 
 def tensors(
@@ -159,8 +162,8 @@ def unfused(t: dict, train: bool) -> Callable[[], object]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--iterations", type=int, default=300)
+    p.add_argument("--repeats", type=int, default=21)
+    p.add_argument("--iterations", type=int, default=200)
     p.add_argument("--out", type=Path, default=OUT)
     a = p.parse_args()
     torch.set_num_threads(1)
@@ -175,17 +178,19 @@ def main() -> None:
     )
     for case, lead, train, quant in cases:
         cpu = tensors("cpu", lead, quant=quant)
-        us = per_call_us(
+        us, each = per_call_us(
             {
-                "fused_eager_us": _Stubbed(fused(cpu, train)),
-                "fused_registered_op_us": _Stubbed(fused(cpu, train), registered=True),
-                "unfused_torch_us": unfused(cpu, train),
+                "fused_eager_us": (fused(cpu, train), stubbed_launches),
+                "fused_registered_op_us": (fused(cpu, train), stubbed_registered_op),
+                "unfused_torch_us": (unfused(cpu, train), nullcontext),
             },
             a.repeats,
             a.iterations,
         )
         row = {"case": case, **{k: round(v, 1) for k, v in us.items()}}
-        row["fused_eager_vs_unfused"] = round(us["fused_eager_us"] / us["unfused_torch_us"], 2)
+        # the median of the repeats' own ratios: each pair was timed side by side
+        ratios = [f / u for f, u in zip(each["fused_eager_us"], each["unfused_torch_us"])]
+        row["fused_eager_vs_unfused"] = round(statistics.median(ratios), 2)
         print(json.dumps(row), flush=True)
         rows.append(row)
     a.out.parent.mkdir(parents=True, exist_ok=True)

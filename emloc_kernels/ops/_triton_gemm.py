@@ -11,6 +11,7 @@ reduction is split over K into an fp32 workspace that the last program of each t
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import NamedTuple
 
@@ -928,7 +929,7 @@ class Launch2k:
     of that layout (the data may differ), it allocates the output and launches: an op keeps
     these per layer and input layout, so repeated calls skip the host arithmetic."""
 
-    __slots__ = ("m", "n", "seg2", "out_dtype", "device", "plan", "grid", "ints")
+    __slots__ = ("m", "n", "seg2", "out_dtype", "device", "plan", "grid", "ints", "out_shape", "out_strides")
 
     def __init__(self, a1, b1: Right, a2, b2, alpha1: float, alpha2: float, bias, out_dtype: torch.dtype) -> None:
         m, k1 = a1.shape
@@ -956,6 +957,8 @@ class Launch2k:
             _precision(),
         )
         self.m, self.n, self.seg2, self.out_dtype, self.device = m, n, k2 > 0, out_dtype, a1.device
+        self.out_shape: tuple[int, ...] = (m, n)
+        self.out_strides: tuple[int, ...] = (n, 1)
         self.grid = (plan.tiles, plan.split)
         # (the output is contiguous: its strides are (n, 1))
         self.ints = (
@@ -977,8 +980,19 @@ class Launch2k:
             float(alpha2),
         )
 
+    def shape_output(self, lead: tuple[int, ...]) -> None:
+        """Later calls return C in the leading shape ``lead`` (its M rows in order, contiguous),
+        as a caller of the op passed x: no view of the output per call (microseconds each)."""
+        if math.prod(lead) != self.m:
+            raise ValueError(f"shape_output: lead {lead} does not hold the launch's {self.m} rows")
+        shape = (*lead, self.n)
+        strides = [1]
+        for d in reversed(shape[1:]):
+            strides.insert(0, strides[0] * d)
+        self.out_shape, self.out_strides = shape, tuple(strides)
+
     def __call__(self, a1, b1: Right, a2, b2, bias) -> torch.Tensor:
-        c = _alloc((self.m, self.n), (self.n, 1), self.out_dtype, self.device)
+        c = _alloc(self.out_shape, self.out_strides, self.out_dtype, self.device)
         (ws,), cnt = _workspaces(self.plan, self.m, (self.n,), self.device) if self.grid[1] > 1 else ((None,), None)
         data, scale, offset = _right_tensors(b1)
         if not self.seg2:

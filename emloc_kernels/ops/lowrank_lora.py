@@ -159,7 +159,7 @@ class _Replay:
     the same stamps (:func:`_stamp`)."""
 
     __slots__ = (
-        "refs", "stamps", "in_f", "out_f", "records_grad", "flat_view", "fwd_impl", "bwd_impl", "fwd", "bwd"
+        "refs", "stamps", "in_f", "out_f", "lead", "records_grad", "flat_view", "fwd_impl", "bwd_impl", "fwd", "bwd"
     )  # fmt: skip
 
     def __init__(
@@ -178,7 +178,7 @@ class _Replay:
         # planned), a call that records no gradient hands x over as it is, without the view
         self.flat_view = x.ndim == 2 or (x.numel() > 0 and x.reshape(-1, in_f).data_ptr() == x.data_ptr())
         self.stamps = tuple(None if t is None else _stamp(t) for t in objects)
-        self.in_f, self.out_f, self.records_grad = in_f, out_f, records_grad
+        self.in_f, self.out_f, self.lead, self.records_grad = in_f, out_f, x.shape[:-1], records_grad
         self.fwd_impl, self.bwd_impl = fwd_impl, bwd_impl
         self.fwd: Optional[list] = None
         self.bwd: dict[tuple, list] = {}
@@ -197,6 +197,8 @@ class _Replay:
         out = self.fwd_impl(Gemms(True, launches), *inputs)
         if self.fwd is None:
             self.flat_view = self.flat_view and None not in launches
+            if self.flat_view and not self.records_grad and len(self.lead) != 1:
+                launches[-1].shape_output(self.lead)  # (a forward body's last GEMM makes y)
             self.fwd = launches
         return out
 
@@ -493,7 +495,7 @@ def lowrank_lora(
             y = _LowRankLora.apply(replay, *args)
         else:  # inference, decode
             y, _ = replay.forward(replay.rows(x), u, v, lora_a, lora_b, scaling, bias)
-        return y if x.ndim == 2 else y.view(*x.shape[:-1], replay.out_f)
+        return y if y.ndim == x.ndim else y.view(*x.shape[:-1], replay.out_f)
 
     x, u, v, lora_a, lora_b, bias = _autocast(x, u, v, lora_a, lora_b, bias)
     _check_lowrank(x, u, v, lora_a, lora_b, bias)
@@ -657,7 +659,7 @@ def dense_lora(
     if replay is not None:  # checked when the replay was made
         args = (replay.rows(x), weight, lora_a, lora_b, float(scaling), bias)
         y = _DenseLora.apply(replay, *args) if replay.records_grad else replay.forward(*args)[0]
-        return y if x.ndim == 2 else y.view(*x.shape[:-1], replay.out_f)
+        return y if y.ndim == x.ndim else y.view(*x.shape[:-1], replay.out_f)
 
     x, weight, lora_a, lora_b, bias = _autocast(x, weight, lora_a, lora_b, bias)
     _check_dense(x, weight, lora_a, lora_b, bias)

@@ -449,6 +449,29 @@ def test_dense_lora_replays_its_launches(device, launches, monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lead", [(1, 1), (2, 3, 1), ()], ids=["1x1", "2x3x1", "1-D"])
+@pytest.mark.parametrize("dense", [False, True], ids=["lowrank", "dense"])
+def test_replayed_inference_returns_the_input_shape_without_a_view(device, launches, monkeypatch, lead, dense):
+    """A replayed call that records no gradient (decode) gets y from its last launch in x's
+    leading shape: no view per call, and the values stay exact call after call."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("emloc_kernels.ops.lowrank_lora"), "_REPLAYS", {})
+    t, _ = _inputs(device, torch.float32, torch.float32, True, False, "decode", dense=dense)
+    fn, ref = (ops.dense_lora, dense_lora_reference) if dense else (ops.lowrank_lora, lowrank_lora_reference)
+    n_in = t["x"].shape[-1]
+    with torch.no_grad():
+        for call in range(3):
+            x = torch.randn(*lead, n_in, generator=torch.Generator().manual_seed(call)).to(device)
+            y = fn(**{**t, "x": x}, scaling=0.5)
+            want = ref(**{k: v.double() for k, v in {**t, "x": x}.items()}, scaling=0.5)
+            assert y.shape == want.shape and y.is_contiguous()
+            assert rel_err(y, want) < tol(torch.float32, device), call
+            if call > 0 and len(lead) != 1:
+                assert y._base is None, "a replayed call viewed its output"
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_replayed_backward_follows_the_saved_input_layout(device, launches):
     """A saved-tensor hook may give x back in another layout than the forward saw (activation
     offloading returns it contiguous): the backward's launches must follow it."""
