@@ -84,12 +84,10 @@ def stubbed_registered_op() -> Iterator[None]:
 Provider = tuple[Callable[[], object], Callable[[], AbstractContextManager]]
 
 
-def per_call_us(
-    providers: dict[str, Provider], repeats: int, iterations: int
-) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """Median µs per call of each provider, and every repeat's timing; the providers take
-    turns in every repeat, so that a change of the machine's load hits all of them alike (and
-    a ratio of two providers' timings in one repeat compares like with like)."""
+def per_call_us(providers: dict[str, Provider], repeats: int, iterations: int) -> dict[str, list[float]]:
+    """µs per call of each provider, one figure per repeat; the providers take turns in every
+    repeat, so that a change of the machine's load hits all of them alike (and a ratio of two
+    providers' figures in one repeat compares like with like)."""
     for fn, context in providers.values():
         with context():
             for _ in range(max(10, iterations // 10)):
@@ -102,7 +100,7 @@ def per_call_us(
                 for _ in range(iterations):
                     fn()
                 times[name].append((time.thread_time() - t) / iterations * 1e6)
-    return {name: statistics.median(ts) for name, ts in times.items()}, times
+    return times
 
 
 def tensors(
@@ -178,7 +176,7 @@ def main() -> None:
     )
     for case, lead, train, quant in cases:
         cpu = tensors("cpu", lead, quant=quant)
-        us, each = per_call_us(
+        each = per_call_us(
             {
                 "fused_eager_us": (fused(cpu, train), stubbed_launches),
                 "fused_registered_op_us": (fused(cpu, train), stubbed_registered_op),
@@ -187,7 +185,7 @@ def main() -> None:
             a.repeats,
             a.iterations,
         )
-        row = {"case": case, **{k: round(v, 1) for k, v in us.items()}}
+        row = {"case": case, **{k: round(statistics.median(ts), 1) for k, ts in each.items()}}
         # the median of the repeats' own ratios: each pair was timed side by side
         ratios = [f / u for f, u in zip(each["fused_eager_us"], each["unfused_torch_us"])]
         row["fused_eager_vs_unfused"] = round(statistics.median(ratios), 2)

@@ -50,6 +50,8 @@ COLUMNS = [
 
 # the paper's build, spelled out: the recipe's own default distils the emulator
 PAPER = {"allocate": "uniform", "distill_steps": 0}
+# the recipe's default build: the paper's, then distilled 300 steps on 256 texts
+DISTILLED = {"allocate": "uniform", "distill_steps": 300, "distill_samples": 256}
 NEW = {"propagate": True, "shrinkage": "auto", "allocate": "block", "distill_steps": 0}
 PRESETS = {
     # each technique alone and combined, at ratio 0.4 (fp32 and int4 g64) and 0.3
@@ -63,38 +65,24 @@ PRESETS = {
         "combined, 0.4 int4-g64": dict(ratio=0.4, quant="int4", group_size=64, **NEW),
         "combined, 0.3": dict(ratio=0.3, **NEW),
         "distill 200, 0.4": dict(ratio=0.4, allocate="uniform", distill_steps=200, distill_samples=64),
-        "distill 300 on 256, 0.4": dict(ratio=0.4, allocate="uniform", distill_steps=300, distill_samples=256),
+        "distill 300 on 256, 0.4": dict(ratio=0.4, **DISTILLED),
         "distill 50 on 256, 0.4": dict(ratio=0.4, allocate="uniform", distill_steps=50, distill_samples=256),
         "distill 50 on 256 lr 3e-3, 0.4": dict(
             ratio=0.4, allocate="uniform", distill_steps=50, distill_samples=256, distill_lr=3e-3
         ),
         "distill 300 on 256 + block, 0.4": dict(ratio=0.4, distill_steps=300, distill_samples=256, allocate="block"),
-        "distill rank 16, 300 on 256, 0.4": dict(
-            ratio=0.4, allocate="uniform", distill_steps=300, distill_samples=256, distill_rank=16
-        ),
+        "distill rank 16, 300 on 256, 0.4": dict(ratio=0.4, distill_rank=16, **DISTILLED),
         # the recipe's default (distilled) at the issue's other two points
-        "distill 300 on 256, 0.4 int4-g64": dict(
-            ratio=0.4, allocate="uniform", distill_steps=300, distill_samples=256, quant="int4", group_size=64
-        ),
-        "distill 300 on 256, 0.3": dict(ratio=0.3, allocate="uniform", distill_steps=300, distill_samples=256),
-        "distill 300 on 256 + anchor, 0.4": dict(
-            ratio=0.4, allocate="uniform", distill_steps=300, distill_samples=256, anchor=True
-        ),
-        "distill 300 on 256 + anchor, 0.3": dict(
-            ratio=0.3, allocate="uniform", distill_steps=300, distill_samples=256, anchor=True
-        ),
+        "distill 300 on 256, 0.4 int4-g64": dict(ratio=0.4, quant="int4", group_size=64, **DISTILLED),
+        "distill 300 on 256, 0.3": dict(ratio=0.3, **DISTILLED),
+        "distill 300 on 256 + anchor, 0.4": dict(ratio=0.4, anchor=True, **DISTILLED),
+        "distill 300 on 256 + anchor, 0.3": dict(ratio=0.3, anchor=True, **DISTILLED),
         "distill 300 on 256 + anchor, 0.4 int4-g64": dict(
-            ratio=0.4,
-            allocate="uniform",
-            distill_steps=300,
-            distill_samples=256,
-            quant="int4",
-            group_size=64,
-            anchor=True,
+            ratio=0.4, quant="int4", group_size=64, anchor=True, **DISTILLED
         ),
         # the default with the whitening on 256 texts, or the distillation on 1024 (same steps)
         "calibration 256 + distill 300 on 256 + anchor, 0.4": dict(
-            ratio=0.4, allocate="uniform", calibration_samples=256, distill_steps=300, distill_samples=256, anchor=True
+            ratio=0.4, calibration_samples=256, anchor=True, **DISTILLED
         ),
         "distill 300 on 1024 + anchor, 0.4": dict(
             ratio=0.4, allocate="uniform", distill_steps=300, distill_samples=1024, anchor=True
@@ -102,27 +90,20 @@ PRESETS = {
         # the default, its adapter then trained further on the original's last 4 blocks (a variant
         # chosen on validation; the blocks below replayed from one inference pass)
         "distill 300 on 256 + anchor + refine top 4, 0.4": dict(
-            ratio=0.4, allocate="uniform", distill_steps=300, distill_samples=256, anchor=True, refine_top_blocks=4
+            ratio=0.4, anchor=True, refine_top_blocks=4, **DISTILLED
         ),
         # the default (with its refinement) at the issue's other two points
         "distill 300 on 256 + anchor + refine top 4, 0.4 int4-g64": dict(
-            ratio=0.4,
-            allocate="uniform",
-            distill_steps=300,
-            distill_samples=256,
-            quant="int4",
-            group_size=64,
-            anchor=True,
-            refine_top_blocks=4,
+            ratio=0.4, quant="int4", group_size=64, anchor=True, refine_top_blocks=4, **DISTILLED
         ),
         "distill 300 on 256 + anchor + refine top 4, 0.3": dict(
-            ratio=0.3, allocate="uniform", distill_steps=300, distill_samples=256, anchor=True, refine_top_blocks=4
+            ratio=0.3, anchor=True, refine_top_blocks=4, **DISTILLED
         ),
         # the same refinement on top of the paper's build (no distillation: its build time)
         "paper build + anchor + refine top 4, 0.4": dict(ratio=0.4, anchor=True, refine_top_blocks=4, **PAPER),
         # the last two blocks kept dense, the 28 below at the ratio that spends 0.4's budget (0.357)
         "distill 300 on 256 + anchor + 2 dense top blocks, 0.4": dict(
-            ratio=0.4, allocate="uniform", distill_steps=300, distill_samples=256, anchor=True, dense_top_blocks=2
+            ratio=0.4, anchor=True, dense_top_blocks=2, **DISTILLED
         ),
         # a baseline without an emulator: LoRA on the original's top blocks only (no autograd below)
         "LoRA on the original's last 4 blocks": dict(baseline_top_blocks=4),

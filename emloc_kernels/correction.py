@@ -55,8 +55,6 @@ if TYPE_CHECKING:
 __all__ = ["correct_adapter", "merge_adapter", "correct_lora", "lora_scaling", "check_plain_lora", "emulated_weight"]
 
 REPORT = "correction_report.json"
-_KEY_PREFIX = PEFT_KEY_PREFIX
-_LORA_A, _LORA_B = LORA_A_KEY, LORA_B_KEY
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -361,12 +359,14 @@ def check_plain_lora(config: Mapping[str, Any], use: str) -> None:
 
 def _lora_paths(state: Mapping[str, torch.Tensor]) -> list[str]:
     paths = sorted(
-        k[len(_KEY_PREFIX) : -len(_LORA_A)] for k in state if k.startswith(_KEY_PREFIX) and k.endswith(_LORA_A)
+        k[len(PEFT_KEY_PREFIX) : -len(LORA_A_KEY)]
+        for k in state
+        if k.startswith(PEFT_KEY_PREFIX) and k.endswith(LORA_A_KEY)
     )
     if not paths:
         raise ValueError("the adapter holds no lora_A/lora_B weights")
     for path in paths:
-        if _KEY_PREFIX + path + _LORA_B not in state:
+        if PEFT_KEY_PREFIX + path + LORA_B_KEY not in state:
             raise ValueError(f"the adapter has lora_A but no lora_B for {path}")
     return paths
 
@@ -430,7 +430,7 @@ def correct_adapter(
     unchanged: list[str] = []
     conv1d_seen = False
     for path in tqdm(paths, desc="LoRA correction", unit="module", disable=not progress):
-        key_a, key_b = _KEY_PREFIX + path + _LORA_A, _KEY_PREFIX + path + _LORA_B
+        key_a, key_b = PEFT_KEY_PREFIX + path + LORA_A_KEY, PEFT_KEY_PREFIX + path + LORA_B_KEY
         lora_a, lora_b = state[key_a], state[key_b]
         r, s = lora_scaling(config, path)
         if lora_a.shape[0] != r:
@@ -513,10 +513,10 @@ def _check_adapter_fits(directory: Path, model: nn.Module) -> None:
         raise ValueError(f"adapter {directory}: {broken[:3]} hold NaN or inf; it cannot be merged")
     base = _unwrap(model)
     for key, shape_a in shapes.items():
-        if not (key.startswith(_KEY_PREFIX) and key.endswith(_LORA_A)):
+        if not (key.startswith(PEFT_KEY_PREFIX) and key.endswith(LORA_A_KEY)):
             continue
-        path = key[len(_KEY_PREFIX) : -len(_LORA_A)]
-        shape_b = shapes.get(_KEY_PREFIX + path + _LORA_B)
+        path = key[len(PEFT_KEY_PREFIX) : -len(LORA_A_KEY)]
+        shape_b = shapes.get(PEFT_KEY_PREFIX + path + LORA_B_KEY)
         module = _submodule(base, path)
         if module is None:
             raise ValueError(

@@ -48,11 +48,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from .conventions import check_probe, load_model, out_in_weight
+from .conventions import LORA_A_KEY, LORA_B_KEY, PEFT_KEY_PREFIX, check_probe, load_model, out_in_weight
 from .correction import (
-    _KEY_PREFIX,
-    _LORA_A,
-    _LORA_B,
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     PathLike,
@@ -413,7 +410,7 @@ def correct_adapter_aware(
     unchanged = [p for p in paths if p not in grams]
     conv1d_seen = False
     for path in tqdm(corrected, desc="aware correction", unit="module", disable=not progress):
-        key_a, key_b = _KEY_PREFIX + path + _LORA_A, _KEY_PREFIX + path + _LORA_B
+        key_a, key_b = PEFT_KEY_PREFIX + path + LORA_A_KEY, PEFT_KEY_PREFIX + path + LORA_B_KEY
         lora_a, lora_b = state[key_a], state[key_b]
         r, s = lora_scaling(config, path)
         if lora_a.shape[0] != r:
@@ -645,7 +642,7 @@ def transfer_adapter(
         inside = [p for p in paths if p.startswith(blocks_name + ".")]
         trained: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
         for path in inside:
-            lora_a, lora_b = state[_KEY_PREFIX + path + _LORA_A], state[_KEY_PREFIX + path + _LORA_B]
+            lora_a, lora_b = state[PEFT_KEY_PREFIX + path + LORA_A_KEY], state[PEFT_KEY_PREFIX + path + LORA_B_KEY]
             r, s = lora_scaling(config, path)
             if lora_a.shape[0] != r:
                 raise ValueError(
@@ -666,7 +663,7 @@ def transfer_adapter(
 
     out_state = dict(state)
     for path, (lora_a, lora_b) in new.items():
-        key_a, key_b = _KEY_PREFIX + path + _LORA_A, _KEY_PREFIX + path + _LORA_B
+        key_a, key_b = PEFT_KEY_PREFIX + path + LORA_A_KEY, PEFT_KEY_PREFIX + path + LORA_B_KEY
         out_state[key_a] = lora_a.to(state[key_a].dtype).cpu()
         out_state[key_b] = lora_b.to(state[key_b].dtype).cpu()
     name = str(
